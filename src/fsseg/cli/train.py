@@ -1,0 +1,108 @@
+"""fsseg-train: train a composed method, then test it on the evaluation manifest.
+
+    fsseg-train experiment=pfenet_effl0_synth
+    fsseg-train method=pfenet data=pascal encoder=resnet50 data.fold=1 data.shots=5 trainer=gpu
+
+The run directory receives config.yaml, provenance.json (git sha, versions, seeds, manifest hash),
+checkpoints/{last,best}.ckpt and, written last, metrics.json.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from fsseg.cli.common import config_dir, environment_defaults
+
+log = logging.getLogger("fsseg.train")
+
+
+def build(cfg: DictConfig, run_dir: Path):
+    """Instantiate data module, model and trainer; every config check runs here, before any training."""
+    import lightning as L
+    from hydra.utils import instantiate
+
+    L.seed_everything(int(cfg.seed), workers=True)
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    model = instantiate(cfg.model, num_eval_classes=datamodule.num_novel_classes)
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    trainer = instantiate(cfg.trainer, default_root_dir=str(run_dir), callbacks=callbacks, logger=loggers or False)
+    return datamodule, model, trainer
+
+
+def _resolve_resume(cfg: DictConfig, run_dir: Path) -> str | None:
+    if cfg.get("resume") in (None, ""):
+        return None
+    if cfg.resume == "auto":
+        last = run_dir / "checkpoints" / "last.ckpt"
+        return str(last) if last.is_file() else None
+    return str(cfg.resume)
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """Train then test; returns the metrics written to run_dir/metrics.json."""
+    from fsseg import provenance
+    from fsseg.models.segmenter import NonFiniteLossError
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "metrics.json").unlink(missing_ok=True)  # a re-run is not finished until it writes this again
+    datamodule, model, trainer = build(cfg, run_dir)
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=_resolve_resume(cfg, run_dir), weights_only=True)
+    except NonFiniteLossError as err:
+        last = run_dir / "checkpoints" / "last.ckpt"
+        raise SystemExit(f"fsseg-train: {err}. Last good checkpoint: {last if last.exists() else 'none yet'}") from err
+    metrics: dict[str, Any] = {}
+    if cfg.get("test_after_fit", True):
+        ckpt = _checkpoint_for_test(trainer, cfg.get("test_checkpoint", "best"))
+        datamodule.setup("test")
+        trainer.test(model, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
+        metrics = dict(getattr(model, "last_eval", {}).get("test", {}))
+        metrics["checkpoint"] = ckpt
+    if trainer.global_rank == 0:
+        manifest = datamodule.eval_manifest
+        provenance.write_run_record(
+            run_dir,
+            config_yaml=OmegaConf.to_yaml(cfg, resolve=True),
+            seeds={"seed": int(cfg.seed), "eval_seed": int(cfg.data.eval_seed)},
+            manifest={"hash": manifest.hash, "path": str(manifest.path), "episodes": len(manifest.episodes)},
+            metrics=metrics,
+        )
+    return metrics
+
+
+def _checkpoint_for_test(trainer, which: str) -> str | None:
+    cb = getattr(trainer, "checkpoint_callback", None)
+    if cb is None:
+        return None
+    if which == "best" and cb.best_model_path:
+        return cb.best_model_path
+    return cb.last_model_path or None
+
+
+@hydra.main(version_base="1.3", config_path=None, config_name="train")
+def _hydra_main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    metrics = run(cfg, run_dir)
+    if metrics:
+        print(f"test mIoU {100 * metrics['miou']:.2f}  FB-IoU {100 * metrics['fbiou']:.2f}  -> {run_dir}")
+
+
+def main() -> None:
+    environment_defaults()
+    sys.argv = [sys.argv[0], f"--config-dir={config_dir()}", *sys.argv[1:]]
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

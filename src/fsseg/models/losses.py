@@ -1,0 +1,77 @@
+"""Main losses (CE or Dice, ignore 255) and auxiliary-loss modules.
+
+An auxiliary loss is a training-only module: ``forward(outputs, batch, model) -> dict[name, loss]`` reading the
+forward's named intermediates and the batch (and, for branches such as APANet's, the model's shared parts).
+The segmenter multiplies each by its configured ``weight``; none of them runs at inference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fsseg.data.batch import IGNORE_INDEX, QUERY_MASK
+from fsseg.errors import ConfigError
+from fsseg.models.ops import upsample_logits
+
+
+class CrossEntropy(nn.Module):
+    """Pixel-wise cross-entropy over {background, foreground}, label 255 ignored."""
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logits = upsample_logits(logits, target.shape[-2:])
+        return F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX)
+
+
+class DiceLoss(nn.Module):
+    """Dice loss on the softmax foreground probability; 255 pixels excluded.
+
+    ``squared``: squared-sum denominator (CyCTR/SCCAN's weighted Dice) instead of the plain sum.
+    """
+
+    def __init__(self, smooth: float = 1.0, squared: bool = False) -> None:
+        super().__init__()
+        self.smooth, self.squared = smooth, squared
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logits = upsample_logits(logits, target.shape[-2:])
+        valid = (target != IGNORE_INDEX).float()
+        p = logits.softmax(dim=1)[:, 1] * valid
+        t = (target == 1).float()
+        inter = (p * t).flatten(1).sum(1)
+        if self.squared:
+            den = (p * p).flatten(1).sum(1) + (t * t).flatten(1).sum(1)
+        else:
+            den = p.flatten(1).sum(1) + t.flatten(1).sum(1)
+        return (1 - (2 * inter + self.smooth) / (den + self.smooth)).mean()
+
+
+class AuxLoss(nn.Module):
+    """Base of training-only auxiliary losses; ``weight`` multiplies every returned term."""
+
+    def __init__(self, weight: float = 1.0) -> None:
+        super().__init__()
+        if not weight >= 0:
+            raise ConfigError(f"auxiliary loss weight must be >= 0; got {weight}")
+        self.weight = float(weight)
+
+    def forward(self, outputs: Mapping[str, Any], batch: Mapping[str, torch.Tensor], model: nn.Module) -> dict:
+        raise NotImplementedError
+
+
+class DeepSupervision(AuxLoss):
+    """PFENet's inner supervision: mean over FEM scales of the inner classifiers' loss (aux weight 1.0)."""
+
+    def __init__(self, weight: float = 1.0, key: str = "inner_logits", loss: nn.Module | None = None) -> None:
+        super().__init__(weight)
+        self.key = key
+        self.loss = loss if loss is not None else CrossEntropy()
+
+    def forward(self, outputs, batch, model) -> dict[str, torch.Tensor]:
+        target = batch[QUERY_MASK]
+        terms = [self.loss(logits, target) for logits in outputs[self.key]]
+        return {"deep_supervision": torch.stack(terms).mean()}

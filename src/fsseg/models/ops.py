@@ -1,0 +1,88 @@
+"""Shared tensor operations of few-shot segmentation, vectorised over the batch.
+
+Every method builds on these; each lives here once. Shapes: B batch, K shots, C channels, h x w feature size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fsseg.data.batch import IGNORE_INDEX
+
+MAP_EPS = 5e-4  # PFENet/SCCAN masked-average-pooling epsilon (area + 0.0005)
+
+
+def resize(x: torch.Tensor, size: tuple[int, int] | torch.Size, mode: str = "bilinear") -> torch.Tensor:
+    """Bilinear resize with align_corners=True, as in the references; identity when the size already matches."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    if mode == "nearest":
+        return F.interpolate(x, size=tuple(size), mode="nearest")
+    return F.interpolate(x, size=tuple(size), mode=mode, align_corners=True)
+
+
+def binary_mask(mask: torch.Tensor) -> torch.Tensor:
+    """{0,1,255} int mask -> float {0,1}; 255 (ignore/padding) counts as not-foreground."""
+    return (mask == 1).to(torch.float32)
+
+
+def mask_to_feature(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(..., H, W) binary float mask -> (..., 1, h, w) soft mask at feature size (bilinear, as the references)."""
+    lead = mask.shape[:-2]
+    m = mask.reshape(-1, 1, *mask.shape[-2:])
+    m = resize(m, size)
+    return m.reshape(*lead, 1, *size)
+
+
+def masked_average_pool(feat: torch.Tensor, mask: torch.Tensor, eps: float = MAP_EPS) -> torch.Tensor:
+    """Masked average pooling: sum(f * m) / (sum(m) + eps).  feat (N, C, h, w), mask (N, 1, h, w) -> (N, C)."""
+    num = (feat * mask).sum(dim=(-2, -1))
+    den = mask.sum(dim=(-2, -1)) + eps
+    return num / den
+
+
+def cosine_similarity_map(query: torch.Tensor, support: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Cosine similarity of every query position with every support position.
+
+    query (B, C, hq, wq), support (B, C, hs, ws) -> (B, hq*wq, hs*ws).
+    """
+    q = query.flatten(2).transpose(1, 2)  # B, Nq, C
+    s = support.flatten(2)  # B, C, Ns
+    sim = torch.bmm(q, s)
+    qn = q.norm(dim=2, keepdim=True)
+    sn = s.norm(dim=1, keepdim=True)
+    return sim / (qn * sn + eps)
+
+
+def minmax_normalise(x: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Per-sample min-max normalisation over all non-batch dimensions."""
+    flat = x.flatten(1)
+    lo = flat.min(dim=1, keepdim=True).values
+    hi = flat.max(dim=1, keepdim=True).values
+    return ((flat - lo) / (hi - lo + eps)).view_as(x)
+
+
+def max_cosine_prior(query_high: torch.Tensor, support_high: torch.Tensor, support_mask: torch.Tensor) -> torch.Tensor:
+    """PFENet's training-free prior (PFENet Sec. 3.2): for every query position, the maximum cosine similarity
+    to any masked support position, min-max normalised per image.
+
+    query_high (B, C, h, w); support_high (B, K, C, h, w); support_mask (B, K, 1, h, w) soft.
+    Returns (B, 1, h, w): the K per-shot priors averaged.
+    """
+    b, k, c, h, w = support_high.shape
+    s = (support_high * support_mask).flatten(0, 1)  # B*K, C, h, w
+    q = query_high.unsqueeze(1).expand(-1, k, -1, -1, -1).flatten(0, 1)
+    sim = cosine_similarity_map(q, s)  # B*K, hw, hw
+    prior = sim.max(dim=2).values.view(b * k, 1, h, w)
+    prior = minmax_normalise(prior)
+    return prior.view(b, k, 1, h, w).mean(dim=1)
+
+
+def upsample_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Logits at feature size -> input size (bilinear, align_corners=True as the references)."""
+    return resize(logits, size)
+
+
+def valid_pixels(target: torch.Tensor) -> torch.Tensor:
+    return target != IGNORE_INDEX
