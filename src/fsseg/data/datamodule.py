@@ -1,0 +1,241 @@
+"""``EpisodeDataModule``: one fold of a few-shot benchmark as Lightning dataloaders.
+
+    datamodule = EpisodeDataModule(PascalVOC("data/VOCdevkit/VOC2012"), fold=0, shots=1, train_size=473,
+                                   eval_size=473, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
+    datamodule.prepare_data(); datamodule.setup("fit")
+
+- ``prepare_data()`` (no instance state): builds derived files (PASCAL lists, COCO masks) and the per-split
+  class-pixel tables of the training and evaluation splits, verifying every file on the way (see
+  :mod:`fsseg.data.folds`). Bad input raises DataError here, before any training.
+- ``setup(stage)``: fold indexes, the training episode dataset (stage fit), and two manifests of the
+  evaluation split ``eval_split``: the test manifest (``eval_episodes`` episodes, seed ``eval_seed``;
+  ``eval_manifest``) and the validation manifest used during training (``val_episodes`` episodes, seed
+  ``eval_seed + 1``).
+  Like the reference implementations, there is no separate held-out validation split: validation episodes
+  come from the evaluation split (other seed, usually fewer episodes), so model selection on them sees the
+  test images. Manifests are saved under ``cache_dir/manifests`` and reused (hash verified).
+- Dataloaders: train (``EpisodeSampler``: seeded shuffle, one episode per qualifying training image per epoch
+  unless ``train_episodes_per_epoch``; ``drop_last`` when the epoch holds more than one batch), val and test
+  (manifest order, no shuffle). All use ``collate_episodes``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from fsseg.data.episodes import EpisodeSampler, EvalEpisodes, TrainEpisodes, collate_episodes, seed_worker
+from fsseg.data.folds import TRAIN_FILTERS, FoldIndex, build_fold_index, pixel_table
+from fsseg.data.manifest import EpisodeManifest
+from fsseg.data.sources import Source, stable_key
+from fsseg.data.transforms import EvalTransform, TrainTransform
+from fsseg.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+class EpisodeDataModule(L.LightningDataModule):
+    """Episodes of one fold of a dataset (see the module docstring)."""
+
+    def __init__(
+        self,
+        source: Source,
+        fold: int,
+        shots: int,
+        train_size: int,
+        eval_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        scale_range: Sequence[float] = (0.9, 1.1),
+        rotate_deg: float = 10.0,
+        blur_p: float = 0.5,
+        hflip_p: float = 0.5,
+        min_pixels: int = 2048,
+        train_filter: str = "keep",
+        eval_split: str = "val",
+        eval_episodes: int = 1000,
+        eval_seed: int = 321,
+        val_episodes: int = 200,
+        train_episodes_per_epoch: int | None = None,
+        batch_size: int = 8,
+        eval_batch_size: int = 8,
+        num_workers: int = 0,
+        cache_dir: str = "outputs/cache",
+        seed: int = 0,
+        rotate_p: float = 0.5,
+        eval_size_divisor: int = 8,
+    ) -> None:
+        super().__init__()
+        for attr in ("num_folds", "splits", "fold_classes", "items", "load"):
+            if not hasattr(source, attr):
+                raise ConfigError(
+                    f"source={source!r} is not a dataset reader (no {attr!r}); expected fsseg.data.sources.*"
+                )
+        self.source = source
+
+        def positive(name: str, value, minimum: int = 1) -> int:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not ok or int(value) != value or value < minimum:
+                raise ConfigError(f"data.{name}={value!r}: expected an integer >= {minimum}")
+            return int(value)
+
+        self.fold = positive("fold", fold, 0)
+        if self.fold >= source.num_folds:
+            raise ConfigError(
+                f"data.fold={fold!r} is out of range: {type(source).__name__} has folds "
+                f"0..{source.num_folds - 1}"
+            )
+        self.shots = positive("shots", shots)
+        self.train_size = positive("train_size", train_size)
+        self.eval_size = positive("eval_size", eval_size)
+        self.min_pixels = positive("min_pixels", min_pixels, 0)
+        self.eval_episodes = positive("eval_episodes", eval_episodes)
+        self.val_episodes = positive("val_episodes", val_episodes)
+        self.batch_size = positive("batch_size", batch_size)
+        self.eval_batch_size = positive("eval_batch_size", eval_batch_size)
+        self.num_workers = positive("num_workers", num_workers, 0)
+        self.eval_seed = positive("eval_seed", eval_seed, 0)
+        self.seed = positive("seed", seed, 0)
+        self.train_episodes_per_epoch = None
+        if train_episodes_per_epoch is not None:
+            self.train_episodes_per_epoch = positive("train_episodes_per_epoch", train_episodes_per_epoch)
+        if train_filter not in TRAIN_FILTERS:
+            raise ConfigError(f"data.train_filter={train_filter!r}: expected one of {list(TRAIN_FILTERS)}")
+        self.train_filter = train_filter
+        if eval_split not in source.splits or eval_split == "train":
+            allowed = [s for s in source.splits if s != "train"]
+            raise ConfigError(
+                f"data.eval_split={eval_split!r}: expected one of {allowed} for {type(source).__name__}"
+            )
+        self.eval_split = eval_split
+        scale_range = tuple(float(v) for v in scale_range)
+        if len(scale_range) != 2:
+            raise ConfigError(f"data.scale_range={list(scale_range)}: expected [low, high]")
+        self.cache_dir = Path(cache_dir)
+        # The transforms validate their own arguments (ConfigError naming them).
+        self.train_transform = TrainTransform(
+            self.train_size, mean, std, scale_range=scale_range, rotate_deg=rotate_deg, blur_p=blur_p,
+            hflip_p=hflip_p, rotate_p=rotate_p,
+        )  # fmt: skip
+        self.eval_transform = EvalTransform(self.eval_size, mean, std, size_divisor=eval_size_divisor)
+        self.train_index: FoldIndex | None = None
+        self.eval_index: FoldIndex | None = None
+        self.train_dataset: TrainEpisodes | None = None
+        self.val_dataset: EvalEpisodes | None = None
+        self.test_dataset: EvalEpisodes | None = None
+        self._eval_manifest: EpisodeManifest | None = None
+        self._val_manifest: EpisodeManifest | None = None
+
+    # ------------------------------------------------------------------------------------------ preparation
+    def prepare_data(self) -> None:
+        """Build derived files and class-pixel tables, verifying every file (no instance state is set)."""
+        splits = ["train", self.eval_split]
+        self.source.prepare(splits)
+        for split in splits:
+            pixel_table(self.source, split, self.cache_dir)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Fold indexes and manifests (every stage), training episodes (stage "fit" or None); idempotent."""
+        if self.test_dataset is None:
+            index = build_fold_index(
+                self.source, self.eval_split, self.fold, min_pixels=self.min_pixels, cache_dir=self.cache_dir
+            )
+            test_man = self._manifest(index, self.eval_episodes, self.eval_seed)
+            val_man = self._manifest(index, self.val_episodes, self.eval_seed + 1)
+            base, novel, tf = self.base_class_ids, self.novel_class_ids, self.eval_transform
+            self.val_dataset = EvalEpisodes(self.source, val_man, novel, base, tf)
+            self.test_dataset = EvalEpisodes(self.source, test_man, novel, base, tf)
+            self.eval_index, self._eval_manifest, self._val_manifest = index, test_man, val_man
+            log.info("evaluation: %s; validation: %s", test_man, val_man)
+        if stage in (None, "fit") and self.train_index is None:
+            self.train_index = build_fold_index(
+                self.source, "train", self.fold, min_pixels=self.min_pixels, train_filter=self.train_filter,
+                cache_dir=self.cache_dir,
+            )  # fmt: skip
+            log.info("training: %s", self.train_index.summary())
+            self.train_dataset = TrainEpisodes(
+                self.source, self.train_index, self.shots, self.train_transform, seed=self.seed,
+                length=self.train_episodes_per_epoch,
+            )  # fmt: skip
+
+    def _manifest(self, index: FoldIndex, count: int, seed: int) -> EpisodeManifest:
+        src = self.source
+        names = src.item_names(self.eval_split)
+        root = str(src.root.resolve())
+        key = stable_key({"source": src.fingerprint(self.eval_split), "classes": index.class_ids,
+                          "min_pixels": self.min_pixels}, 10)  # fmt: skip
+        name = f"{src.name}_fold{self.fold}_{self.eval_split}_{self.shots}shot_seed{seed}_n{count}_{key}.json"
+        return EpisodeManifest.load_or_create(
+            self.cache_dir / "manifests" / name, index, names, dataset=src.name, root=root,
+            shots=self.shots, seed=seed, count=count, class_names=src.class_names,
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------------------------------ properties
+    @property
+    def eval_manifest(self) -> EpisodeManifest:
+        """The test manifest (``.hash``, ``.path``, ``.episodes``); runs ``setup("test")`` if needed."""
+        if self._eval_manifest is None:
+            self.setup("test")
+        return self._eval_manifest
+
+    @property
+    def val_manifest(self) -> EpisodeManifest:
+        if self._val_manifest is None:
+            self.setup("validate")
+        return self._val_manifest
+
+    @property
+    def base_class_ids(self) -> list[int]:
+        return list(self.source.fold_classes(self.fold)[0])
+
+    @property
+    def novel_class_ids(self) -> list[int]:
+        """Classes of the evaluation split (CLASS_IDX at evaluation indexes this list)."""
+        return list(self.source.split_class_ids(self.fold, self.eval_split))
+
+    @property
+    def num_novel_classes(self) -> int:
+        return len(self.novel_class_ids)
+
+    @property
+    def class_names(self) -> list[str]:
+        """All dataset class names; class id c is ``class_names[c - 1]``."""
+        return self.source.class_names
+
+    @property
+    def novel_class_names(self) -> list[str]:
+        names = self.source.class_names
+        return [names[c - 1] for c in self.novel_class_ids]
+
+    # ------------------------------------------------------------------------------------------ loaders
+    def train_dataloader(self) -> DataLoader:
+        if self.train_dataset is None:
+            self.setup("fit")
+        ds = self.train_dataset
+        sampler = EpisodeSampler(len(self.train_index.items), len(ds), seed=self.seed)
+        return DataLoader(
+            ds, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
+            collate_fn=collate_episodes, drop_last=len(ds) > self.batch_size,
+            worker_init_fn=functools.partial(seed_worker, self.seed), persistent_workers=self.num_workers > 0,
+        )  # fmt: skip
+
+    def _eval_loader(self, ds: EvalEpisodes) -> DataLoader:
+        return DataLoader(
+            ds, batch_size=self.eval_batch_size, shuffle=False, num_workers=self.num_workers,
+            collate_fn=collate_episodes, worker_init_fn=functools.partial(seed_worker, self.eval_seed),
+        )  # fmt: skip
+
+    def val_dataloader(self) -> DataLoader:
+        if self.val_dataset is None:
+            self.setup("validate")
+        return self._eval_loader(self.val_dataset)
+
+    def test_dataloader(self) -> DataLoader:
+        if self.test_dataset is None:
+            self.setup("test")
+        return self._eval_loader(self.test_dataset)
