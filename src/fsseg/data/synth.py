@@ -13,17 +13,20 @@ It is meant to be a few-shot problem rather than a colour-matching toy:
 * look-alike pairs: same shape with another texture (e.g. ``striped_star`` / ``checkered_star``), same
   texture with another shape (``dotted_cross`` / ``dotted_heart``), and several classes of the same
   shape inside one fold (fold 3 holds ``dotted_heart`` and ``blotched_heart``);
-* intra-class variation: scale (most objects span 20-40% of the image side), rotation, anisotropic
-  stretch, bending and a smooth radial deformation of the outline, hue/saturation/value jitter, texture
-  period, phase and orientation jitter, lighting gradient, grain;
+* intra-class variation: scale (80% of objects have the area of a disc 20-38% of the image side
+  sqrt(H*W) across, 12% are smaller, 8% larger; thin shapes span more), rotation, anisotropic stretch,
+  bending and a smooth radial deformation of the outline, hue/saturation/value jitter, texture period,
+  phase and orientation jitter, lighting gradient, grain;
 * 1-4 objects per image, placed with occlusion (every object keeps >= 55% of its area visible), objects of
-  all classes - novel ones included - share images, as in PASCAL; thin occluders cut across objects;
+  all classes - novel ones included - share images, as in PASCAL: about 19% of the training images that
+  qualify for a fold's base classes also hold one of its novel classes (35-40% of the novel objects sit
+  in such images; meta.json ``novel_in_train`` has the numbers per fold); thin occluders cut across objects;
 * cluttered backgrounds: random crops, flips, hue rotations and tints of the photographs bundled with
   scikit-image, mixed with procedural textures (fractal noise, stripes, checkers, gradients), plus
   distractors labelled 0 (random polygons, scribbles, outlines, photo patches, and "hard negatives": the 10
   shape/texture pairs that are no class);
-* a 255 band, 3 pixels wide, along every object outline (between objects, objects and background, and
-  objects and occluders), as in VOC ``SegmentationClassAug``; image borders get none.
+* a 255 band, 3 pixels wide and straddling the edge, along every object outline (between objects, objects
+  and background, and objects and occluders), as in VOC ``SegmentationClassAug``; image borders get none.
 
 Class table (fold i holds the novel classes 5i+1 .. 5i+5; hue centres in degrees)::
 
@@ -169,6 +172,8 @@ class SynthParams:
             raise ConfigError(f"--train/--val must be >= 0 and not both 0, got {self.n_train}/{self.n_val}")
         if not 48 <= self.size <= 2048:
             raise ConfigError(f"--size must be in [48, 2048], got {self.size}")
+        if self.band_width < 2:
+            raise ConfigError(f"band_width must be >= 2, got {self.band_width}")
         if not 0 < self.short_min <= self.size:
             raise ConfigError(f"short_min {self.short_min} must be in (0, size={self.size}]")
 
@@ -262,7 +267,8 @@ def _random_colour(rng: np.random.Generator) -> np.ndarray:
 def _class_colours(rng: np.random.Generator, cls: int) -> tuple[np.ndarray, np.ndarray]:
     """Main colour from one of the class's hue centres (jittered), second colour class-free."""
     hues = _CLASS_SPECS[cls - 1][2]
-    c1 = _hsv(hues[int(rng.integers(2))] + rng.uniform(-16, 16), rng.uniform(0.45, 0.95), rng.uniform(0.5, 0.97))
+    hue = hues[int(rng.integers(2))] + rng.uniform(-16, 16)
+    c1 = _hsv(hue, rng.uniform(0.45, 0.95), rng.uniform(0.5, 0.97))
     return c1, _second_colour(rng)
 
 
@@ -439,7 +445,7 @@ def _texture(rng: np.random.Generator, bank: _Bank, kind: str, pl: _Placed, c1: 
     # lighting gradient and grain
     g = 1 + rng.uniform(-0.15, 0.15) * u + rng.uniform(-0.15, 0.15) * v
     out = out * g[..., None]
-    out = out + rng.normal(0, rng.uniform(2, 7), out.shape[:2] + (1,)).astype(np.float32)
+    out = out + np.float32(rng.uniform(2, 7)) * rng.standard_normal(out.shape[:2] + (1,), dtype=np.float32)
     return out.astype(np.float32)
 
 
@@ -541,7 +547,8 @@ def _clutter(rng: np.random.Generator, bank: _Bank, img: np.ndarray, side: float
     H, W = img.shape[:2]
     k = rng.random()
     if k < 0.45:  # textured irregular polygon
-        pl = _place_shape(rng, "polygon", side * rng.uniform(0.05, 0.15), rng.uniform(0, W), rng.uniform(0, H))
+        r = side * rng.uniform(0.05, 0.15)
+        pl = _place_shape(rng, "polygon", r, rng.uniform(0, W), rng.uniform(0, H))
         if pl is not None:
             kind = ("plain", "noise", "photo", "stripes", "checker", "dots", "blotch", "shaded")[
                 int(rng.integers(8))]
@@ -631,7 +638,8 @@ def render_image(params: SynthParams, split: str, index: int, bank: _Bank | None
         ext = _sample_extent(rng, params)
         for _attempt in range(8):
             r = _radius(shape, side * ext)
-            pl = _place_shape(rng, shape, r, rng.uniform(0.15 * r, W - 0.15 * r), rng.uniform(0.15 * r, H - 0.15 * r))
+            cx, cy = rng.uniform(0.15 * r, W - 0.15 * r), rng.uniform(0.15 * r, H - 0.15 * r)
+            pl = _place_shape(rng, shape, r, cx, cy)
             if pl is None:
                 continue
             clip = _clip_hard(pl, H, W)
@@ -671,7 +679,7 @@ def render_image(params: SynthParams, split: str, index: int, bank: _Bank | None
     img = (img - 128) * rng.uniform(0.85, 1.15) + 128 + rng.uniform(-12, 12)
     if rng.random() < 0.3:
         img = cv2.GaussianBlur(img, (3, 3), rng.uniform(0.4, 0.8))
-    img = img + rng.normal(0, rng.uniform(1, 4), img.shape).astype(np.float32)
+    img = img + np.float32(rng.uniform(1, 4)) * rng.standard_normal((H, W, 1), dtype=np.float32)
     rgb = np.clip(np.round(img), 0, 255).astype(np.uint8)
 
     lut = np.array([0] + kept, np.uint8)
@@ -810,7 +818,10 @@ def generate(out: str | os.PathLike, params: SynthParams, workers: int = 1, forc
     params.validate()
     out = Path(out)
     if is_complete(out):
-        old = read_meta(out).get("params")
+        try:
+            old = read_meta(out).get("params")
+        except DataError:
+            old = None
         if old == params.to_json():
             log(f"fsseg-synth: {out} already holds this benchmark (seed {params.seed}); nothing to do")
             return {"status": "exists", "out": str(out)}
@@ -844,7 +855,8 @@ def generate(out: str | os.PathLike, params: SynthParams, workers: int = 1, forc
             # spawn, not fork: forking after OpenCV has started its thread pool can deadlock the children
             ctx = mp.get_context("spawn")
             with ctx.Pool(workers, initializer=_init_worker, initargs=(params,)) as pool:
-                results = list(pool.imap(_work, tasks, chunksize=max(1, min(64, len(tasks) // (8 * workers)))))
+                chunk = max(1, min(64, len(tasks) // (8 * workers)))
+                results = list(pool.imap(_work, tasks, chunksize=chunk))
         for split, n in params.split_sizes().items():
             lines = [f"JPEGImages/{image_id(split, i)}.jpg SegmentationClassAug/{image_id(split, i)}.png\n"
                      for i in range(n)]
@@ -974,7 +986,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--force", action="store_true", help="replace a benchmark made with other parameters")
     a = ap.parse_args(argv)
     short_min = max(1, round(a.size * SynthParams.short_min / SynthParams.size))
-    params = SynthParams(seed=a.seed, n_train=a.train, n_val=a.val, size=a.size, short_min=short_min)
+    min_px = max(32, round(SynthParams.recommended_min_pixels * (a.size / SynthParams.size) ** 2))
+    params = SynthParams(seed=a.seed, n_train=a.train, n_val=a.val, size=a.size, short_min=short_min,
+                         recommended_min_pixels=min_px)
     try:
         res = generate(a.out, params, workers=a.workers, force=a.force)
     except ConfigError as e:
@@ -988,7 +1002,8 @@ def main(argv: list[str] | None = None) -> int:
         st = meta["stats"]
         print(f"fsseg-synth: wrote {a.out}: {params.n_train} train / {params.n_val} val images "
               f"({st['train']['objects']} / {st['val']['objects']} objects), seed {params.seed}, "
-              f"{_dir_size(Path(a.out)) / 2**20:.1f} MiB in {res['seconds']:.1f} s with {a.workers} worker(s)")
+              f"{_dir_size(Path(a.out)) / 2**20:.1f} MiB in {res['seconds']:.1f} s "
+              f"with {a.workers} worker(s)")
         print(f"fsseg-synth: novel objects inside base-class training images: {frac}")
         qual = min(c["images_ge_min_pixels"] for c in st["val"]["per_class"])
         print(f"fsseg-synth: recommended min_pixels {params.recommended_min_pixels}; "
