@@ -14,6 +14,7 @@ export WANDB_MODE ?= disabled
 
 .DEFAULT_GOAL := help
 .PHONY: help venv test test-full demo synth bench clean
+DEMO_FOLD ?= 0
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z0-9_%-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-22s\033[0m %s\n", $$1, $$2}'
@@ -37,6 +38,17 @@ test-full: $(STAMP) ## Run every test including slow ones (gpu tests run where C
 
 synth: $(STAMP) ## Generate the embedded benchmark into data/synth (idempotent)
 	$(VENV)/bin/fsseg-synth --out $(SYNTH) --seed 0
+
+demo: $(STAMP) ## The main job: embedded benchmark -> train PFENet 1-shot fold 0 -> 1000 test episodes -> references + figure
+	@start=$$(date +%s); \
+	$(VENV)/bin/fsseg-synth --out $(SYNTH) --seed 0 && \
+	$(VENV)/bin/fsseg-train experiment=pfenet_effl0_synth data.fold=$(DEMO_FOLD) paths.data_dir=$(DATA) \
+	    hydra.run.dir=$(DEMO_OUT)/pfenet_fold$(DEMO_FOLD) && \
+	$(VENV)/bin/fsseg-references $(DEMO_OUT)/pfenet_fold$(DEMO_FOLD) && \
+	echo "demo finished in $$(( $$(date +%s) - start )) s; run directory: $(DEMO_OUT)/pfenet_fold$(DEMO_FOLD)"
+
+bench: $(STAMP) ## Print PFENet training/evaluation throughput on this machine (embedded size and 473 / ResNet-50)
+	$(VENV)/bin/fsseg-bench pfenet
 
 clean: ## Remove caches and outputs (keeps the venv and data)
 	rm -rf outputs .pytest_cache

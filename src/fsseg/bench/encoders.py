@@ -1,7 +1,7 @@
 """Frozen-encoder throughput on this machine (no grad, eval): decides the embedded demo's budget.
 
-    python -m fsseg.bench_encoders                 # the default grid, 2 threads
-    python -m fsseg.bench_encoders --threads 2 --repeats 3 --only lite
+    fsseg-bench encoders                 # the default grid, 2 threads
+    fsseg-bench encoders --threads 2 --repeats 3 --only lite
 
 Prints images/s for tf_efficientnet_lite0 (packaged weights) at 128 and 160 px, batch 16, output stride 8, 16
 and 32 (None), and ResNet-50 (PSPNet stem, OS 8) at 473 px, batch 2 - the PFENet setting.

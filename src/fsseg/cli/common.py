@@ -6,6 +6,9 @@ import os
 from pathlib import Path
 
 from fsseg.errors import ConfigError
+from fsseg.resolvers import register_resolvers
+
+register_resolvers()
 
 
 def config_dir() -> str:

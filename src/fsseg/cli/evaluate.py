@@ -56,6 +56,7 @@ def evaluate(run_cfg: DictConfig, ckpt: Path, trainer_cfg: DictConfig, out_dir: 
     from hydra.utils import instantiate
 
     from fsseg import provenance
+    from fsseg.models.segmenter import metrics_from_trainer
 
     L.seed_everything(int(run_cfg.seed), workers=True)
     datamodule = instantiate(run_cfg.data)
@@ -65,7 +66,7 @@ def evaluate(run_cfg: DictConfig, ckpt: Path, trainer_cfg: DictConfig, out_dir: 
     load_weights(model, ckpt)
     trainer = instantiate(trainer_cfg, logger=False, default_root_dir=str(out_dir), enable_checkpointing=False)
     trainer.test(model, datamodule=datamodule)
-    metrics = dict(getattr(model, "last_eval", {}).get("test", {}))
+    metrics = metrics_from_trainer(trainer, "test")
     metrics["checkpoint"] = str(ckpt)
     if trainer.global_rank == 0:
         manifest = datamodule.eval_manifest

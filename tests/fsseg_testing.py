@@ -1,0 +1,44 @@
+"""Config helpers for end-to-end tests (a uniquely named module: tests/data has its own conftest)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+
+
+def compose(overrides: list[str], config_name: str = "train"):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from fsseg.resolvers import register_resolvers
+
+    register_resolvers()
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return hydra_compose(config_name, overrides=overrides, return_hydra_config=False)
+
+
+def tiny_overrides(synth_root: Path, cache: Path, **extra) -> list[str]:
+    """PFENet on the embedded benchmark at 64 px with a tiny budget: seconds on 2 cores."""
+    over = {
+        "experiment": "pfenet_effl0_synth",
+        "data.source.root": str(synth_root),
+        "paths.cache_dir": str(cache),
+        "paths.output_dir": str(cache.parent / "outputs"),
+        "encoder.weights": "none",
+        "data.train_size": 64,
+        "data.eval_size": 64,
+        "data.batch_size": 4,
+        "data.eval_batch_size": 4,
+        "data.train_episodes_per_epoch": 8,
+        "data.val_episodes": 8,
+        "data.eval_episodes": 12,
+        "head.reduce_dim": 32,
+        "trainer.max_epochs": 1,
+        "trainer.enable_progress_bar": False,
+        "logger": "none",
+    }
+    over.update(extra)
+    return [f"{k}={v}" if v is not None else f"~{k}" for k, v in over.items()]
