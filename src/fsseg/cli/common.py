@@ -28,3 +28,22 @@ def environment_defaults() -> None:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     if "WANDB_MODE" not in os.environ and not os.environ.get("WANDB_API_KEY"):
         os.environ["WANDB_MODE"] = "offline"
+
+
+def instantiate(node, **kwargs):
+    """hydra.utils.instantiate that re-raises fsseg's own input errors unwrapped, so the message a user sees is
+    the one naming the option or file (Hydra wraps constructor errors in InstantiationException)."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate as hydra_instantiate
+
+    from fsseg.errors import FsSegError
+
+    try:
+        return hydra_instantiate(node, **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__
+        while cause is not None and not isinstance(cause, FsSegError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None
+        raise

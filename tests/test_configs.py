@@ -1,0 +1,65 @@
+"""Every experiment file composes and instantiates; bad config values fail before training, naming the option."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra.errors import MissingConfigException
+from omegaconf.errors import InterpolationResolutionError
+
+from fsseg.cli.common import instantiate
+from fsseg.errors import ConfigError
+from fsseg_testing import CONF, compose
+
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+METHODS = sorted(p.stem for p in (CONF / "method").glob("*.yaml"))
+
+
+def test_there_are_experiments_and_methods():
+    assert "pfenet_effl0_synth" in EXPERIMENTS and {"pfenet", "apanet", "scnet"} <= set(METHODS)
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_composes_and_instantiates(name):
+    cfg = compose([f"experiment={name}", "encoder.weights=none", "hydra.run.dir=/tmp/x", "run_dir=/tmp/x"])
+    assert cfg.method_name in name
+    data = instantiate(cfg.data)  # constructors do not touch the disk
+    assert data.shots == 1 and data.fold == 0
+    model = instantiate(cfg.model, num_eval_classes=data.num_novel_classes if Path(cfg.data.source.root).exists() else 5)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) > 0
+    assert not any(p.requires_grad for p in model.encoder.parameters())
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_method_sets_its_name(method):
+    assert compose([f"method={method}"]).method_name == method
+
+
+BAD = [
+    (["data.shots=0"], "shots"),
+    (["data.fold=4"], "fold"),
+    (["optim.base_lr=-0.01"], "base_lr"),
+    (["model.main_loss_weight=-1"], "main_loss_weight"),
+    (["aux.deep_supervision.weight=-0.5"], "weight"),
+    (["encoder.name=resnet_does_not_exist"], "resnet_does_not_exist"),
+    (["method=apanet", "apanet_lambda=1.5"], "apanet_lambda"),
+    (["data.train_filter=sometimes"], "train_filter"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "named"), BAD, ids=[b[1] for b in BAD])
+def test_bad_config_values_fail_before_training_naming_the_option(overrides, named, synth_root, tmp_path):
+    # a bad value fails while the config resolves (resolver), or when the objects are built: never later
+    with pytest.raises((ConfigError, InterpolationResolutionError), match=named):
+        cfg = compose([*overrides, f"data.source.root={synth_root}", f"paths.cache_dir={tmp_path}", "encoder.weights=none"])
+        cfg.model.main_loss_weight  # noqa: B018 - resolves the interpolation
+        data = instantiate(cfg.data)
+        data.prepare_data()
+        data.setup("fit")
+        instantiate(cfg.model, num_eval_classes=data.num_novel_classes)
+
+
+def test_unknown_method_is_named():
+    with pytest.raises(MissingConfigException, match="method"):
+        compose(["method=no_such_method"])
