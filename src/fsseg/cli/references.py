@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="fsseg-references", description=__doc__.split("\n\n")[0])
     ap.add_argument("run_dir", type=Path)
     ap.add_argument("--checkpoint", default="best")
-    ap.add_argument("--tune-episodes", type=int, default=300)
+    ap.add_argument("--tune-episodes", type=int, default=200)
     ap.add_argument("--figure", type=Path, default=None, help="PNG path (default: RUN_DIR/qualitative.png)")
     args = ap.parse_args(argv)
     torch.set_grad_enabled(False)
