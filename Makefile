@@ -52,3 +52,20 @@ bench: $(STAMP) ## Print PFENet training/evaluation throughput on this machine (
 
 clean: ## Remove caches and outputs (keeps the venv and data)
 	rm -rf outputs .pytest_cache
+
+# ---- paper tables (sweeps/<paper>/<table>.yaml; format: sweeps/FORMAT.md) ----
+PROFILE ?=
+SWEEP_ARGS ?=
+.PHONY: list-tables tables
+# wandb for sweeps: online with WANDB_API_KEY, offline otherwise (fsseg-sweep decides) unless WANDB_MODE is set
+# by the caller; the Makefile's own default (disabled, for tests) is dropped here.
+SWEEP_ENV = $(if $(filter file,$(origin WANDB_MODE)),env -u WANDB_MODE,)
+
+reproduce-%: $(STAMP) ## Run a paper table and render it (resumable): make reproduce-apanet-table4 [PROFILE=embedded] [SWEEP_ARGS="--jobs 2"]
+	$(SWEEP_ENV) $(VENV)/bin/fsseg-sweep $* $(if $(PROFILE),--profile $(PROFILE)) $(SWEEP_ARGS)
+
+list-tables: $(STAMP) ## List the paper tables: make targets, methods implemented or missing, profiles
+	@$(VENV)/bin/fsseg-sweep --list
+
+tables: $(STAMP) ## Re-render every table that has run directories (outputs/sweeps/<name>/<profile>/table.{md,csv,png})
+	$(VENV)/bin/fsseg-table --all --quiet

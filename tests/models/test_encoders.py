@@ -29,7 +29,7 @@ EXPECTED = {
     "resnet50": ({"mid": 1536, "high": 2048}, {"mid": 8, "high": 8}),
     "resnet101": ({"mid": 1536, "high": 2048}, {"mid": 8, "high": 8}),
     "vgg16_bn": ({"mid": 768, "high": 512}, {"mid": 16, "high": 16}),
-    "efficientnet_lite0": ({"mid": 152, "high": 320}, {"mid": 8, "high": 8}),
+    "efficientnet_lite0": ({"mid": 152, "high": 112}, {"mid": 8, "high": 8}),  # high = stage 3 (see the yaml)
 }
 CONFIGS = sorted(EXPECTED)
 
@@ -247,7 +247,8 @@ def test_vgg_taps_equal_pfenet_layers(built):
 
 @pytest.mark.parametrize("name", ["resnet50", "efficientnet_lite0"])
 def test_masked_forward_is_pfenet_support_path(name, built):
-    enc = cached(built, name)
+    # the masked path multiplies the input of the deepest tapped stage: use PFENet's layout (high deeper than mid)
+    enc = cached(built, name) if name == "resnet50" else FrozenEncoder(**{**LITE, "taps": {"mid": [3, 2], "high": [4]}})
     x = image(64)
     mask = (torch.rand(2, 64, 64, generator=torch.Generator().manual_seed(2)) > 0.5).float()
     plain, masked = enc(x), enc(x, mask=mask)
@@ -316,7 +317,7 @@ def test_remap_by_position_checks_shapes():
 # ----------------------------------------------------------------------------------------------------------
 # weights: local files
 # ----------------------------------------------------------------------------------------------------------
-LITE = dict(name="tf_efficientnet_lite0", taps={"mid": [3, 2], "high": [4]})
+LITE = dict(name="tf_efficientnet_lite0", taps={"mid": [3, 2], "high": [3]})  # as conf/encoder/efficientnet_lite0.yaml
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,617 @@
+"""fsseg-sweep: run a paper table's sweep (sweeps/<paper>/<table>.yaml), resumably, then render the table.
+
+    fsseg-sweep apanet-table4 --profile embedded          # embedded benchmark, local, one run at a time
+    fsseg-sweep apanet-table4                              # the paper's protocol (GPU), one device per job
+    fsseg-sweep apanet-table4 --jobs 4                     # 4 runs at once; with GPUs: one GPU each
+    fsseg-sweep apanet-table4 --launcher slurm hydra.launcher.partition=gpu   # Hydra multirun + submitit
+    fsseg-sweep apanet-table4 --launcher submitit_local    # the same path, as local processes (a check)
+    fsseg-sweep apanet-table4 --dry-run                    # list runs, their status and directories
+    fsseg-sweep --list                                     # every table, its methods and profiles
+
+Every run gets ``<out>/<name>/<profile or paper>/<row slug>/<grid slug>``. A run whose ``metrics.json``
+exists and whose recorded ``config.yaml`` equals the config this sweep would give it is skipped, so running
+the command again resumes an interrupted sweep; a finished run with another config is moved to
+``<out>/<name>/<profile>/_stale/`` and re-run. A failing run leaves ``<run dir>/FAILED`` (the error and the
+end of its log) and the others go on. The command ends with a summary (done / skipped / failed) and renders
+the table (``fsseg-table``); it exits 1 if any run failed.
+
+Extra arguments ``key=value`` are Hydra overrides applied to every run (after the table's own; they are part
+of each run's config, so they count for "finished"). Arguments starting with ``hydra.launcher.`` configure
+the multirun launcher (slurm / submitit_local) only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fsseg.cli.common import config_dir, environment_defaults
+from fsseg.errors import ConfigError
+from fsseg.sweeps import (  # noqa: I001
+    FAILED_FILE,
+    SPEC_FILE,
+    Run,
+    Sweep,
+    compose_run_configs,
+    config_diff,
+    config_digest,
+    find_sweep,
+    format_value,
+    list_sweeps,
+    load_sweep,
+    merge_overrides,
+    missing_methods,
+    override_key,
+    recorded_config,
+    run_status,
+    slugify,
+    sweep_name_of,
+    sweeps_dir,
+)
+
+LAUNCHERS = ("local", "submitit_local", "slurm")
+LOG_FILE = "train.log"
+_TAIL = 40
+
+
+def _utc() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H-%M-%SZ")
+
+
+def train_command() -> list[str]:
+    """fsseg-train of this interpreter's environment."""
+    exe = Path(sys.executable).parent / "fsseg-train"
+    return [str(exe)] if exe.is_file() else [sys.executable, "-m", "fsseg.cli.train"]
+
+
+def _tail(path: Path, n: int = _TAIL) -> str:
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return ""
+    return "\n".join(lines[-n:])
+
+
+def _error_line(log_text: str) -> str:
+    """The most telling line of a failed run's log: the last exception line, else the last line."""
+    lines = [ln.strip() for ln in log_text.splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if ("Error" in ln or "Exception" in ln or ln.startswith("fsseg-")) and not ln.startswith(("File ", "raise ")):
+            return ln
+    return lines[-1] if lines else "no output"
+
+
+@dataclass
+class Planned:
+    run: Run
+    overrides: list[str]
+    expected: dict | None = None
+    status: str = "pending"          # pending | skipped | done | failed | interrupted
+    message: str = ""
+    seconds: float = 0.0
+
+
+@dataclass
+class Outcome:
+    planned: list[Planned] = field(default_factory=list)
+
+    def count(self, status: str) -> int:
+        return sum(p.status == status for p in self.planned)
+
+
+# --------------------------------------------------------------------------- planning
+def plan(sweep: Sweep, profile: str | None, out: Path, extra: Sequence[str], conf: str, apply: bool = True) -> list[Planned]:
+    """Expand the sweep and decide, run by run, what to do; with ``apply``, run directories of another config
+    (stale results, partial runs) are moved to <out>/<name>/<profile>/_stale/ so they are neither resumed nor lost."""
+    grid_keys = set(sweep.effective_grid(profile))
+    clash = [o for o in extra if override_key(o) in grid_keys]
+    if clash:
+        raise ConfigError(f"override(s) {clash} set grid key(s) of {sweep.path}; edit the grid (or a profile) instead")
+    runs = [r for r in sweep.expand(profile, out) if not r.shared]  # a shared run serves several rows: run it once
+    items = [(merge_overrides(run.overrides, extra, ["resume=auto"]), run.run_dir) for run in runs]
+    configs = compose_run_configs(items, conf)
+    planned = []
+    for run, (overrides, _), expected in zip(runs, items, configs):
+        p = Planned(run=run, overrides=overrides)
+        if isinstance(expected, Exception):  # a bad override fails this run only
+            p.status, p.message = "failed", f"config: {type(expected).__name__}: {expected}"
+            planned.append(p)
+            continue
+        p.expected = expected
+        status = run_status(run.run_dir, p.expected)
+        if status == "finished":
+            p.status, p.message = "skipped", "finished earlier with the same config"
+        elif status == "stale":
+            diff = config_diff(recorded_config(run.run_dir) or {}, p.expected)
+            p.message = "re-run: config changed (" + "; ".join(diff[:3]) + ("; ..." if len(diff) > 3 else "") + ")"
+            if apply:
+                _set_aside(run, out)
+        elif status in ("started", "failed"):
+            spec = _read_spec(run.run_dir)
+            if spec.get("config_sha256") != config_digest(p.expected):
+                p.message = "re-run from scratch: an unfinished run of another config is set aside"
+                if apply:
+                    _set_aside(run, out)  # its checkpoints must not be resumed
+            elif status == "failed":
+                p.message = "failed earlier: retried"
+            else:
+                p.message = "unfinished earlier: resumes from its last.ckpt if any"
+        planned.append(p)
+    return planned
+
+
+def _read_spec(run_dir: Path) -> dict:
+    import json
+
+    try:
+        return json.loads((run_dir / SPEC_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _set_aside(run: Run, out: Path) -> None:
+    if not run.run_dir.exists():
+        return
+    dest = Path(out) / run.sweep / run.profile / "_stale" / run.row.slug / f"{run.grid_slug}.{_utc()}"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(run.run_dir), str(dest))
+
+
+def _write_spec(p: Planned, command: Sequence[str], launcher: str) -> None:
+    from fsseg.provenance import write_json_atomic
+
+    run = p.run
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(
+        run.run_dir / SPEC_FILE,
+        {
+            "sweep": run.sweep, "profile": run.profile, "row": run.row.label,
+            "column": run.column.label if run.column else None, "point": dict(run.point),
+            "overrides": p.overrides, "command": list(command), "launcher": launcher,
+            "config_sha256": config_digest(p.expected or {}), "started_utc": _utc(),
+        },
+    )  # fmt: skip
+
+
+def _write_failed(run_dir: Path, message: str) -> None:
+    from fsseg.provenance import _write_text_atomic
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _write_text_atomic(run_dir / FAILED_FILE, message.rstrip() + "\n")
+
+
+# --------------------------------------------------------------------------- local launcher
+class LocalLauncher:
+    """Each run in its own fsseg-train process; ``jobs`` at once; with GPUs, job slot i sees GPU i only."""
+
+    def __init__(self, jobs: int = 1, gpus: Sequence[str] | None = None, verbose: bool = False):
+        self.jobs = max(1, int(jobs))
+        self.gpus = list(gpus) if gpus else self._visible_gpus()
+        if self.gpus and self.jobs > len(self.gpus):
+            raise ConfigError(f"--jobs {self.jobs} but only {len(self.gpus)} GPU(s) ({self.gpus}): one device per job")
+        self.verbose = verbose
+        self._procs: set[subprocess.Popen] = set()
+        self._lock = threading.Lock()
+        self._slots: list[int] = list(range(self.jobs))
+
+    @staticmethod
+    def _visible_gpus() -> list[str]:
+        env = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if env is not None:
+            return [g for g in env.split(",") if g.strip()]
+        try:
+            import torch
+
+            return [str(i) for i in range(torch.cuda.device_count())]
+        except Exception:  # noqa: BLE001
+            return []
+
+    def _env(self, slot: int) -> dict[str, str]:
+        env = dict(os.environ)
+        env.setdefault("FSSEG_CONF", config_dir())
+        if self.gpus:
+            env["CUDA_VISIBLE_DEVICES"] = self.gpus[slot]
+        if self.jobs > 1:  # share the CPU cores between the concurrent jobs
+            per_job = max(1, (os.cpu_count() or 1) // self.jobs)
+            env.setdefault("OMP_NUM_THREADS", str(per_job))
+        return env
+
+    def command(self, p: Planned) -> list[str]:
+        return [*train_command(), *p.overrides, f"hydra.run.dir={format_value(str(p.run.run_dir.resolve()))}"]
+
+    def run_one(self, p: Planned, index: str) -> None:
+        with self._lock:
+            slot = self._slots.pop(0)
+        try:
+            self._run(p, index, slot)
+        finally:
+            with self._lock:
+                self._slots.append(slot)
+
+    def _run(self, p: Planned, index: str, slot: int) -> None:
+        run = p.run
+        cmd = self.command(p)
+        (run.run_dir / FAILED_FILE).unlink(missing_ok=True)
+        _write_spec(p, cmd, "local")
+        log_path = run.run_dir / LOG_FILE
+        where = f" (GPU {self.gpus[slot]})" if self.gpus else ""
+        print(f"{index} {run.describe()}{where}: running -> {run.run_dir}", flush=True)
+        start = time.monotonic()
+        with open(log_path, "a", encoding="utf-8") as log:
+            log.write(f"\n=== {_utc()} {' '.join(cmd)}\n")
+            log.flush()
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self._env(slot))
+            with self._lock:
+                self._procs.add(proc)
+            rc = proc.wait()  # interrupted: the process stays registered, so stop() ends it
+            with self._lock:
+                self._procs.discard(proc)
+        p.seconds = time.monotonic() - start
+        if rc == 0 and (run.run_dir / "metrics.json").is_file():
+            p.status = "done"
+            p.message = _metric_summary(run.run_dir)
+            print(f"{index} {run.describe()}: done in {p.seconds:.0f} s{p.message}", flush=True)
+            return
+        if self._stopping and (rc < 0 or rc in (130, 143)):
+            p.status, p.message = "interrupted", f"stopped by signal ({rc})"
+            return
+        tail = _tail(log_path)
+        p.status, p.message = "failed", _error_line(tail)
+        _write_failed(run.run_dir, f"exit code {rc}\ncommand: {' '.join(cmd)}\nerror: {p.message}\n"
+                                   f"--- last {_TAIL} lines of {log_path} ---\n{tail}")  # fmt: skip
+        print(f"{index} {run.describe()}: FAILED in {p.seconds:.0f} s: {p.message} (see {log_path})", flush=True)
+
+    _stopping = False
+
+    def stop(self) -> None:
+        self._stopping = True
+        with self._lock:
+            procs = list(self._procs)
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+    def launch(self, todo: list[Planned]) -> None:
+        if not todo:
+            return
+        n = len(todo)
+        if self.jobs == 1:
+            for i, p in enumerate(todo, 1):
+                self.run_one(p, f"[{i}/{n}]")
+            return
+        with ThreadPoolExecutor(max_workers=self.jobs) as pool:
+            futures = [pool.submit(self.run_one, p, f"[{i}/{n}]") for i, p in enumerate(todo, 1)]
+            try:
+                for f in futures:
+                    while not f.done():
+                        time.sleep(0.2)
+                    f.result()
+            except BaseException:
+                for f in futures:
+                    f.cancel()
+                raise
+
+
+def _metric_summary(run_dir: Path) -> str:
+    from fsseg.provenance import read_metrics
+
+    try:
+        rec = read_metrics(run_dir) or {}
+        m = rec.get("metrics") or {}
+        return f" (mIoU {100 * m['miou']:.2f}, FB-IoU {100 * m['fbiou']:.2f})"
+    except Exception:  # noqa: BLE001
+        return ""
+
+
+# --------------------------------------------------------------------------- Hydra multirun launcher
+class MultirunLauncher:
+    """Hydra multirun through hydra-submitit-launcher: one ``fsseg-train -m`` per row (per column group),
+    its grid as Hydra sweep values, run directories ``hydra.sweep.dir=<root>/<row>`` +
+    ``hydra.sweep.subdir=<grid slug>`` - the same directories the local launcher uses. Rows are launched
+    concurrently (each process waits for its jobs); a timed-out SLURM job is requeued and resumes from its
+    last.ckpt (every run has ``resume=auto``)."""
+
+    def __init__(self, launcher: str, launcher_overrides: Sequence[str] = (), max_parallel_rows: int = 16):
+        self.launcher = launcher
+        self.launcher_overrides = list(launcher_overrides)
+        self.max_parallel_rows = max_parallel_rows
+        self._procs: set[subprocess.Popen] = set()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _check_slug_values(todo: list[Planned]) -> None:
+        for p in todo:
+            for k, v in p.run.point.items():
+                if slugify(v) != str(v):
+                    raise ConfigError(
+                        f"grid value {k}={v!r} is not usable in a Hydra sweep subdir; the multirun launchers need "
+                        "plain grid values (numbers, names)"
+                    )
+
+    def commands(self, todo: list[Planned]) -> list[tuple[list[Planned], list[str], Path]]:
+        """[(runs, command, log path)]: one command per unit when all its points are to run, else per run."""
+        self._check_slug_values(todo)
+        units: dict[str, list[Planned]] = defaultdict(list)
+        for p in todo:
+            units[p.run.unit].append(p)
+        out = []
+        for unit, plist in units.items():
+            run0 = plist[0].run
+            keys = list(run0.point)
+            values = {k: list(dict.fromkeys(p.run.point[k] for p in plist)) for k in keys}
+            full = 1
+            for k in keys:
+                full *= len(values[k])
+            batches = [plist] if full == len(plist) else [[p] for p in plist]
+            for batch in batches:
+                vals = {k: list(dict.fromkeys(p.run.point[k] for p in batch)) for k in keys}
+                fixed = [o for o in batch[0].overrides if override_key(o) not in keys]
+                sweep_args = [f"{k}={','.join(format_value(v) for v in vs)}" for k, vs in vals.items()]
+                sweep_dir = run0.run_dir.parent
+                prefix = run0.column.slug + "_" if run0.column is not None and run0.column.is_group else ""
+                subdir = prefix + "_".join(f"{k}-${{{k}}}" for k in keys) if keys else (prefix.rstrip("_") or "default")
+                cmd = [
+                    *train_command(), "-m", *fixed, *sweep_args, f"hydra/launcher={self.launcher}",
+                    f"hydra.sweep.dir={format_value(str(sweep_dir.resolve()))}", f"hydra.sweep.subdir={subdir}",
+                    *self.launcher_overrides,
+                ]  # fmt: skip
+                log = sweep_dir / f"multirun-{slugify(unit.replace('/', '_'))}-{_utc()}.log"
+                out.append((batch, cmd, log))
+        return out
+
+    def _run_unit(self, batch: list[Planned], cmd: list[str], log_path: Path) -> None:
+        for p in batch:
+            (p.run.run_dir / FAILED_FILE).unlink(missing_ok=True)
+            _write_spec(p, cmd, self.launcher)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        print(f"launching {len(batch)} job(s) of '{batch[0].run.row.label}' with hydra/launcher={self.launcher}"
+              f" (log: {log_path})", flush=True)  # fmt: skip
+        start = time.monotonic()
+        env = dict(os.environ)
+        env.setdefault("FSSEG_CONF", config_dir())
+        with open(log_path, "w", encoding="utf-8") as log:
+            log.write(" ".join(cmd) + "\n")
+            log.flush()
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+            with self._lock:
+                self._procs.add(proc)
+            rc = proc.wait()  # interrupted: the process stays registered, so stop() ends it
+            with self._lock:
+                self._procs.discard(proc)
+        seconds = time.monotonic() - start
+        tail = _tail(log_path)
+        for p in batch:
+            p.seconds = seconds
+            run_dir = p.run.run_dir
+            if (run_dir / "metrics.json").is_file():
+                p.status, p.message = "done", _metric_summary(run_dir)
+                continue
+            job_logs = sorted((run_dir.parent / ".submitit").glob("*/*_log.err"))
+            p.status = "failed"
+            job_log = next(iter(sorted(run_dir.glob("*.log"))), None)
+            p.message = _error_line((_tail(job_log) if job_log else "") or tail)
+            _write_failed(run_dir, f"multirun exit code {rc}\ncommand: {' '.join(cmd)}\nerror: {p.message}\n"
+                                   f"submitit logs: {', '.join(map(str, job_logs[-4:])) or 'none'}\n"
+                                   f"--- last {_TAIL} lines of {log_path} ---\n{tail}")  # fmt: skip
+        done = sum(p.status == "done" for p in batch)
+        print(f"'{batch[0].run.row.label}': {done}/{len(batch)} done in {seconds:.0f} s", flush=True)
+
+    def stop(self) -> None:
+        with self._lock:
+            procs = list(self._procs)
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+    def launch(self, todo: list[Planned]) -> None:
+        cmds = self.commands(todo)
+        if not cmds:
+            return
+        with ThreadPoolExecutor(max_workers=min(self.max_parallel_rows, len(cmds))) as pool:
+            futures = [pool.submit(self._run_unit, *c) for c in cmds]
+            for f in futures:
+                while not f.done():
+                    time.sleep(0.2)
+                f.result()
+
+
+# --------------------------------------------------------------------------- wandb
+def wandb_network_guard(timeout: float = 3.0) -> str:
+    """wandb never blocks a sweep: with a key but WANDB_MODE unset, probe the wandb host (or the HTTPS proxy)
+    once; if it cannot be reached within ``timeout`` s, every run of this sweep logs offline
+    (``wandb sync`` uploads later). Returns the mode the runs will use (``online`` when unset and reachable)."""
+    import socket
+    from urllib.parse import urlparse
+
+    mode = os.environ.get("WANDB_MODE")
+    if mode:
+        return mode
+    url = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy") or os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai"
+    parsed = urlparse(url if "://" in url else f"http://{url}")
+    host, port = parsed.hostname or "api.wandb.ai", parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return "online"
+    except OSError as exc:
+        os.environ["WANDB_MODE"] = "offline"
+        print(f"fsseg-sweep: wandb host {host}:{port} unreachable ({exc}); logging offline "
+              "(upload later: wandb sync <run dir>/wandb/offline-run-*)", file=sys.stderr, flush=True)  # fmt: skip
+        return "offline"
+
+
+# --------------------------------------------------------------------------- main
+def run_sweep(
+    sweep: Sweep,
+    profile: str | None = None,
+    out: str | os.PathLike = "outputs/sweeps",
+    extra: Sequence[str] = (),
+    launcher: str = "local",
+    jobs: int = 1,
+    launcher_overrides: Sequence[str] = (),
+    dry_run: bool = False,
+    render: bool = True,
+) -> Outcome:
+    """Plan, launch and summarise; the table is rendered at the end (also after failures)."""
+    out = Path(out)
+    conf = config_dir()
+    missing = missing_methods(sweep, conf)
+    if missing:
+        raise ConfigError(
+            f"{sweep.name} ({sweep.path}) needs method(s) not implemented yet: {', '.join(missing)} "
+            f"(no {', '.join(f'conf/method/{m}.yaml' for m in missing)})"
+        )
+    from fsseg.sweeps import TASKS
+
+    if sweep.task not in TASKS:
+        raise ConfigError(f"{sweep.name} ({sweep.path}) has task {sweep.task!r}; fsseg-sweep runs {list(TASKS)} only "
+                          "(the table can still be rendered from run directories made otherwise: fsseg-table)")  # fmt: skip
+    planned = plan(sweep, profile, out, list(extra), conf, apply=not dry_run)
+    outcome = Outcome(planned)
+    todo = [p for p in planned if p.status == "pending"]
+    prof = planned[0].run.profile if planned else (profile or "paper")
+    print(f"{sweep.name} [{prof}]: {len(planned)} runs, {len(todo)} to run, "
+          f"{outcome.count('skipped')} finished earlier, {outcome.count('failed')} failed to compose", flush=True)  # fmt: skip
+    for p in planned:
+        if p.status == "failed":
+            if not dry_run:
+                _write_failed(p.run.run_dir, p.message)
+            print(f"  {p.run.describe()}: FAILED before launch: {p.message}", flush=True)
+        elif p.message and p.status == "pending":
+            print(f"  {p.run.describe()}: {p.message}", flush=True)
+    if dry_run:
+        for p in planned:
+            print(f"  {p.status:8s} {p.run.describe():40s} {p.run.run_dir}")
+            if p.status == "pending":
+                print(f"           {' '.join(p.overrides)}")
+        return outcome
+    runner = (LocalLauncher(jobs) if launcher == "local" else MultirunLauncher(launcher, launcher_overrides))
+
+    def _sigterm(signum, frame):  # noqa: ARG001
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, _sigterm) if threading.current_thread() is threading.main_thread() else None
+    interrupted = False
+    start = time.monotonic()
+    try:
+        runner.launch(todo)
+    except KeyboardInterrupt:
+        interrupted = True
+        runner.stop()
+        for p in todo:
+            if p.status == "pending" or (p.status == "failed" and not (p.run.run_dir / "metrics.json").exists()
+                                         and "signal" in p.message):  # fmt: skip
+                p.status = "interrupted"
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
+    elapsed = time.monotonic() - start
+    _summary(sweep, prof, outcome, elapsed)
+    if render:
+        from fsseg.cli.table import render as render_table
+
+        try:
+            paths = render_table(sweep, profile, out)
+            print("table: " + ", ".join(str(p) for p in paths.values()), flush=True)
+        except Exception as exc:  # noqa: BLE001 - the runs are what matter; say why the table is missing
+            print(f"could not render the table: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+    if interrupted:
+        raise KeyboardInterrupt
+    return outcome
+
+
+def _summary(sweep: Sweep, prof: str, outcome: Outcome, elapsed: float) -> None:
+    c = outcome.count
+    line = (f"{sweep.name} [{prof}] summary: {c('done')} done, {c('skipped')} skipped (finished earlier), "
+            f"{c('failed')} failed")  # fmt: skip
+    if c("interrupted") or c("pending"):
+        line += f", {c('interrupted') + c('pending')} not run (interrupted)"
+    print(f"{line}; {elapsed:.0f} s", flush=True)
+    for p in outcome.planned:
+        if p.status == "failed":
+            print(f"  FAILED {p.run.describe()}: {p.message}\n         {p.run.run_dir / FAILED_FILE}", flush=True)
+
+
+def list_tables(out=sys.stdout) -> int:
+    conf = config_dir()
+    d = sweeps_dir()
+    rows = []
+    for f in list_sweeps(d):
+        name = sweep_name_of(f, d)
+        try:
+            s = load_sweep(f)
+        except ConfigError as exc:
+            rows.append((name, "INVALID", str(exc), ""))
+            continue
+        miss = missing_methods(s, conf)
+        state = "ready" if not miss else "needs " + ",".join(miss)
+        profiles = ",".join(s.profile_names()) or "-"
+        rows.append((name, state, s.title, profiles))
+    print(f"{'target':36s} {'methods':18s} {'profiles':10s} title", file=out)
+    for name, state, title, profiles in rows:
+        print(f"reproduce-{name:26s} {state:18s} {profiles:10s} {title}", file=out)
+    print("run: make reproduce-<paper>-<table> [PROFILE=embedded]", file=out)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    environment_defaults()
+    ap = argparse.ArgumentParser(prog="fsseg-sweep", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    ap.add_argument("sweep", nargs="?", help="sweep name (apanet-table4) or file (sweeps/apanet/table4.yaml)")
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides for every run; hydra.launcher.* for the launcher")
+    ap.add_argument("--profile", default="", help="a profile of the sweep file (e.g. embedded); empty = the paper's protocol")
+    ap.add_argument("--out", default=os.environ.get("FSSEG_SWEEP_OUT", "outputs/sweeps"), help="output root (default outputs/sweeps)")
+    ap.add_argument("--launcher", choices=LAUNCHERS, default="local",
+                    help="local: one fsseg-train process per run; slurm / submitit_local: Hydra multirun via submitit")
+    ap.add_argument("--jobs", type=int, default=1, help="local launcher: runs at once (one GPU each where GPUs exist)")
+    ap.add_argument("--dry-run", action="store_true", help="print the plan; run nothing")
+    ap.add_argument("--no-table", action="store_true", help="do not render the table at the end")
+    ap.add_argument("--list", action="store_true", help="list the sweep files (make list-tables)")
+    args = ap.parse_intermixed_args(argv)  # options may come before or after the overrides
+    if args.list:
+        return list_tables()
+    if not args.dry_run:
+        wandb_network_guard()
+    if not args.sweep:
+        ap.error("name a sweep (see --list)")
+    launcher_over = [o for o in args.overrides if o.startswith(("hydra.launcher.", "hydra/launcher"))]
+    extra = [o for o in args.overrides if o not in launcher_over]
+    if any(o.startswith("hydra") for o in extra):
+        ap.error(f"fsseg-sweep sets hydra.* itself; only hydra.launcher.* may be given: {extra}")
+    try:
+        sweep = load_sweep(find_sweep(args.sweep))
+        outcome = run_sweep(sweep, args.profile or None, args.out, extra, args.launcher, args.jobs, launcher_over,
+                            dry_run=args.dry_run, render=not args.no_table)  # fmt: skip
+    except ConfigError as exc:
+        print(f"fsseg-sweep: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fsseg-sweep: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    return 1 if outcome.count("failed") else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

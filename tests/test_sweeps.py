@@ -1,0 +1,311 @@
+"""Sweep files (sweeps/<paper>/<table>.yaml) and fsseg-sweep: every file parses and composes; runs expand into
+deterministic directories; finished runs are skipped (resume), stale ones re-run; a failing run is recorded and
+the rest go on; the multirun (submitit) path runs a two-job sweep and its SLURM config composes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fsseg_testing import CONF, REPO, compose, tiny_overrides
+from fsseg.errors import ConfigError
+from fsseg.sweeps import (
+    compose_run_configs,
+    find_sweep,
+    format_value,
+    list_sweeps,
+    load_sweep,
+    merge_overrides,
+    missing_methods,
+    slugify,
+    sweep_name_of,
+)
+
+SWEEPS = REPO / "sweeps"
+ALL = list_sweeps(SWEEPS)
+
+
+# --------------------------------------------------------------------------- every sweep file
+def test_there_are_sweep_files():
+    assert SWEEPS / "apanet" / "table4.yaml" in ALL
+
+
+@pytest.mark.parametrize("path", ALL, ids=[sweep_name_of(p, SWEEPS) for p in ALL])
+def test_sweep_file_parses_and_composes(path):
+    """Paper numbers are numbers or null under labels of `columns` (load_sweep checks); the name matches the make
+    target; tables with every method implemented compose each row (paper protocol and profiles); the others fail
+    at once naming the missing methods."""
+    sweep = load_sweep(path)
+    assert sweep.name == sweep_name_of(path, SWEEPS), f"{path}: name must be {sweep_name_of(path, SWEEPS)}"
+    labels = set(sweep.column_labels) | {"Mean", "value"}
+    for row in [*sweep.rows, *sweep.reference]:
+        for values in [*row.paper.values(), *row.paper_std.values()]:
+            assert set(values) <= labels, (row.label, set(values) - labels)
+            assert all(v is None or isinstance(v, float) for v in values.values())
+    missing = missing_methods(sweep, CONF)
+    if missing:
+        from fsseg.cli.sweep import run_sweep
+
+        with pytest.raises(ConfigError, match="not implemented yet: " + ", ".join(missing)):
+            run_sweep(sweep, dry_run=True, render=False)
+        return
+    firsts = {}  # the first run of every row under every profile: each row's overrides compose
+    for profile in [None, *sweep.profile_names()]:
+        runs = sweep.expand(profile, "/tmp/fsseg-sweep-compose")
+        assert runs, f"{sweep.name} [{profile}] has no runs"
+        for run in runs:
+            firsts.setdefault((profile, run.row.label), run)
+    configs = compose_run_configs([([*r.overrides, "resume=auto"], r.run_dir) for r in firsts.values()], CONF)
+    for (profile, label), run, cfg in zip(firsts, firsts.values(), configs):
+        assert not isinstance(cfg, Exception), f"{sweep.name} [{profile or 'paper'}] row {label!r}: {cfg}"
+        assert cfg["sweep_name"] == sweep.name
+        for key, value in run.point.items():  # grid values reach the config (config-group keys aside)
+            node = cfg
+            for part in key.split("."):
+                node = node.get(part, "<group>") if isinstance(node, dict) else "<group>"
+            assert node in (value, "<group>"), (key, node, value)
+
+
+# --------------------------------------------------------------------------- parsing and expansion
+def test_apanet_table4_expansion():
+    sweep = load_sweep(find_sweep("apanet-table4", SWEEPS))
+    paper = sweep.expand(None, "out")
+    assert len(paper) == 24 and {r.point["data.fold"] for r in paper} == {0, 1, 2, 3}
+    emb = sweep.expand("embedded", "out")
+    assert [r.run_dir.as_posix() for r in emb[:2]] == [
+        "out/apanet-table4/embedded/n-0-baseline/data.fold-0_seed-0",
+        "out/apanet-table4/embedded/n-1/data.fold-0_seed-0",
+    ]
+    assert "apanet_lambda=0" in emb[0].overrides and "aux.class_agnostic.n=0" in emb[0].overrides
+    assert emb[0].overrides[0] == "experiment=apanet_effl0_synth"  # the profile's base replaces the paper's
+    assert emb[0].row.paper[None] == {"Fold-0": 61.7, "Fold-1": 69.5, "Fold-2": 55.4, "Fold-3": 56.3, "Mean": 60.8}
+    assert [c.label for c in sweep.columns("embedded")] == ["Fold-0"] and not sweep.all_columns_run("embedded")
+
+
+def test_merge_overrides_later_wins_in_place():
+    assert merge_overrides(["experiment=a", "x=1", "+y=2"], ["x=3", "~y", "z=4"]) == ["experiment=a", "x=3", "z=4"]
+    assert merge_overrides(["a.b=1"], ["~a.b"]) == ["~a.b"]
+
+
+def test_slug_and_format():
+    assert slugify("n = 0 (baseline)") == "n-0-baseline"
+    assert slugify("1-shot / Fold-0") == "1-shot-Fold-0"
+    assert format_value("a b") == "'a b'" and format_value([1, 2]) == "[1,2]" and format_value(0.5) == "0.5"
+    assert format_value("true") == "'true'" and format_value(None) == "null"
+
+
+def _write(tmp_path, doc: dict, name: str = "demo/table1.yaml") -> Path:
+    path = tmp_path / "sweeps" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def _doc(**changes) -> dict:
+    doc = {
+        "name": "demo-table1", "paper": "demo", "title": "t", "methods": ["pfenet"], "base": ["experiment=pfenet_effl0_synth"],
+        "grid": {"data.fold": [0, 1], "seed": [0]},
+        "columns": {"by": "data.fold", "labels": ["Fold-0", "Fold-1"], "mean": True},
+        "rows": [{"label": "a", "overrides": [], "paper": {"Fold-0": 1.0, "Fold-1": None, "Mean": 2}}],
+    }  # fmt: skip
+    doc.update(changes)
+    return doc
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"grids": {}}, r"unknown key\(s\) \['grids'\]"),
+        ({"rows": [{"label": "a", "paper": {"Fold-9": 1.0}}]}, r"rows\[0\]\.paper: column 'Fold-9' is not one of"),
+        ({"rows": [{"label": "a", "paper": {"Fold-0": "61.7"}}]}, r"'61.7' is not a number or null"),
+        ({"rows": [{"label": "a", "overrides": ["data.shots=1,5"]}]}, r"sweeps several values; put the values in `grid:`"),
+        ({"rows": [{"label": "a", "overrides": ["hydra.run.dir=x"]}]}, r"sets Hydra's own config"),
+        ({"grid": {"data.fold": [0, 1], "data.shots": [1, 5]}}, r"grid.data.shots has several values"),
+        ({"columns": {"by": "data.fold", "labels": ["Fold-0"]}}, r"1 labels but grid.data.fold has 2 values"),
+        ({"name": "Demo Table"}, r"must be a plain slug"),
+        ({"profiles": {"tiny": {"grid": {"data.fold": [7]}}}}, r"\[7\] are not columns of the table"),
+        ({"profiles": {"tiny": {"rows": [{"label": "zz", "overrides": []}]}}}, r"no row labelled 'zz'"),
+    ],
+)
+def test_bad_sweep_files_are_named(tmp_path, changes, message):
+    path = _write(tmp_path, _doc(**changes))
+    with pytest.raises(ConfigError, match=message) as info:
+        load_sweep(path)
+    assert str(path) in str(info.value)
+
+
+def test_profile_rows_and_shared_runs(tmp_path):
+    doc = _doc(rows=[{"label": "miou", "overrides": ["seed=0"]}, {"label": "fbiou", "overrides": ["seed=0"], "metric": "fbiou"}],
+               grid={"data.fold": [0, 1]},
+               profiles={"tiny": {"base": ["experiment=pfenet_effl0_synth"], "grid": {"data.fold": [0]},
+                                  "rows": [{"label": "fbiou", "overrides": ["head.reduce_dim=32"]}]}})  # fmt: skip
+    sweep = load_sweep(_write(tmp_path, doc))
+    runs = sweep.expand(None, tmp_path / "out")
+    assert [r.shared for r in runs] == [False, False, True, True]  # same overrides: one run serves both rows
+    assert runs[2].run_dir == runs[0].run_dir
+    tiny = sweep.expand("tiny", tmp_path / "out")
+    assert [r.row.label for r in tiny] == ["fbiou"] and "head.reduce_dim=32" in tiny[0].overrides
+
+
+def test_missing_method_fails_at_once_naming_it(tmp_path, capsys):
+    from fsseg.cli.sweep import main
+
+    path = _write(tmp_path, _doc(methods=["pfenet", "nosuchnet", "othernet"]))
+    assert main([str(path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "nosuchnet, othernet" in err and "conf/method/nosuchnet.yaml" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_list_tables(capsys):
+    from fsseg.cli.sweep import main
+
+    assert main(["--list"]) == 0
+    out = capsys.readouterr().out
+    assert "reproduce-apanet-table4" in out and "embedded" in out
+
+
+# --------------------------------------------------------------------------- running (subprocesses)
+def _tiny_sweep(tmp_path, synth_root, rows, seeds=(0,), by_fold=True) -> Path:
+    base = tiny_overrides(synth_root, tmp_path / "cache")
+    doc = {
+        "name": "demo-table1", "paper": "demo", "title": "tiny", "metric": "miou", "methods": ["pfenet"], "base": base,
+        "grid": {"data.fold": [0], "seed": list(seeds)} if by_fold else {"seed": list(seeds)},
+        "columns": {"by": "data.fold", "labels": ["Fold-0"], "mean": False} if by_fold else {"labels": ["Fold-0"]},
+        "rows": rows, "plot": {"x": "head.reduce_dim", "label": "reduce dim"},
+    }  # fmt: skip
+    return _write(tmp_path, doc)
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FSSEG_CONF", str(CONF))
+    return tmp_path
+
+
+def test_sweep_resumes_skips_and_records_failures(synth_root, in_tmp):
+    from fsseg.cli.sweep import main, run_sweep
+
+    tmp_path = in_tmp
+    rows = [
+        {"label": "dim 32", "overrides": ["head.reduce_dim=32"], "paper": {"Fold-0": 50.0}},
+        {"label": "bad fold", "overrides": ["head.reduce_dim=16", "data.fold=7"], "paper": {"Fold-0": 40.0}},
+    ]
+    path = _tiny_sweep(tmp_path, synth_root, rows, by_fold=False)  # fold 0 (the default); the bad row asks for 7
+    out = tmp_path / "out"
+    assert main([str(path), "--out", str(out)]) == 1  # one run failed
+    root = out / "demo-table1" / "paper"
+    good, bad = root / "dim-32" / "seed-0", root / "bad-fold" / "seed-0"
+    assert (good / "metrics.json").is_file() and (good / "sweep.json").is_file() and (good / "train.log").is_file()
+    assert not (bad / "metrics.json").exists() and "fold" in (bad / "FAILED").read_text()
+    md = (root / "table.md").read_text()
+    assert "| bad fold | FAILED | 40.0 | — |" in md and "Failed runs:" in md and (root / "table.png").is_file()
+    record = json.loads((good / "metrics.json").read_text())
+    assert record["manifest_hash"][:16] in md and f"({record['episodes']} episodes)" in md
+
+    sweep = load_sweep(path)
+    plan = run_sweep(sweep, out=out, dry_run=True, render=False)  # finished: skipped; failed: retried
+    assert [p.status for p in plan.planned] == ["skipped", "pending"]
+
+    cfg_path = good / "config.yaml"  # a changed config makes the finished run stale: re-run (dry run: nothing moves)
+    cfg = yaml.safe_load(cfg_path.read_text())
+    cfg["head"]["reduce_dim"] = 64
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    plan = run_sweep(sweep, out=out, dry_run=True, render=False)
+    assert plan.planned[0].status == "pending" and "head.reduce_dim: 64 -> 32" in plan.planned[0].message
+    assert (good / "metrics.json").is_file()
+
+    # an interrupted run (no metrics.json) is the only one re-run; the stale one is set aside, not deleted
+    outcome = run_sweep(sweep, out=out, render=True)
+    assert [p.status for p in outcome.planned] == ["done", "failed"]
+    assert list((root / "_stale" / "dim-32").glob("seed-0.*/metrics.json"))
+    assert yaml.safe_load(cfg_path.read_text())["head"]["reduce_dim"] == 32
+    plan = run_sweep(sweep, out=out, dry_run=True, render=False)
+    assert [p.status for p in plan.planned] == ["skipped", "pending"] and "failed earlier" in plan.planned[1].message
+
+
+def test_multirun_submitit_local_two_jobs(synth_root, in_tmp):
+    """The cluster path, locally: one `fsseg-train -m` per row through hydra-submitit-launcher's local executor,
+    two jobs (seeds 0 and 1) into the same run directories the local launcher uses."""
+    from fsseg.cli.sweep import MultirunLauncher, plan, run_sweep
+
+    tmp_path = in_tmp
+    path = _tiny_sweep(tmp_path, synth_root, [{"label": "dim 32", "overrides": ["head.reduce_dim=32"]}], seeds=(0, 1))
+    sweep = load_sweep(path)
+    out = tmp_path / "out"
+    cmds = MultirunLauncher("submitit_local").commands(plan(sweep, None, out, [], str(CONF), apply=False))
+    assert len(cmds) == 1 and len(cmds[0][0]) == 2
+    cmd = cmds[0][1]
+    assert "-m" in cmd and "seed=0,1" in cmd and "hydra/launcher=submitit_local" in cmd
+    assert "hydra.sweep.subdir=data.fold-${data.fold}_seed-${seed}" in cmd
+    outcome = run_sweep(sweep, out=out, launcher="submitit_local")
+    assert [p.status for p in outcome.planned] == ["done", "done"], [p.message for p in outcome.planned]
+    root = out / "demo-table1" / "paper" / "dim-32"
+    for seed in (0, 1):
+        run_dir = root / f"data.fold-0_seed-{seed}"
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+        assert cfg["seed"] == seed and cfg["run_dir"] == str(run_dir.resolve()) and cfg["resume"] == "auto"
+    assert list(root.glob(".submitit/*"))
+    md = (out / "demo-table1" / "paper" / "table.md").read_text()
+    assert "| dim 32 |" in md and " ± " in md  # two seeds: a confidence interval
+    # the same directories and configs as the local launcher: nothing left to run locally
+    assert [p.status for p in run_sweep(sweep, out=out, dry_run=True, render=False).planned] == ["skipped", "skipped"]
+
+
+def test_slurm_launcher_config_composes():
+    """conf/hydra/launcher/slurm.yaml: tasks_per_node = gpus_per_node = trainer.devices, nodes = trainer.num_nodes."""
+    from omegaconf import OmegaConf
+
+    def launcher(*over):
+        from hydra import compose as hcompose
+        from hydra import initialize_config_dir
+
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            cfg = hcompose("train", overrides=list(over), return_hydra_config=True)
+        node = cfg.hydra.launcher
+        return {k: OmegaConf.select(cfg, f"hydra.launcher.{k}") for k in node}
+
+    compose([])  # registers fsseg's resolvers
+    one = launcher("hydra/launcher=slurm", "experiment=apanet_resnet50_pascal")
+    assert one["_target_"].endswith("SlurmLauncher")
+    assert (one["gpus_per_node"], one["tasks_per_node"], one["nodes"]) == (1, 1, 1)
+    assert one["max_num_timeout"] > 0 and one["name"] == "fsseg-apanet"
+    many = launcher("hydra/launcher=slurm", "experiment=apanet_resnet50_pascal", "trainer=ddp", "trainer.devices=4",
+                    "+trainer.num_nodes=2", "hydra.launcher.partition=gpu", "+sweep_name=apanet-table4")  # fmt: skip
+    assert (many["gpus_per_node"], many["tasks_per_node"], many["nodes"]) == (4, 4, 2)
+    assert many["partition"] == "gpu" and many["name"] == "fsseg-apanet-table4"
+    local = launcher("hydra/launcher=submitit_local")
+    assert local["_target_"].endswith("LocalLauncher") and local["gpus_per_node"] == 1 and local["tasks_per_node"] == 1
+
+
+def test_slurm_commands_for_table4(tmp_path):
+    from fsseg.cli.sweep import MultirunLauncher, plan
+
+    sweep = load_sweep(find_sweep("apanet-table4", SWEEPS))
+    planned = plan(sweep, None, tmp_path, [], str(CONF), apply=False)
+    cmds = MultirunLauncher("slurm", ["hydra.launcher.partition=gpu"]).commands(planned)
+    assert len(cmds) == 6  # one multirun per row, its 4 folds as Hydra sweep values
+    runs, cmd, _ = cmds[3]
+    assert len(runs) == 4 and "data.fold=0,1,2,3" in cmd and "aux.class_agnostic.n=3" in cmd
+    assert "hydra/launcher=slurm" in cmd and "hydra.launcher.partition=gpu" in cmd and "resume=auto" in cmd
+    sweep_dir = next(c for c in cmd if c.startswith("hydra.sweep.dir=")).split("=", 1)[1]
+    assert Path(sweep_dir) == runs[0].run.run_dir.parent.resolve()
+
+
+def test_make_targets_exist():
+    text = (REPO / "Makefile").read_text()
+    assert "reproduce-%:" in text and "list-tables:" in text and "tables:" in text
+    out = subprocess.run(["make", "-n", "reproduce-apanet-table4", "PROFILE=embedded"], cwd=REPO, capture_output=True,
+                         text=True, env={**os.environ, "MAKEFLAGS": ""})  # fmt: skip
+    assert "fsseg-sweep apanet-table4 --profile embedded" in out.stdout, out.stdout + out.stderr
+
+
+def test_sweep_entry_point_installed():
+    assert (Path(sys.executable).parent / "fsseg-sweep").is_file()

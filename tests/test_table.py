@@ -1,0 +1,184 @@
+"""fsseg-table / fsseg-dashboard on fabricated run directories: the paper's layout, mean ± 95% CI over seeds,
+the paper's numbers and the difference, manifests and episode counts, failed runs marked, CSV, plot."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fsseg.provenance import write_json_atomic
+from fsseg.sweeps import load_sweep
+
+
+def _sweep(tmp_path: Path, **changes) -> Path:
+    doc = {
+        "name": "demo-table2", "paper": "demo", "title": "Demo; mIoU (%)", "source": "Demo paper, Table II",
+        "metric": "miou", "methods": ["pfenet"], "base": ["experiment=pfenet_effl0_synth"],
+        "grid": {"data.fold": [0, 1], "seed": [0, 1, 2]},
+        "columns": {"by": "data.fold", "labels": ["Fold-0", "Fold-1"], "mean": True},
+        "rows": [
+            {"label": "k = 1", "overrides": ["head.reduce_dim=16"], "paper": {"Fold-0": 60.0, "Fold-1": 70.0, "Mean": 65.0}},
+            {"label": "k = 2", "overrides": ["head.reduce_dim=32"], "paper": {"Fold-0": 61.0, "Fold-1": None, "Mean": None}},
+        ],
+        "reference": [{"label": "Other net", "paper": {"Fold-0": 50.0, "Fold-1": 55.0, "Mean": 52.5}}],
+        "plot": {"x": "head.reduce_dim", "label": "reduce dim"},
+        "profiles": {"small": {"grid": {"data.fold": [0], "seed": [0]}}},
+    }  # fmt: skip
+    doc.update(changes)
+    path = tmp_path / "sweeps" / "demo" / "table2.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def _finish(run_dir: Path, miou: float, manifest: str = "f0" * 32, episodes: int = 300, **metrics) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(run_dir / "metrics.json", {"schema": 1, "metrics": {"miou": miou, "fbiou": 0.7, **metrics},
+                                                 "manifest_hash": manifest, "episodes": episodes})  # fmt: skip
+
+
+VALUES = {  # (row slug, fold) -> mIoU per seed
+    ("k-1", 0): [0.40, 0.42, 0.44], ("k-1", 1): [0.50, 0.50, 0.53],
+    ("k-2", 0): [0.45, 0.47, 0.49], ("k-2", 1): [0.55, None, 0.57],   # seed 1 of k=2 fold 1 failed
+}  # fmt: skip
+
+
+@pytest.fixture
+def rendered(tmp_path):
+    from fsseg.cli.table import render
+
+    sweep = load_sweep(_sweep(tmp_path))
+    out = tmp_path / "out"
+    for run in sweep.expand(None, out):
+        v = VALUES[(run.row.slug, run.point["data.fold"])][run.seed]
+        if v is None:
+            run.run_dir.mkdir(parents=True)
+            (run.run_dir / "FAILED").write_text("exit code 1\nerror: RuntimeError: CUDA out of memory\n")
+        else:
+            _finish(run.run_dir, v, manifest=f"{run.point['data.fold']:02d}" * 32)
+    return sweep, out, render(sweep, None, out)
+
+
+def test_markdown_layout_ci_paper_and_difference(rendered):
+    from scipy import stats
+
+    sweep, out, paths = rendered
+    assert paths["md"] == out / "demo-table2" / "paper" / "table.md"
+    md = paths["md"].read_text()
+    assert "| reduce dim | Fold-0 | Fold-0 paper | Δ | Fold-1 | Fold-1 paper | Δ | Mean | Mean paper | Δ |" in md
+    vals = [40.0, 42.0, 44.0]
+    ci = stats.t.ppf(0.975, 2) * 2.0 / math.sqrt(3)  # std of 40/42/44 is 2
+    assert f"| k = 1 | 42.0 ± {ci:.1f} | 60.0 | -18.0 |" in md, md
+    # mean column: per seed mean over folds (45, 46, 48.5), then over seeds
+    per_seed = [(40 + 50) / 2, (42 + 50) / 2, (44 + 53) / 2]
+    assert f"{sum(per_seed) / 3:.1f} ± " in md and "| 65.0 |" in md
+    # the failed run: the cell keeps the two finished seeds and says one failed; Mean only over complete seeds
+    assert "56.0 ± " in md and "(1 failed)" in md
+    assert "Failed runs:" in md and "RuntimeError: CUDA out of memory" in md
+    assert "| Other net *(paper only)* |" in md and sum(vals) / 3 == 42.0
+    # manifests: one line per fold and seed, hash and episode count
+    assert "- data.fold=0, seed=0: `0000000000000000` (300 episodes)" in md
+    assert "- data.fold=1, seed=2: `0101010101010101` (300 episodes)" in md
+    assert "Runs: 11 finished, 1 failed, 0 not finished, of 12." in md
+
+
+def test_csv_and_runs_csv(rendered):
+    _, _, paths = rendered
+    rows = list(csv.DictReader(io.StringIO(paths["csv"].read_text())))
+    assert [r["row"] for r in rows] == ["k = 1", "k = 2"]
+    assert float(rows[0]["Fold-0"]) == pytest.approx(42.0) and rows[0]["Fold-0 n"] == "3"
+    assert float(rows[0]["Fold-0 diff"]) == pytest.approx(-18.0) and rows[0]["Fold-0 paper"] == "60.0000"
+    assert rows[1]["Fold-1 status"] == "partial" and rows[1]["Fold-1 paper"] == ""
+    runs = list(csv.DictReader(io.StringIO(paths["runs"].read_text())))
+    assert len(runs) == 12 and sum(r["status"] == "failed" for r in runs) == 1
+    assert {r["episodes"] for r in runs if r["status"] == "finished"} == {"300"}
+
+
+def test_plot_written(rendered):
+    _, _, paths = rendered
+    png = paths["png"]
+    assert png.name == "table.png" and png.stat().st_size > 10_000
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_profile_subset_and_pending(tmp_path):
+    from fsseg.cli.table import render
+
+    sweep = load_sweep(_sweep(tmp_path))
+    out = tmp_path / "out"
+    runs = sweep.expand("small", out)
+    _finish(runs[0].run_dir, 0.3)  # k=1 done, k=2 not run yet
+    md = render(sweep, "small", out)["md"].read_text()
+    assert "Profile: **small**" in md and "no Mean column is shown" in md
+    assert "| k = 1 | 30.0 | 60.0 | -30.0 |" in md and "| k = 2 | … | 61.0 | — |" in md
+    assert "1 not finished" in md
+
+
+def test_average_over_groups_and_row_metrics(tmp_path):
+    """columns.groups with their own metric, columns.average_over (folds averaged inside a cell), rows with their
+    own metric (fbiou), and shared runs (rows with identical overrides) - as the other paper tables use them."""
+    from fsseg.cli.table import render
+
+    path = _sweep(
+        tmp_path,
+        grid={"data.fold": [0, 1], "seed": [0]},
+        columns={"groups": [{"label": "1-shot mIoU", "overrides": ["data.shots=1"], "metric": "miou"},
+                            {"label": "1-shot FP", "overrides": ["data.shots=1"], "metric": "fp_rate"}],
+                 "average_over": ["data.fold"]},
+        rows=[{"label": "a", "overrides": [], "paper": {"1-shot mIoU": 50.0, "1-shot FP": 0.1}}],
+        reference=[], plot=None, profiles={},
+    )  # fmt: skip
+    sweep = load_sweep(path)
+    out = tmp_path / "out"
+    runs = sweep.expand(None, out)
+    assert [r.shared for r in runs] == [False, False, True, True]
+    for run in runs:
+        if not run.shared:
+            _finish(run.run_dir, 0.4 + 0.1 * run.point["data.fold"], fp_rate=0.05 + 0.01 * run.point["data.fold"])
+    md = render(sweep, None, out)["md"].read_text()
+    assert "| a | 45.0 | 50.0 | -5.0 | 0.0550 | 0.1000 | -0.0450 |" in md, md
+    assert "averaged over data.fold [0, 1]" in md
+
+
+def test_table_cli_and_all(tmp_path, rendered, monkeypatch, capsys):
+    from fsseg.cli.table import main
+
+    sweep, out, _ = rendered
+    monkeypatch.setenv("FSSEG_SWEEPS", str(sweep.path.parent.parent))
+    assert main([str(sweep.path), "--out", str(out), "--quiet"]) == 0
+    assert main(["--all", "--out", str(out), "--quiet"]) == 0
+    assert "demo-table2 [paper]" in capsys.readouterr().out
+    assert main(["no-such-table9", "--out", str(out)]) == 2
+
+
+def test_dashboard_offline_renders_locally(rendered, monkeypatch, capsys):
+    from fsseg.cli.dashboard import main
+
+    sweep, out, _ = rendered
+    run_dir = sweep.expand(None, out)[0].run_dir
+    (run_dir / "qualitative").mkdir()
+    (run_dir / "qualitative" / "test_panels.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert main([str(sweep.path), "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "wandb offline" in captured.err and "wandb sync" in captured.err
+    html = (out / "demo-table2" / "paper" / "dashboard.html").read_text()
+    assert "<table>" in html and "k = 1" in html and "table.png" in html
+    assert "k-1/data.fold-0_seed-0/qualitative/test_panels.png" in html
+
+
+def test_dashboard_online_without_report_api_falls_back(rendered, monkeypatch, capsys):
+    import fsseg.cli.dashboard as dash
+
+    sweep, out, _ = rendered
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setattr(dash, "report_api", lambda: None)
+    assert dash.main([str(sweep.path), "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "report API (package wandb-workspaces) is not installed" in err and "falling back" in err
