@@ -553,7 +553,8 @@ def _summary(sweep: Sweep, prof: str, outcome: Outcome, elapsed: float) -> None:
             print(f"  FAILED {p.run.describe()}: {p.message}\n         {p.run.run_dir / FAILED_FILE}", flush=True)
 
 
-def list_tables(out=sys.stdout) -> int:
+def list_tables(out=None) -> int:
+    out = out if out is not None else sys.stdout  # resolved at call time (pytest's capsys swaps sys.stdout)
     conf = config_dir()
     d = sweeps_dir()
     rows = []
