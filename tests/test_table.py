@@ -182,3 +182,32 @@ def test_dashboard_online_without_report_api_falls_back(rendered, monkeypatch, c
     assert dash.main([str(sweep.path), "--out", str(out)]) == 0
     err = capsys.readouterr().err
     assert "report API (package wandb-workspaces) is not installed" in err and "falling back" in err
+
+
+def test_dashboard_online_builds_the_wandb_report(rendered, monkeypatch, capsys):
+    """With the report API installed (wandb-workspaces, a dev dependency) the online path builds a real report
+    object: the rendered table as Markdown, a panel grid over this table's runs (filtered on sweep_name) with the
+    four comparison panels. Only ``save`` (the upload) is replaced."""
+    import fsseg.cli.dashboard as dash
+
+    wr = dash.report_api()
+    assert wr is not None, "wandb-workspaces (dev extra) is not installed"
+    saved = []
+    monkeypatch.setattr(wr.Report, "save", lambda self, *a, **k: saved.append(self) or self)
+    monkeypatch.setattr(wr.Report, "url", property(lambda self: "https://wandb.ai/team/fsseg/reports/demo"))
+    sweep, out, _ = rendered
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setattr(dash, "_online", lambda: True)
+    assert dash.main([str(sweep.path), "--out", str(out), "--entity", "team"]) == 0
+    captured = capsys.readouterr()
+    assert "wandb report: https://wandb.ai/team/fsseg/reports/demo" in captured.out
+    assert "skipped a panel" not in captured.err and "could not create" not in captured.err
+    (report,) = saved
+    assert report.project == "fsseg" and report.entity == "team" and report.title.startswith("demo-table2")
+    markdown, grid = report.blocks
+    assert "k = 1" in markdown.text and "Fold-0" in markdown.text
+    (runset,) = grid.runsets
+    assert "demo-table2" in str(runset.filters) and runset.project == "fsseg"
+    assert len(grid.panels) == 4
+    assert (out / "demo-table2" / "paper" / "dashboard.html").is_file()  # the local comparison is written too

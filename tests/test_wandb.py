@@ -67,12 +67,16 @@ def test_group_defaults_to_method_outside_a_sweep(synth_root, tmp_path):
     assert cfg.logger.wandb.group == "pfenet"
 
 
-def test_offline_run_without_network_has_group_tags_config_and_panels(synth_root, tmp_path):
-    """fsseg-train with logger=wandb and callbacks=with_panels, WANDB_MODE unset, no WANDB_API_KEY, and every
+@pytest.mark.parametrize("api_key", [None, "x" * 40], ids=["no-key", "key"])
+def test_offline_run_without_network_has_group_tags_config_and_panels(synth_root, tmp_path, api_key):
+    """fsseg-train with logger=wandb and callbacks=with_panels, WANDB_MODE unset, with or without a key, and every
     wandb/HTTP endpoint pointed at a black-holed address: environment_defaults() makes wandb offline, so the run
     finishes promptly; the offline run under <run dir>/wandb/ carries group = the sweep, the tags, the resolved
     config (LogRunConfig) and the prediction panel (QualitativePanels)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env["NETRC"] = str(tmp_path / "no-netrc")
+    if api_key:  # a configured key but no network: the 3 s probe sends the run offline instead of wandb's retries
+        env["WANDB_API_KEY"] = api_key
     blackhole = "http://10.255.255.1:81"  # non-routable: connections would hang until a timeout, not fail fast
     env.update(WANDB_BASE_URL=blackhole, HTTP_PROXY=blackhole, HTTPS_PROXY=blackhole, NO_PROXY="",
                FSSEG_CONF=str(REPO / "conf"), WANDB_DIR=str(tmp_path))  # fmt: skip
@@ -95,36 +99,57 @@ def test_offline_run_without_network_has_group_tags_config_and_panels(synth_root
     assert "test/miou" in rec["history"]
 
 
-def test_environment_defaults(monkeypatch):
+@pytest.fixture
+def wandb_env(monkeypatch, tmp_path):
+    """No wandb settings from the machine: no mode, no key, an empty netrc, the default host."""
+    for k in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL", "HTTPS_PROXY", "https_proxy"):
+        monkeypatch.delenv(k, raising=False)
+    netrc_file = tmp_path / "netrc"
+    netrc_file.write_text("")
+    monkeypatch.setenv("NETRC", str(netrc_file))
+    return netrc_file
+
+
+def test_no_key_means_offline(wandb_env):
     from fsseg.cli.common import environment_defaults
 
-    monkeypatch.delenv("WANDB_MODE", raising=False)
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    environment_defaults()
-    assert os.environ["WANDB_MODE"] == "offline"
-    monkeypatch.delenv("WANDB_MODE")
-    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
-    environment_defaults()
-    assert "WANDB_MODE" not in os.environ  # a key: online (fsseg-sweep probes the network first, see below)
-    monkeypatch.setenv("WANDB_MODE", "disabled")
-    environment_defaults()
-    assert os.environ["WANDB_MODE"] == "disabled"
+    assert environment_defaults() == "offline" and os.environ["WANDB_MODE"] == "offline"
 
 
-def test_sweep_goes_offline_when_key_but_no_network(monkeypatch):
-    from fsseg.cli.sweep import wandb_network_guard
+@pytest.mark.parametrize("mode", ["disabled", "offline", "online"])
+def test_an_explicit_mode_is_kept(wandb_env, monkeypatch, mode):
+    from fsseg.cli.common import environment_defaults
 
-    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_MODE", mode)
+    assert environment_defaults(probe_timeout=0.1) == mode and os.environ["WANDB_MODE"] == mode
+
+
+def test_key_and_reachable_host_means_online(wandb_env, monkeypatch):
+    """A key (here from `wandb login`'s netrc entry) and a host that accepts connections: WANDB_MODE stays unset."""
+    import socket
+
+    from fsseg.cli.common import environment_defaults, wandb_key_configured
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    port = server.getsockname()[1]
+    try:
+        monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{port}")
+        assert not wandb_key_configured("127.0.0.1")
+        wandb_env.write_text(f"machine 127.0.0.1\n  login user\n  password {'x' * 40}\n")
+        assert wandb_key_configured("127.0.0.1")
+        assert environment_defaults(probe_timeout=2.0) == "online"
+        assert "WANDB_MODE" not in os.environ
+    finally:
+        server.close()
+
+
+def test_key_but_no_network_goes_offline_fast(wandb_env, monkeypatch):
+    from fsseg.cli.common import environment_defaults
+
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # closed port: unreachable
     start = time.monotonic()
-    assert wandb_network_guard(timeout=2.0) == "offline"
+    assert environment_defaults(probe_timeout=2.0) == "offline"
     assert os.environ["WANDB_MODE"] == "offline" and time.monotonic() - start < 10
-
-
-@pytest.mark.parametrize("mode", ["disabled", "offline"])
-def test_guard_keeps_an_explicit_mode(monkeypatch, mode):
-    from fsseg.cli.sweep import wandb_network_guard
-
-    monkeypatch.setenv("WANDB_MODE", mode)
-    assert wandb_network_guard(timeout=0.1) == mode

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import netrc
 import os
+import socket
+import sys
 from pathlib import Path
+from urllib.parse import urlparse
 
 from fsseg.errors import ConfigError
 from fsseg.resolvers import register_resolvers
@@ -23,11 +27,53 @@ def config_dir() -> str:
     )
 
 
-def environment_defaults() -> None:
-    """Offline-safe defaults: no albumentations update check; wandb offline unless a key is configured."""
+def environment_defaults(probe_timeout: float = 3.0) -> str:
+    """Offline-safe defaults, applied by every CLI before any work: no albumentations update check; wandb
+    offline unless a key is configured (WANDB_API_KEY or a ~/.netrc entry for the wandb host) AND the host
+    answers within ``probe_timeout`` s, so a run never waits on wandb's own retries (~90 s) when the network is
+    down. An explicit WANDB_MODE is left alone. Returns the wandb mode runs will use."""
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-    if "WANDB_MODE" not in os.environ and not os.environ.get("WANDB_API_KEY"):
+    mode = os.environ.get("WANDB_MODE")
+    if mode:
+        return mode
+    host, port = wandb_endpoint()
+    if not wandb_key_configured(host):
         os.environ["WANDB_MODE"] = "offline"
+        return "offline"
+    try:
+        with socket.create_connection(proxy_endpoint() or (host, port), timeout=probe_timeout):
+            return "online"
+    except OSError as exc:
+        os.environ["WANDB_MODE"] = "offline"
+        print(f"fsseg: wandb host {host}:{port} unreachable ({exc}); logging offline "
+              "(upload later: wandb sync <run dir>/wandb/offline-run-*)", file=sys.stderr, flush=True)  # fmt: skip
+        return "offline"
+
+
+def _endpoint(url: str) -> tuple[str, int]:
+    parsed = urlparse(url if "://" in url else f"http://{url}")
+    return parsed.hostname or "", parsed.port or (443 if parsed.scheme == "https" else 80)
+
+
+def wandb_endpoint() -> tuple[str, int]:
+    """(host, port) of the wandb server: WANDB_BASE_URL or api.wandb.ai:443."""
+    return _endpoint(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai")
+
+
+def proxy_endpoint() -> tuple[str, int] | None:
+    url = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
+    return _endpoint(url) if url else None
+
+
+def wandb_key_configured(host: str = "api.wandb.ai") -> bool:
+    """A wandb API key is available: WANDB_API_KEY, or `wandb login`'s ~/.netrc (or $NETRC) entry for host."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    path = os.environ.get("NETRC") or os.path.join(os.path.expanduser("~"), ".netrc")
+    try:
+        return netrc.netrc(path).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
 
 
 def instantiate(node, **kwargs):

@@ -437,30 +437,6 @@ class MultirunLauncher:
                 f.result()
 
 
-# --------------------------------------------------------------------------- wandb
-def wandb_network_guard(timeout: float = 3.0) -> str:
-    """wandb never blocks a sweep: with a key but WANDB_MODE unset, probe the wandb host (or the HTTPS proxy)
-    once; if it cannot be reached within ``timeout`` s, every run of this sweep logs offline
-    (``wandb sync`` uploads later). Returns the mode the runs will use (``online`` when unset and reachable)."""
-    import socket
-    from urllib.parse import urlparse
-
-    mode = os.environ.get("WANDB_MODE")
-    if mode:
-        return mode
-    url = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy") or os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai"
-    parsed = urlparse(url if "://" in url else f"http://{url}")
-    host, port = parsed.hostname or "api.wandb.ai", parsed.port or (443 if parsed.scheme == "https" else 80)
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return "online"
-    except OSError as exc:
-        os.environ["WANDB_MODE"] = "offline"
-        print(f"fsseg-sweep: wandb host {host}:{port} unreachable ({exc}); logging offline "
-              "(upload later: wandb sync <run dir>/wandb/offline-run-*)", file=sys.stderr, flush=True)  # fmt: skip
-        return "offline"
-
-
 # --------------------------------------------------------------------------- main
 def run_sweep(
     sweep: Sweep,
@@ -593,8 +569,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_intermixed_args(argv)  # options may come before or after the overrides
     if args.list:
         return list_tables()
-    if not args.dry_run:
-        wandb_network_guard()
     if not args.sweep:
         ap.error("name a sweep (see --list)")
     launcher_over = [o for o in args.overrides if o.startswith(("hydra.launcher.", "hydra/launcher"))]
