@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from hydra.utils import instantiate as hydra_instantiate
 import yaml
 
 from fsseg_testing import CONF, REPO, compose, tiny_overrides
@@ -65,6 +66,11 @@ def test_sweep_file_parses_and_composes(path):
     for (profile, label), run, cfg in zip(firsts, firsts.values(), configs):
         assert not isinstance(cfg, Exception), f"{sweep.name} [{profile or 'paper'}] row {label!r}: {cfg}"
         assert cfg["sweep_name"] == sweep.name
+        for part in ("decoder", "main_loss", "aux_losses"):  # the parts a row swaps instantiate (e.g. no FEM key on CyCTR)
+            try:
+                hydra_instantiate(cfg["model"][part])
+            except Exception as exc:  # noqa: BLE001 - report which row breaks
+                pytest.fail(f"{sweep.name} [{profile or 'paper'}] row {label!r}: model.{part}: {exc}")
         for key, value in run.point.items():  # grid values reach the config (config-group keys aside)
             node = cfg
             for part in key.split("."):

@@ -92,3 +92,17 @@ def test_dice_hand_computed():
     target = torch.tensor([[[1, 0, 255]]])
     # valid pixels: p = [0.5, 0.5, 0]; t = [1, 0, 0]; inter 0.5, den 1.0 + 1 -> 1 - (1 + 1)/(2 + 1)
     assert DiceLoss(smooth=1.0)(logits, target).item() == pytest.approx(1 - 2 / 3, rel=1e-6)
+
+
+def test_fem_prior_scale_multiplies_the_prior():
+    """decoder.prior_scale = s is the same FEM fed s * prior (HDMNet's x10 merge); s <= 0 is a config error."""
+    torch.manual_seed(0)
+    scaled = FeatureEnrichmentModule(dim=8, bins=[1.0, 0.5], prior_scale=10.0).eval()
+    plain = FeatureEnrichmentModule(dim=8, bins=[1.0, 0.5]).eval()
+    plain.load_state_dict(scaled.state_dict())
+    g = {"query_feat": torch.randn(2, 8, 8, 8), "prototype": torch.randn(2, 8, 1, 1), "prior": torch.rand(2, 1, 8, 8)}
+    out = scaled(g)["logits"]
+    assert torch.allclose(out, plain({**g, "prior": 10.0 * g["prior"]})["logits"], atol=1e-6)
+    assert not torch.allclose(out, plain(g)["logits"], atol=1e-4)
+    with pytest.raises(ConfigError, match="decoder.prior_scale must be > 0"):
+        FeatureEnrichmentModule(dim=8, prior_scale=0.0)

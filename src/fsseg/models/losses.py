@@ -31,23 +31,34 @@ class DiceLoss(nn.Module):
     """Dice loss on the softmax foreground probability; 255 pixels excluded.
 
     ``squared``: squared-sum denominator (CyCTR/SCCAN's weighted Dice) instead of the plain sum.
+    ``sigmoid_both``: CyCTR's weighted Dice (model/loss.py): a sigmoid on EACH channel, channel c scored against
+    (target == c), the two channel losses summed, then averaged over the batch. With ``squared``, ``smooth=0``
+    and ``eps=1e-8`` it is the reference's loss, except that fsseg also zeroes the prediction on 255 pixels (the
+    reference zeroes only the target there, so ignored pixels still enter the sum of p^2).
     """
 
-    def __init__(self, smooth: float = 1.0, squared: bool = False) -> None:
+    def __init__(
+        self, smooth: float = 1.0, squared: bool = False, sigmoid_both: bool = False, eps: float = 1e-8
+    ) -> None:
         super().__init__()
-        self.smooth, self.squared = smooth, squared
+        self.smooth, self.squared, self.sigmoid_both, self.eps = smooth, squared, sigmoid_both, eps
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         logits = upsample_logits(logits, target.shape[-2:])
         valid = (target != IGNORE_INDEX).float()
-        p = logits.softmax(dim=1)[:, 1] * valid
-        t = (target == 1).float()
-        inter = (p * t).flatten(1).sum(1)
-        if self.squared:
-            den = (p * p).flatten(1).sum(1) + (t * t).flatten(1).sum(1)
+        if self.sigmoid_both:
+            p = logits.sigmoid() * valid.unsqueeze(1)  # B, 2, H, W
+            t = torch.stack([target == 0, target == 1], dim=1).float()
         else:
-            den = p.flatten(1).sum(1) + t.flatten(1).sum(1)
-        return (1 - (2 * inter + self.smooth) / (den + self.smooth)).mean()
+            p = (logits.softmax(dim=1)[:, 1] * valid).unsqueeze(1)  # B, 1, H, W
+            t = (target == 1).float().unsqueeze(1)
+        inter = (p * t).flatten(2).sum(2)
+        if self.squared:
+            den = (p * p).flatten(2).sum(2) + (t * t).flatten(2).sum(2)
+        else:
+            den = p.flatten(2).sum(2) + t.flatten(2).sum(2)
+        loss = 1 - (2 * inter + self.smooth) / (den + self.smooth).clamp(min=self.eps)  # B, channels
+        return loss.sum(dim=1).mean()
 
 
 class AuxLoss(nn.Module):

@@ -98,6 +98,8 @@ class FeatureEnrichmentModule(nn.Module):
     of the feature size (COCO 641: 1.0, 0.5, 0.25, 0.125).  The prototype may be a vector (B, D, 1, 1), tiled,
     or a map (B, D, h, w), average-pooled to each scale (APANet's expanded region prototypes).
     Reads guidance keys query_feat, prototype, prior; returns logits (B, 2, h, w) and inner_logits (list).
+    ``prior_scale`` multiplies the prior before merging (PFENet: 1; HDMNet scales its prior by 10 so that one
+    channel among 2 * dim + 1 is not drowned at initialisation).
     """
 
     def __init__(
@@ -107,10 +109,14 @@ class FeatureEnrichmentModule(nn.Module):
         prior_channels: int = 1,
         num_classes: int = 2,
         dropout: float = 0.1,
+        prior_scale: float = 1.0,
     ) -> None:
         super().__init__()
         if not bins or any(b <= 0 for b in bins):
             raise ConfigError(f"decoder.bins must be positive sizes or fractions; got {list(bins)}")
+        if not prior_scale > 0:
+            raise ConfigError(f"decoder.prior_scale must be > 0; got {prior_scale}")
+        self.prior_scale = float(prior_scale)
         self.bins = [float(b) for b in bins]
         n = len(self.bins)
         self.init_merge = nn.ModuleList(
@@ -130,7 +136,7 @@ class FeatureEnrichmentModule(nn.Module):
         return [int(b) if b > 1 else max(1, int(h * b)) for b in self.bins]
 
     def forward(self, guidance: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor | list[torch.Tensor]]:
-        query, proto, prior = guidance["query_feat"], guidance["prototype"], guidance["prior"]
+        query, proto, prior = guidance["query_feat"], guidance["prototype"], guidance["prior"] * self.prior_scale
         size = query.shape[-2:]
         merged, inner = [], []
         for i, bin_size in enumerate(self.bin_sizes(size[0])):

@@ -25,6 +25,7 @@ from fsseg.errors import ConfigError
 from fsseg.metrics import FewShotIoU
 from fsseg.models.losses import AuxLoss
 from fsseg.models.ops import binary_mask, upsample_logits
+from fsseg.models.optim import build_optimizer
 
 
 def metrics_from_trainer(trainer, split: str = "test") -> dict[str, Any]:
@@ -68,6 +69,8 @@ class FewShotSegmenter(L.LightningModule):
         param_groups: Sequence[Mapping[str, Any]] = (),
         num_eval_classes: int = 5,
         eval_resolution: str = "original",
+        shot_fusion: str = "average",
+        vote_k: int | None = None,
     ) -> None:
         super().__init__()
         if base_lr <= 0 or lr_multiplier <= 0:
@@ -78,6 +81,12 @@ class FewShotSegmenter(L.LightningModule):
             raise ConfigError(f"model.schedule must be 'poly' or 'constant'; got {schedule!r}")
         if eval_resolution not in ("original", "network"):
             raise ConfigError(f"model.eval_resolution must be 'original' or 'network'; got {eval_resolution!r}")
+        if shot_fusion not in ("average", "vote"):
+            raise ConfigError(f"model.shot_fusion must be 'average' or 'vote'; got {shot_fusion!r}")
+        if vote_k is not None and (isinstance(vote_k, bool) or not isinstance(vote_k, int) or vote_k < 1):
+            raise ConfigError(f"model.vote_k must be an integer >= 1 (k of 'v-k'); got {vote_k!r}")
+        if shot_fusion == "vote" and vote_k is None:
+            raise ConfigError("model.shot_fusion=vote needs model.vote_k (foreground where >= vote_k shots agree)")
         self.encoder = encoder
         tap_channels = dict(getattr(encoder, "tap_channels", {}))
         self.head = _build(head, tap_channels=tap_channels)
@@ -90,6 +99,7 @@ class FewShotSegmenter(L.LightningModule):
         self.schedule, self.poly_power = schedule, float(poly_power)
         self.param_group_cfg = [dict(g) for g in param_groups]
         self.eval_resolution = eval_resolution
+        self.shot_fusion, self.vote_k = shot_fusion, vote_k
         self.val_iou = FewShotIoU(num_eval_classes)
         self.test_iou = FewShotIoU(num_eval_classes)
 
@@ -114,8 +124,34 @@ class FewShotSegmenter(L.LightningModule):
 
     @torch.no_grad()
     def predict(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Logits upsampled to the network input size (B, 2, H, W)."""
+        """Logits upsampled to the network input size (B, 2, H, W); with ``shot_fusion=vote`` the vote logits."""
+        if self.shot_fusion == "vote":
+            return self.vote_logits(self.shot_logits(batch))
         return upsample_logits(self(batch)["logits"], batch[B.QUERY_IMG].shape[-2:])
+
+    # K-shot voting (CELP Sec. 5.4, Table 7: "v-k"; its test_vote.py): evaluation only, any trained model.
+    @torch.no_grad()
+    def shot_logits(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """One 1-shot forward per support, the K shots folded into the batch (the query repeated K times):
+        logits (B, K, 2, H, W) at the network input size."""
+        q, s, m = batch[B.QUERY_IMG], batch[B.SUPPORT_IMGS], batch[B.SUPPORT_MASKS]
+        b, k = s.shape[:2]
+        folded = {
+            B.QUERY_IMG: q.repeat_interleave(k, 0),
+            B.SUPPORT_IMGS: s.flatten(0, 1)[:, None],
+            B.SUPPORT_MASKS: m.flatten(0, 1)[:, None],
+        }
+        logits = upsample_logits(self(folded)["logits"], q.shape[-2:])
+        return logits.view(b, k, *logits.shape[1:])
+
+    def vote_logits(self, shot_logits: torch.Tensor) -> torch.Tensor:
+        """Per-shot logits (B, K, 2, ...) -> (B, 2, ...): each shot votes foreground where its argmax is 1; the
+        pixel is foreground where >= vote_k shots vote so. Logits [0, votes - k + 0.5] give that argmax."""
+        shots = shot_logits.shape[1]
+        if not 1 <= self.vote_k <= shots:
+            raise ConfigError(f"model.vote_k must be in [1, shots]; got vote_k={self.vote_k} with {shots} shot(s)")
+        votes = shot_logits.argmax(dim=2).sum(dim=1).to(shot_logits.dtype)
+        return torch.stack([torch.zeros_like(votes), votes - self.vote_k + 0.5], dim=1)
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -164,7 +200,12 @@ class FewShotSegmenter(L.LightningModule):
         return mapped, target
 
     def _eval_step(self, batch: Mapping[str, torch.Tensor], metric: FewShotIoU) -> None:
-        logits, target = self.score_logits(batch, self.predict(batch))
+        if self.shot_fusion == "vote":  # vote on the scoring grid: each shot's logits mapped there first
+            shots = self.shot_logits(batch)
+            mapped, target = self.score_logits(batch, shots.flatten(1, 2))
+            logits = self.vote_logits(mapped.unflatten(1, shots.shape[1:3]))
+        else:
+            logits, target = self.score_logits(batch, self.predict(batch))
         metric.update(logits, target, batch[B.CLASS_IDX])
 
     def validation_step(self, batch, batch_idx):
@@ -212,7 +253,10 @@ class FewShotSegmenter(L.LightningModule):
         for s in schedules:
             if s not in ("poly", "constant"):
                 raise ConfigError(f"param group schedule must be 'poly' or 'constant'; got {s!r}")
-        opt = self.optimizer_factory(groups, lr=groups[0]["lr"])
+        # a group may name its own optimizer (CyCTR: AdamW for the transformer): several -> one CompositeOptimizer
+        factories = [g.pop("optimizer", None) or self.optimizer_factory for g in groups]
+        opt, order = build_optimizer(groups, factories)
+        schedules = [schedules[i] for i in order]
         total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1
         power = self.poly_power
 
