@@ -315,3 +315,17 @@ def test_make_targets_exist():
 
 def test_sweep_entry_point_installed():
     assert (Path(sys.executable).parent / "fsseg-sweep").is_file()
+
+
+def test_local_launch_order_is_seed_major(tmp_path):
+    """The local launcher runs seeds outermost, then folds, then rows: an interrupted sweep has every row compared
+    on the same (seed, fold) points (apanet-table4's `folds` profile: 6 rows x 4 folds x 3 seeds)."""
+    from fsseg.cli.sweep import breadth_first, plan
+
+    sweep = load_sweep(SWEEPS / "apanet" / "table4.yaml")
+    planned = plan(sweep, "folds", tmp_path, [], str(CONF), apply=False)
+    ordered = breadth_first(planned, sweep.effective_grid("folds"))
+    assert len(ordered) == 72
+    points = [(p.run.point["seed"], p.run.point["data.fold"], p.run.row.label) for p in ordered]
+    assert points[:7] == [(0, 0, f"n = {n}" if n else "n = 0 (baseline)") for n in range(6)] + [(0, 1, "n = 0 (baseline)")]
+    assert points == sorted(points, key=lambda t: (t[0], t[1], [r.label for r in sweep.rows].index(t[2])))

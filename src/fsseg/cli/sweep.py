@@ -483,6 +483,8 @@ def run_sweep(
                 print(f"           {' '.join(p.overrides)}")
         return outcome
     runner = (LocalLauncher(jobs) if launcher == "local" else MultirunLauncher(launcher, launcher_overrides))
+    if launcher == "local":
+        todo = breadth_first(todo, sweep.effective_grid(profile))
 
     def _sigterm(signum, frame):  # noqa: ARG001
         raise KeyboardInterrupt
@@ -515,6 +517,18 @@ def run_sweep(
     if interrupted:
         raise KeyboardInterrupt
     return outcome
+
+
+def breadth_first(todo: list[Planned], grid: dict[str, list]) -> list[Planned]:
+    """Launch order of the local launcher: seeds outermost, then the other grid values, then the rows, so that an
+    interrupted (or still running) sweep has compared every row on the same seeds and folds."""
+    keys = sorted(grid, key=lambda k: k != "seed")  # seed first, then the grid's order
+
+    def position(p: Planned) -> tuple:
+        point = p.run.point
+        return tuple(grid[k].index(point[k]) if point.get(k) in grid[k] else len(grid[k]) for k in keys)
+
+    return sorted(todo, key=position)  # stable: rows keep the table's order within a grid point
 
 
 def _summary(sweep: Sweep, prof: str, outcome: Outcome, elapsed: float) -> None:
