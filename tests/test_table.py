@@ -179,6 +179,7 @@ def test_dashboard_online_without_report_api_falls_back(rendered, monkeypatch, c
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     monkeypatch.setattr(dash, "report_api", lambda: None)
+    monkeypatch.setattr(dash, "_online", lambda: True)  # a key and a reachable host (no network here)
     assert dash.main([str(sweep.path), "--out", str(out)]) == 0
     err = capsys.readouterr().err
     assert "report API (package wandb-workspaces) is not installed" in err and "falling back" in err

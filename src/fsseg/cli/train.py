@@ -10,6 +10,7 @@ checkpoints/{last,best}.ckpt and, written last, metrics.json.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -33,11 +34,37 @@ def build(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None = None):
     datamodule.setup("fit")
     model = instantiate(cfg.model, num_eval_classes=datamodule.num_novel_classes)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()] + list(extra_callbacks or [])
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    loggers = build_loggers(cfg)
     if not loggers:  # an lr monitor needs a logger
         callbacks = [c for c in callbacks if type(c).__name__ != "LearningRateMonitor"]
     trainer = instantiate(cfg.trainer, default_root_dir=str(run_dir), callbacks=callbacks, logger=loggers or False)
     return datamodule, model, trainer
+
+
+def build_loggers(cfg: DictConfig) -> list:
+    """The configured loggers, wandb's run started now (rank 0), before any long work. If an online start fails
+    (the host answers but not as wandb: a proxy, an outage, a rejected key), the run logs offline instead of
+    failing, and says so; environment_defaults() has already sent runs with no key or no route offline."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    from fsseg.cli.common import instantiate
+
+    configs = list((cfg.get("logger") or {}).values())
+    loggers = [instantiate(c) for c in configs]
+    for i, logger in enumerate(loggers):
+        if not isinstance(logger, WandbLogger) or os.environ.get("WANDB_MODE") in ("offline", "disabled", "dryrun"):
+            continue
+        try:
+            logger.experiment  # noqa: B018 - wandb.init on rank 0 (a no-op elsewhere)
+        except Exception as exc:  # noqa: BLE001 - wandb raises CommError, UsageError, timeouts...
+            import wandb
+
+            wandb.finish(exit_code=1)
+            os.environ["WANDB_MODE"] = "offline"
+            print(f"fsseg-train: wandb could not start online ({type(exc).__name__}: {str(exc)[:200]}); logging "
+                  "offline (upload later: wandb sync <run dir>/wandb/offline-run-*)", file=sys.stderr, flush=True)  # fmt: skip
+            loggers[i] = instantiate(configs[i], mode="offline")  # wandb read WANDB_MODE once, at its first init
+    return loggers
 
 
 def _resolve_resume(cfg: DictConfig, run_dir: Path) -> str | None:
