@@ -4,6 +4,7 @@
     fsseg-bench encoders     # frozen encoder throughput grid
     fsseg-bench kmeans       # batched cosine k-means vs a per-image scikit-learn loop
     fsseg-bench apanet       # APANet training-step time relative to PFENet
+    fsseg-bench celp         # PFENet+CELP training-step time relative to PFENet
 
 Each name is a module fsseg.bench.<name> with a main(argv) function.
 """

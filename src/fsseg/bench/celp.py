@@ -1,0 +1,99 @@
+"""Training-step time of PFENet + CELP (latent prototype sampling + contrastive enhancement) relative to PFENet,
+same batch, same init (issue goal: <= 1.10x).
+
+    fsseg-bench celp                                   # embedded (encoder + fed taps), ResNet-50 473 shapes
+    fsseg-bench celp --only embedded-encoder --repeats 7
+
+Settings, batch and step are APANet's benchmark's (fsseg.bench.apanet: same shapes, same SGD step), with the
+query's base-class label map CELP reads (a labelled object beside the target). Both models keep PFENet's two
+reductions, so the ratio is the branch's cost alone (method=celp also shares one reduction, which is cheaper).
+The breakdown times the branch without its decoder pass (sampling, pseudo-mask, prototype, prior), forward only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import warnings
+
+import torch
+
+from fsseg.bench.apanet import DEFAULT, SETTINGS, Setting, _stats, make_batch, make_encoder, make_step
+from fsseg.data import batch as B
+from fsseg.models.celp import LatentContrast
+from fsseg.models.losses import CrossEntropy, DeepSupervision
+from fsseg.models.pfenet import FeatureEnrichmentModule, PriorPrototypeHead
+from fsseg.models.segmenter import FewShotSegmenter
+
+
+def make_model(setting: Setting, encoder: torch.nn.Module, celp: bool) -> FewShotSegmenter:
+    aux: dict[str, torch.nn.Module] = {"deep_supervision": DeepSupervision(1.0)}
+    if celp:
+        aux["latent_contrast"] = LatentContrast(weight=0.1, seed=0)
+    torch.manual_seed(0)
+    return FewShotSegmenter(
+        encoder=encoder,
+        head=lambda tap_channels: PriorPrototypeHead(tap_channels, reduce_dim=256),
+        decoder=FeatureEnrichmentModule(dim=256, bins=setting.bins),
+        main_loss=CrossEntropy(),
+        aux_losses=aux,
+    )
+
+
+def celp_batch(setting: Setting, shots: int) -> dict[str, torch.Tensor]:
+    batch = make_batch(setting, shots)
+    s = setting.size
+    base = batch[B.QUERY_MASK] * 3  # the target (a base class in training) ...
+    base[:, : s // 5, : s // 5] = 7  # ... and another labelled base-class object
+    batch[B.QUERY_BASE_LABEL] = base
+    return batch
+
+
+def run(setting: Setting, repeats: int, shots: int) -> None:
+    encoder = make_encoder(setting, shots)
+    batch = celp_batch(setting, shots)
+    pfenet, celp = make_model(setting, encoder, False), make_model(setting, encoder, True)
+    steps = {"pfenet": make_step(pfenet, batch), "celp": make_step(celp, batch)}
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for fn in steps.values():  # warm-up
+        fn()
+    for _ in range(repeats):  # interleaved, so load changes hit both
+        for name, fn in steps.items():
+            times[name].append(fn())
+    (p_min, p_med), (c_min, c_med) = _stats(times["pfenet"]), _stats(times["celp"])
+    branch = celp.aux_losses["latent_contrast"]
+    with torch.no_grad():
+        out = celp(batch)
+        own = []
+        for _ in range(max(3, repeats)):
+            t0 = time.perf_counter()
+            branch.contrast_guidance(out, batch)
+            own.append(time.perf_counter() - t0)
+    enc = "fed taps" if setting.encoder is None else setting.encoder
+    print(
+        f"{setting.name:19s} ({setting.size}px, {setting.feat}x{setting.feat}, mid {setting.mid}, high {setting.high}, "
+        f"B={setting.batch}, {shots}-shot, {enc})\n"
+        f"    step PFENet {1e3 * p_min:8.1f} ms (median {1e3 * p_med:8.1f}) | PFENet+CELP {1e3 * c_min:8.1f} ms "
+        f"(median {1e3 * c_med:8.1f}) | CELP/PFENet = {c_min / p_min:.2f}x (median {c_med / p_med:.2f}x)\n"
+        f"    branch without its decoder pass {1e3 * min(own):7.1f} ms ({min(own) / p_min:.1%} of a PFENet step)"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="+", choices=sorted(SETTINGS), default=DEFAULT)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--shots", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # LightningModule.log without a Trainer
+        for name in args.only:
+            run(SETTINGS[name], args.repeats, args.shots)
+
+
+if __name__ == "__main__":
+    main()
