@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+from torch import nn
+
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
 
@@ -42,3 +45,23 @@ def tiny_overrides(synth_root: Path, cache: Path, **extra) -> list[str]:
     }
     over.update(extra)
     return [f"{k}={v}" if v is not None else f"~{k}" for k, v in over.items()]
+
+
+class StubEncoder(nn.Module):
+    """Frozen two-conv encoder at stride 1: taps "mid" and "high" at the input size (masks need no resizing)."""
+
+    tap_channels = {"mid": 6, "high": 5}
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(123)
+        self.mid = nn.Conv2d(3, 6, 3, padding=1)
+        self.high = nn.Conv2d(6, 5, 1)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+                p.requires_grad_(False)
+
+    def forward(self, x):
+        m = torch.relu(self.mid(x))
+        return {"mid": m, "high": torch.relu(self.high(m)) + 0.01}

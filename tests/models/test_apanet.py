@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 import fsseg.models.apanet as apanet
 import fsseg.models.kmeans as kmeans
@@ -26,28 +25,9 @@ from fsseg.models.losses import CrossEntropy, DeepSupervision
 from fsseg.models.ops import mask_to_feature
 from fsseg.models.pfenet import FeatureEnrichmentModule, PriorPrototypeHead
 from fsseg.models.segmenter import FewShotSegmenter
+from fsseg_testing import StubEncoder
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
-
-
-class StubEncoder(nn.Module):
-    """Frozen two-conv encoder at stride 1: taps "mid" and "high" at the input size (masks need no resizing)."""
-
-    tap_channels = {"mid": 6, "high": 5}
-
-    def __init__(self) -> None:
-        super().__init__()
-        g = torch.Generator().manual_seed(123)
-        self.mid = nn.Conv2d(3, 6, 3, padding=1)
-        self.high = nn.Conv2d(6, 5, 1)
-        with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-                p.requires_grad_(False)
-
-    def forward(self, x):
-        m = torch.relu(self.mid(x))
-        return {"mid": m, "high": torch.relu(self.high(m)) + 0.01}
 
 
 def make_model(lam=None, main_weight=None, ds_weight=None, **branch):

@@ -8,7 +8,6 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import fsseg.models.celp as celp
 from fsseg.data import batch as B
@@ -25,27 +24,7 @@ from fsseg.models.celp import (
 from fsseg.models.losses import CrossEntropy, DeepSupervision
 from fsseg.models.pfenet import FeatureEnrichmentModule, PriorPrototypeHead
 from fsseg.models.segmenter import FewShotSegmenter
-from fsseg_testing import compose, tiny_overrides
-
-
-class StubEncoder(nn.Module):
-    """Frozen two-conv encoder at stride 1: taps "mid" and "high" at the input size."""
-
-    tap_channels = {"mid": 6, "high": 5}
-
-    def __init__(self) -> None:
-        super().__init__()
-        g = torch.Generator().manual_seed(123)
-        self.mid = nn.Conv2d(3, 6, 3, padding=1)
-        self.high = nn.Conv2d(6, 5, 1)
-        with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-                p.requires_grad_(False)
-
-    def forward(self, x):
-        m = torch.relu(self.mid(x))
-        return {"mid": m, "high": torch.relu(self.high(m)) + 0.01}
+from fsseg_testing import StubEncoder, compose, tiny_overrides
 
 
 def make_model(contrast=None, **model_kw):

@@ -82,7 +82,7 @@ from fsseg.data.batch import IGNORE_INDEX, QUERY_MASK, SUPPORT_MASKS
 from fsseg.errors import ConfigError
 from fsseg.models.kmeans import cosine_kmeans, grid_partition
 from fsseg.models.losses import AuxLoss
-from fsseg.models.ops import MAP_EPS, mask_to_feature, minmax_normalise, resize, upsample_logits
+from fsseg.models.ops import MAP_EPS, SeededModule, mask_to_feature, minmax_normalise, resize, upsample_logits
 from fsseg.resolvers import register_resolvers
 
 PARTITIONS = ("kmeans", "spp")
@@ -173,7 +173,7 @@ def _choice(value: Any, name: str, allowed: tuple[str, ...]) -> str:
     return str(value)
 
 
-class ClassAgnosticBranch(AuxLoss):
+class ClassAgnosticBranch(SeededModule, AuxLoss):
     """APANet/SCNet's class-agnostic branch (see the module docstring). Returns ``{"ce": L2_ce}`` and, with
     ``deep_supervision``, ``{"deep_supervision": mean inner CE}``; the segmenter multiplies both by
     ``weight`` = ``lambda_``.
@@ -240,13 +240,6 @@ class ClassAgnosticBranch(AuxLoss):
         self._weights_checked = False
 
     # ---------------------------------------------------------------- state (exact resume)
-    def get_extra_state(self) -> dict[str, torch.Tensor]:
-        return {"generator": self.generator.get_state()}
-
-    def set_extra_state(self, state: Mapping[str, torch.Tensor]) -> None:
-        if state and "generator" in state:
-            self.generator.set_state(state["generator"].cpu())
-
     def extra_repr(self) -> str:
         return (
             f"lambda_={self.lambda_}, n={self.n}, partition={self.partition}, spp_bins={self.spp_bins}, "

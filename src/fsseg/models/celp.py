@@ -79,7 +79,14 @@ from fsseg.errors import ConfigError
 from fsseg.models.apanet import choose_negative as choose_uniform
 from fsseg.models.apanet import safe_cross_entropy
 from fsseg.models.losses import AuxLoss, DiceLoss
-from fsseg.models.ops import cosine_similarity_map, mask_to_feature, masked_average_pool, minmax_normalise, resize
+from fsseg.models.ops import (
+    SeededModule,
+    cosine_similarity_map,
+    mask_to_feature,
+    masked_average_pool,
+    minmax_normalise,
+    resize,
+)
 
 LOSSES = ("ce", "dice")
 OPTION = "aux.latent_contrast"
@@ -190,7 +197,7 @@ def _number(value: Any, name: str, lo: float, hi: float, lo_open: bool, hi_open:
     return float(value)
 
 
-class LatentContrast(AuxLoss):
+class LatentContrast(SeededModule, AuxLoss):
     """CELP's LPS + CE branch (see the module docstring). Returns ``{"contrast": L^2}`` and, with
     ``deep_supervision``, ``{"deep_supervision": mean inner-classifier loss}``, both times ``weight``.
 
@@ -246,13 +253,6 @@ class LatentContrast(AuxLoss):
         self.generator = torch.Generator().manual_seed(int(seed) % 2**64)
 
     # ---------------------------------------------------------------- state (exact resume)
-    def get_extra_state(self) -> dict[str, torch.Tensor]:
-        return {"generator": self.generator.get_state()}
-
-    def set_extra_state(self, state: Mapping[str, torch.Tensor]) -> None:
-        if state and "generator" in state:
-            self.generator.set_state(state["generator"].cpu())
-
     def extra_repr(self) -> str:
         return f"weight={self.weight}, delta={self.delta}, sigma={self.sigma}, loss={self.loss}"
 

@@ -42,7 +42,7 @@ from torch import nn
 from fsseg.data.batch import QUERY_MASK, SUPPORT_MASKS
 from fsseg.errors import ConfigError
 from fsseg.models.losses import AuxLoss, DiceLoss
-from fsseg.models.ops import mask_to_feature, masked_average_pool, resize
+from fsseg.models.ops import SeededModule, mask_to_feature, masked_average_pool, resize
 from fsseg.models.pfenet import _classifier, _conv3x3_relu
 
 BIAS_INCONSISTENT = -10000.0  # additive key-padding bias of cycle-inconsistent support tokens (reference)
@@ -233,7 +233,7 @@ class CyCTRBlock(nn.Module):
         return self.norms[3](self.ffn_cross(q)), consistent
 
 
-class CycleTransformer(nn.Module):
+class CycleTransformer(SeededModule):
     """The blocks, the query positional encoding (sine + a learnt level embedding) and support-token sampling.
 
     Training: a fresh sample for every block, with counts 300 K x U(token_scale) (K = shots). Evaluation:
@@ -272,13 +272,6 @@ class CycleTransformer(nn.Module):
             if isinstance(m, DeformableSelfAttention):
                 m.reset_parameters()
         nn.init.xavier_uniform_(self.level_embed)
-
-    def get_extra_state(self) -> dict[str, torch.Tensor]:
-        return {"generator": self.generator.get_state()}
-
-    def set_extra_state(self, state: Mapping[str, torch.Tensor]) -> None:
-        if state and "generator" in state:
-            self.generator.set_state(state["generator"].cpu())
 
     def _sample(self, labels: torch.Tensor, shots: int, generator: torch.Generator | None) -> torch.Tensor:
         b, n = labels.shape

@@ -5,8 +5,11 @@ Every method builds on these; each lives here once. Shapes: B batch, K shots, C 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from fsseg.data.batch import IGNORE_INDEX
 
@@ -86,3 +89,18 @@ def upsample_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor
 
 def valid_pixels(target: torch.Tensor) -> torch.Tensor:
     return target != IGNORE_INDEX
+
+
+class SeededModule(nn.Module):
+    """A module drawing from its own ``self.generator`` (torch.Generator): the generator's state travels in
+    checkpoints (``get_extra_state``), so a resumed run draws the same numbers as an uninterrupted one."""
+
+    generator: torch.Generator
+
+    def get_extra_state(self) -> dict[str, torch.Tensor]:
+        return {"generator": self.generator.get_state()}
+
+    def set_extra_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        if state and "generator" in state:
+            self.generator.set_state(state["generator"].cpu())
+
