@@ -64,6 +64,14 @@ SWEEP_ENV = $(if $(filter file,$(origin WANDB_MODE)),env -u WANDB_MODE,)
 reproduce-%: $(STAMP) ## Run a paper table and render it (resumable): make reproduce-apanet-table4 [PROFILE=embedded] [SWEEP_ARGS="--jobs 2"]
 	$(SWEEP_ENV) $(VENV)/bin/fsseg-sweep $* $(if $(PROFILE),--profile $(PROFILE)) $(SWEEP_ARGS)
 
+.PHONY: compare-apanet compare-celp
+compare-apanet: $(STAMP) ## Embedded benchmark, 4 folds x 3 seeds: PFENet vs APANet and the n sweep (~3.3 h on 2 CPU cores, resumable)
+	$(SWEEP_ENV) $(VENV)/bin/fsseg-sweep apanet-table4 --profile folds $(SWEEP_ARGS)
+
+compare-celp: $(STAMP) ## Embedded benchmark, 4 folds x 3 seeds: PFENet, CELP, CyCTR, CyCTR+CELP, then the delta sweep (~5 h, resumable)
+	$(SWEEP_ENV) $(VENV)/bin/fsseg-sweep celp-table1 --profile folds $(SWEEP_ARGS)
+	$(SWEEP_ENV) $(VENV)/bin/fsseg-sweep celp-table5 --profile folds $(SWEEP_ARGS)
+
 list-tables: $(STAMP) ## List the paper tables: make targets, methods implemented or missing, profiles
 	@$(VENV)/bin/fsseg-sweep --list
 

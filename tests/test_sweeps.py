@@ -311,6 +311,10 @@ def test_make_targets_exist():
     out = subprocess.run(["make", "-n", "reproduce-apanet-table4", "PROFILE=embedded"], cwd=REPO, capture_output=True,
                          text=True, env={**os.environ, "MAKEFLAGS": ""})  # fmt: skip
     assert "fsseg-sweep apanet-table4 --profile embedded" in out.stdout, out.stdout + out.stderr
+    out = subprocess.run(["make", "-n", "compare-apanet", "compare-celp"], cwd=REPO, capture_output=True, text=True,
+                         env={**os.environ, "MAKEFLAGS": ""})  # fmt: skip
+    for line in ("apanet-table4 --profile folds", "celp-table1 --profile folds", "celp-table5 --profile folds"):
+        assert f"fsseg-sweep {line}" in out.stdout, out.stdout + out.stderr
 
 
 def test_sweep_entry_point_installed():
