@@ -141,19 +141,49 @@ def _stats(times: list[float]) -> tuple[float, float]:
     return s[0], s[len(s) // 2]
 
 
-def run(setting: Setting, repeats: int, clusters: int, shots: int) -> None:
-    encoder = make_encoder(setting, shots)
-    batch = make_batch(setting, shots)
-    pfenet = make_model(setting, encoder, None, clusters)
-    apanet = make_model(setting, encoder, 0.5, clusters)
-    steps = {"pfenet": make_step(pfenet, batch), "apanet": make_step(apanet, batch)}
+def interleaved(steps: dict, repeats: int) -> list[tuple[float, float]]:
+    """(min, median) seconds per step function, after one warm-up each; steps interleaved so load hits all alike."""
     times: dict[str, list[float]] = {k: [] for k in steps}
-    for fn in steps.values():  # warm-up
+    for fn in steps.values():
         fn()
     for _ in range(repeats):
         for name, fn in steps.items():
             times[name].append(fn())
-    (p_min, p_med), (a_min, a_med) = _stats(times["pfenet"]), _stats(times["apanet"])
+    return [_stats(t) for t in times.values()]
+
+
+def header(setting: Setting, shots: int) -> str:
+    enc = "fed taps" if setting.encoder is None else setting.encoder
+    return (f"{setting.name:19s} ({setting.size}px, {setting.feat}x{setting.feat}, mid {setting.mid}, "
+            f"high {setting.high}, B={setting.batch}, {shots}-shot, {enc})")  # fmt: skip
+
+
+def bench_main(argv: list[str] | None, doc: str, run, extra: dict | None = None) -> None:
+    """Shared command line of the overhead benchmarks: --only/--repeats/--shots/--threads (+ ``extra``)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="+", choices=sorted(SETTINGS), default=DEFAULT)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--shots", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    for flag, kwargs in (extra or {}).items():
+        parser.add_argument(flag, **kwargs)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # LightningModule.log without a Trainer
+        for name in args.only:
+            run(SETTINGS[name], args)
+
+
+def run(setting: Setting, args: argparse.Namespace) -> None:
+    repeats, clusters, shots = args.repeats, args.clusters, args.shots
+    encoder = make_encoder(setting, shots)
+    batch = make_batch(setting, shots)
+    pfenet = make_model(setting, encoder, None, clusters)
+    apanet = make_model(setting, encoder, 0.5, clusters)
+    (p_min, p_med), (a_min, a_med) = interleaved({"pfenet": make_step(pfenet, batch), "apanet": make_step(apanet, batch)}, repeats)
 
     branch = apanet.aux_losses["class_agnostic"]
     with torch.no_grad():
@@ -166,10 +196,8 @@ def run(setting: Setting, repeats: int, clusters: int, shots: int) -> None:
             t0 = time.perf_counter()
             cosine_kmeans(out["query_taps"]["high"], clusters, 10, generator=branch.generator)
             km.append(time.perf_counter() - t0)
-    enc = "fed taps" if setting.encoder is None else setting.encoder
     print(
-        f"{setting.name:19s} ({setting.size}px, {setting.feat}x{setting.feat}, mid {setting.mid}, high {setting.high}, "
-        f"B={setting.batch}, {shots}-shot, {enc})\n"
+        f"{header(setting, shots)}\n"
         f"    step PFENet {1e3 * p_min:8.1f} ms (median {1e3 * p_med:8.1f}) | APANet n={clusters} {1e3 * a_min:8.1f} ms "
         f"(median {1e3 * a_med:8.1f}) | APANet/PFENet = {a_min / p_min:.2f}x (median {a_med / p_med:.2f}x)\n"
         f"    branch without its decoder pass {1e3 * min(guid):7.1f} ms ({min(guid) / p_min:.1%} of a PFENet step), "
@@ -178,20 +206,7 @@ def run(setting: Setting, repeats: int, clusters: int, shots: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", nargs="+", choices=sorted(SETTINGS), default=DEFAULT)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--clusters", type=int, default=3)
-    parser.add_argument("--shots", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # LightningModule.log without a Trainer
-        for name in args.only:
-            run(SETTINGS[name], args.repeats, args.clusters, args.shots)
+    bench_main(argv, __doc__, run, {"--clusters": {"type": int, "default": 3}})
 
 
 if __name__ == "__main__":

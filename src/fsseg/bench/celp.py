@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import argparse
 import time
-import warnings
 
 import torch
 
-from fsseg.bench.apanet import DEFAULT, SETTINGS, Setting, _stats, make_batch, make_encoder, make_step
+from fsseg.bench.apanet import Setting, bench_main, header, interleaved, make_batch, make_encoder, make_step
 from fsseg.data import batch as B
 from fsseg.models.celp import LatentContrast
 from fsseg.models.losses import CrossEntropy, DeepSupervision
@@ -49,30 +48,21 @@ def celp_batch(setting: Setting, shots: int) -> dict[str, torch.Tensor]:
     return batch
 
 
-def run(setting: Setting, repeats: int, shots: int) -> None:
-    encoder = make_encoder(setting, shots)
-    batch = celp_batch(setting, shots)
+def run(setting: Setting, args: argparse.Namespace) -> None:
+    encoder = make_encoder(setting, args.shots)
+    batch = celp_batch(setting, args.shots)
     pfenet, celp = make_model(setting, encoder, False), make_model(setting, encoder, True)
-    steps = {"pfenet": make_step(pfenet, batch), "celp": make_step(celp, batch)}
-    times: dict[str, list[float]] = {k: [] for k in steps}
-    for fn in steps.values():  # warm-up
-        fn()
-    for _ in range(repeats):  # interleaved, so load changes hit both
-        for name, fn in steps.items():
-            times[name].append(fn())
-    (p_min, p_med), (c_min, c_med) = _stats(times["pfenet"]), _stats(times["celp"])
+    (p_min, p_med), (c_min, c_med) = interleaved({"pfenet": make_step(pfenet, batch), "celp": make_step(celp, batch)}, args.repeats)
     branch = celp.aux_losses["latent_contrast"]
     with torch.no_grad():
         out = celp(batch)
         own = []
-        for _ in range(max(3, repeats)):
+        for _ in range(max(3, args.repeats)):
             t0 = time.perf_counter()
             branch.contrast_guidance(out, batch)
             own.append(time.perf_counter() - t0)
-    enc = "fed taps" if setting.encoder is None else setting.encoder
     print(
-        f"{setting.name:19s} ({setting.size}px, {setting.feat}x{setting.feat}, mid {setting.mid}, high {setting.high}, "
-        f"B={setting.batch}, {shots}-shot, {enc})\n"
+        f"{header(setting, args.shots)}\n"
         f"    step PFENet {1e3 * p_min:8.1f} ms (median {1e3 * p_med:8.1f}) | PFENet+CELP {1e3 * c_min:8.1f} ms "
         f"(median {1e3 * c_med:8.1f}) | CELP/PFENet = {c_min / p_min:.2f}x (median {c_med / p_med:.2f}x)\n"
         f"    branch without its decoder pass {1e3 * min(own):7.1f} ms ({min(own) / p_min:.1%} of a PFENet step)"
@@ -80,19 +70,7 @@ def run(setting: Setting, repeats: int, shots: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", nargs="+", choices=sorted(SETTINGS), default=DEFAULT)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--shots", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # LightningModule.log without a Trainer
-        for name in args.only:
-            run(SETTINGS[name], args.repeats, args.shots)
+    bench_main(argv, __doc__, run)
 
 
 if __name__ == "__main__":
