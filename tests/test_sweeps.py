@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -333,3 +334,28 @@ def test_local_launch_order_is_seed_major(tmp_path):
     points = [(p.run.point["seed"], p.run.point["data.fold"], p.run.row.label) for p in ordered]
     assert points[:7] == [(0, 0, f"n = {n}" if n else "n = 0 (baseline)") for n in range(6)] + [(0, 1, "n = 0 (baseline)")]
     assert points == sorted(points, key=lambda t: (t[0], t[1], [r.label for r in sweep.rows].index(t[2])))
+
+
+def test_interrupt_with_parallel_jobs_stops_the_running_children(tmp_path, monkeypatch):
+    """SIGTERM/Ctrl-C of a `--jobs 2` sweep ends the running runs at once (it used to wait for them, and for the
+    queued ones, while leaving the thread pool) and marks them interrupted."""
+    import _thread
+    import threading
+
+    from fsseg.cli.sweep import LocalLauncher, plan
+
+    sweep = load_sweep(SWEEPS / "apanet" / "table4.yaml")
+    todo = plan(sweep, "folds", tmp_path, [], str(CONF), apply=False)[:4]
+    for p in todo:
+        p.run.run_dir.mkdir(parents=True, exist_ok=True)
+    launcher = LocalLauncher(jobs=2, gpus=[])
+    monkeypatch.setattr(launcher, "command", lambda p: ["sleep", "60"])
+    timer = threading.Timer(1.5, _thread.interrupt_main)
+    timer.start()
+    start = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        launcher.launch(todo)
+    assert time.monotonic() - start < 20
+    assert [p.status for p in todo[:2]] == ["interrupted", "interrupted"]
+    assert all(p.status == "pending" for p in todo[2:])  # never started
+    assert not launcher._procs or all(proc.poll() is not None for proc in launcher._procs)

@@ -306,6 +306,7 @@ class LocalLauncher:
             except BaseException:
                 for f in futures:
                     f.cancel()
+                self.stop()  # end the running children now: leaving the pool waits for their threads
                 raise
 
 
