@@ -193,6 +193,18 @@ def _write_failed(run_dir: Path, message: str) -> None:
 
 
 # --------------------------------------------------------------------------- local launcher
+def terminate(procs: Sequence[subprocess.Popen], grace: float = 30.0) -> None:
+    """SIGTERM every live process (Lightning saves and exits), SIGKILL those still alive after ``grace`` s."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 class LocalLauncher:
     """Each run in its own fsseg-train process; ``jobs`` at once; with GPUs, job slot i sees GPU i only."""
 
@@ -279,14 +291,7 @@ class LocalLauncher:
         self._stopping = True
         with self._lock:
             procs = list(self._procs)
-        for proc in procs:
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        terminate(procs)
 
     def launch(self, todo: list[Planned]) -> None:
         if not todo:
@@ -417,14 +422,7 @@ class MultirunLauncher:
     def stop(self) -> None:
         with self._lock:
             procs = list(self._procs)
-        for proc in procs:
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        terminate(procs)
 
     def launch(self, todo: list[Planned]) -> None:
         cmds = self.commands(todo)
