@@ -316,6 +316,10 @@ def test_make_targets_exist():
                          env={**os.environ, "MAKEFLAGS": ""})  # fmt: skip
     for line in ("apanet-table4 --profile folds", "celp-table1 --profile folds", "celp-table5 --profile folds"):
         assert f"fsseg-sweep {line}" in out.stdout, out.stdout + out.stderr
+    out = subprocess.run(["make", "-n", "bias-apanet"], cwd=REPO, capture_output=True, text=True,
+                         env={**os.environ, "MAKEFLAGS": ""})  # fmt: skip
+    rows = [r.label for r in load_sweep(find_sweep("apanet-table4")).rows_run("folds")]
+    assert f'fsseg-bias apanet-table4 --profile folds --rows "{rows[0]}" "{rows[3]}"' in out.stdout, out.stdout
 
 
 def test_sweep_entry_point_installed():
@@ -359,3 +363,41 @@ def test_interrupt_with_parallel_jobs_stops_the_running_children(tmp_path, monke
     assert [p.status for p in todo[:2]] == ["interrupted", "interrupted"]
     assert all(p.status == "pending" for p in todo[2:])  # never started
     assert not launcher._procs or all(proc.poll() is not None for proc in launcher._procs)
+
+
+def test_bias_evaluates_seen_and_unseen_training_queries(synth_root, in_tmp):
+    """fsseg-bias: each finished run's best checkpoint on novel episodes over training images that training used
+    (seen) or never used (unseen); the table row equals the per-run records; a second call re-uses them."""
+    from fsseg.cli.bias import main as bias_main
+    from fsseg.cli.sweep import run_sweep
+    from fsseg.data.manifest import EpisodeManifest
+    from fsseg.data.sources import PascalVOC
+
+    path = _tiny_sweep(in_tmp, synth_root, [{"label": "dim 32", "overrides": []}])
+    out = in_tmp / "out"
+    run_sweep(load_sweep(path), out=out, render=False)
+    run_dir = out / "demo-table1" / "paper" / "dim-32" / "data.fold-0_seed-0"
+    assert bias_main([str(path), "--out", str(out), "--episodes", "6"]) == 0
+    src = PascalVOC(synth_root)
+    names = src.item_names("train")
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    base = set(range(6, 21))
+    miou = {}
+    for q in ("seen", "unseen"):
+        rec = json.loads((run_dir / "bias" / q / "metrics.json").read_text())
+        man = EpisodeManifest.load(json.loads((run_dir / "bias" / q / "provenance.json").read_text())["manifest"]["path"])
+        assert rec["episodes"] == 6 and man.split == "train" and rec["manifest_hash"] == man.hash
+        for ep in man.episodes:  # the query's labels, read directly: a base class present (>= min_pixels) or not
+            _, label = src.load("train", names.index(ep.query))
+            counts = {int(c): int((label == c).sum()) for c in set(label.ravel().tolist()) - {0, 255}}
+            has_base = any(n >= cfg["data"]["min_pixels"] for c, n in counts.items() if c in base)
+            assert ep.class_id in range(1, 6) and has_base == (q == "seen"), (q, ep)
+        miou[q] = 100 * rec["metrics"]["miou"]
+    md = (out / "demo-table1" / "paper" / "bias.md").read_text()
+    test = 100 * json.loads((run_dir / "metrics.json").read_text())["metrics"]["miou"]
+    row = f"| dim 32 | 1 | {test:.1f} | {miou['seen']:.1f} | {miou['unseen']:.1f} | {miou['unseen'] - miou['seen']:.1f} | — |"
+    assert row in md
+    stamp = (run_dir / "bias" / "seen" / "metrics.json").stat().st_mtime_ns
+    assert bias_main([str(path), "--out", str(out), "--episodes", "6"]) == 0
+    assert (run_dir / "bias" / "seen" / "metrics.json").stat().st_mtime_ns == stamp
+    assert bias_main([str(path), "--out", str(out), "--rows", "nope"]) == 2

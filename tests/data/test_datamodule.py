@@ -156,3 +156,49 @@ def test_datasets_pickle_for_spawned_workers(voc_root, tmp_path):
         copy = pickle.loads(pickle.dumps(ds))
         a, b = ds[i], copy[i]
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_background_bias_queries_split_training_images_by_use(voc_root, tmp_path):
+    """eval_queries=seen|unseen: novel-class episodes on the training split. With min_pixels=1 class 1 sits in
+    t00 and t04 (which also hold base classes: training queries, their class-1 pixels trained as background)
+    and in t10 (class 1 only: never used by training); supports come from all three."""
+    from fsseg.data.sources import PascalVOC as VOC
+
+    items = VOC(voc_root).item_names("train")
+    seen_q, unseen_q = set(), set()
+    for queries, out in (("seen", seen_q), ("unseen", unseen_q)):
+        dm = make(VOC(voc_root), tmp_path, min_pixels=1, eval_split="train", eval_queries=queries, eval_episodes=6)
+        dm.setup("test")
+        assert dm.novel_class_ids == [1, 2, 3, 4, 5]
+        man = dm.eval_manifest
+        assert queries in man.path.name and man.split == "train"
+        for ep in man.episodes:
+            assert ep.class_id == 1 and ep.query not in ep.supports
+            assert set(ep.supports) <= {items[0], items[4], items[10]}
+            out.add(ep.query)
+        batch = next(iter(dm.test_dataloader()))
+        fg = (batch[B.QUERY_LABEL_ORI] == 1).flatten(1).sum(1).tolist()
+        assert set(fg) <= {2047, 500, 4000}  # the class-1 pixel counts painted in t00, t04, t10
+    assert seen_q == {items[0], items[4]} and unseen_q == {items[10]}
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(eval_split="train"), r"data.eval_split='train' with data.eval_queries='all'"),
+    (dict(eval_queries="seen"), r"data.eval_split='val' with data.eval_queries='seen'"),
+    (dict(eval_split="train", eval_queries="seen", eval_classes="base"), r"needs data.eval_classes='novel'"),
+    (dict(eval_queries="used"), r"data.eval_queries='used': expected one of \['all', 'seen', 'unseen'\]"),
+])  # fmt: skip
+def test_background_bias_queries_bad_config(voc_root, tmp_path, kw, match):
+    from fsseg.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        make(PascalVOC(voc_root), tmp_path, **kw)
+
+
+def test_background_bias_seen_queries_need_kept_images(voc_root, tmp_path):
+    from fsseg.errors import DataError
+
+    dm = make(PascalVOC(voc_root), tmp_path, min_pixels=1, eval_split="train", eval_queries="seen",
+              train_filter="drop")  # fmt: skip
+    with pytest.raises(DataError, match=r"eval_queries='seen'.*train_filter='drop'"):
+        dm.setup("test")

@@ -11,6 +11,9 @@
   evaluation split ``eval_split``: the test manifest (``eval_episodes`` episodes, seed ``eval_seed``;
   ``eval_manifest``) and the validation manifest used during training (``val_episodes`` episodes, seed
   ``eval_seed + 1``).
+  ``eval_queries`` (``all``; ``seen`` / ``unseen`` with ``eval_split="train"``): the background-bias
+  diagnostic (``fsseg-bias``): novel-class episodes on the training split whose queries are images training used
+  (their novel pixels were labelled background under ``train_filter="keep"``) or never used.
   Like the reference implementations, there is no separate held-out validation split: validation episodes
   come from the evaluation split (other seed, usually fewer episodes), so model selection on them sees the
   test images. Manifests are saved under ``cache_dir/manifests`` and reused (hash verified).
@@ -21,6 +24,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from collections.abc import Sequence
@@ -41,9 +45,11 @@ from fsseg.data.folds import TRAIN_FILTERS, FoldIndex, build_fold_index, pixel_t
 from fsseg.data.manifest import EpisodeManifest
 from fsseg.data.sources import Source, stable_key
 from fsseg.data.transforms import EvalTransform, TrainTransform
-from fsseg.errors import ConfigError
+from fsseg.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
+
+EVAL_QUERIES = ("all", "seen", "unseen")
 
 
 class EpisodeDataModule(L.LightningDataModule):
@@ -66,6 +72,7 @@ class EpisodeDataModule(L.LightningDataModule):
         train_filter: str = "keep",
         eval_split: str = "val",
         eval_classes: str = "novel",
+        eval_queries: str = "all",
         eval_episodes: int = 1000,
         eval_seed: int = 321,
         val_episodes: int = 200,
@@ -118,12 +125,19 @@ class EpisodeDataModule(L.LightningDataModule):
         if eval_classes not in ("novel", "base"):
             raise ConfigError(f"data.eval_classes={eval_classes!r}: expected 'novel' or 'base'")
         self.eval_classes = eval_classes
-        if eval_split not in source.splits or eval_split == "train":
+        if eval_queries not in EVAL_QUERIES:
+            raise ConfigError(f"data.eval_queries={eval_queries!r}: expected one of {list(EVAL_QUERIES)}")
+        on_train = eval_queries != "all"
+        if eval_split not in source.splits or (eval_split == "train") != on_train:
             allowed = [s for s in source.splits if s != "train"]
             raise ConfigError(
-                f"data.eval_split={eval_split!r}: expected one of {allowed} for {type(source).__name__}"
+                f"data.eval_split={eval_split!r} with data.eval_queries={eval_queries!r}: expected one of "
+                f"{allowed} for {type(source).__name__} (the training split only with data.eval_queries="
+                f"seen|unseen, the background-bias diagnostic)"
             )
-        self.eval_split = eval_split
+        if on_train and eval_classes != "novel":
+            raise ConfigError(f"data.eval_queries={eval_queries!r} needs data.eval_classes='novel'")
+        self.eval_split, self.eval_queries = eval_split, eval_queries
         scale_range = tuple(float(v) for v in scale_range)
         if len(scale_range) != 2:
             raise ConfigError(f"data.scale_range={list(scale_range)}: expected [low, high]")
@@ -145,7 +159,7 @@ class EpisodeDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------------------------------ preparation
     def prepare_data(self) -> None:
         """Build derived files and class-pixel tables, verifying every file (no instance state is set)."""
-        splits = ["train", self.eval_split]
+        splits = list(dict.fromkeys(["train", self.eval_split]))
         self.source.prepare(splits)
         for split in splits:
             pixel_table(self.source, split, self.cache_dir)
@@ -155,8 +169,10 @@ class EpisodeDataModule(L.LightningDataModule):
         if self.test_dataset is None:
             index = build_fold_index(
                 self.source, self.eval_split, self.fold, min_pixels=self.min_pixels, cache_dir=self.cache_dir,
-                classes=self.base_class_ids if self.eval_classes == "base" else None,
+                classes=self.base_class_ids if self.eval_classes == "base" else self.novel_class_ids,
             )  # fmt: skip
+            if self.eval_queries != "all":
+                index = self._training_queries(index)
             test_man = self._manifest(index, self.eval_episodes, self.eval_seed)
             val_man = self._manifest(index, self.val_episodes, self.eval_seed + 1)
             base, novel, tf = self.base_class_ids, self.novel_class_ids, self.eval_transform
@@ -175,13 +191,48 @@ class EpisodeDataModule(L.LightningDataModule):
                 length=self.train_episodes_per_epoch,
             )  # fmt: skip
 
+    def _training_queries(self, novel_index: FoldIndex) -> FoldIndex:
+        """The novel-class index of the training split with its queries restricted to the images training
+        used (``seen``: they hold a qualifying base class, so their novel objects were trained as background)
+        or never used (``unseen``); supports still come from every qualifying training image of the class."""
+        used = set(
+            build_fold_index(
+                self.source, "train", self.fold, min_pixels=self.min_pixels, train_filter=self.train_filter,
+                cache_dir=self.cache_dir,
+            ).items
+        )  # fmt: skip
+        # Classes too rare in the training split for an episode (query + shots supports) are left out (logged).
+        classes = [c for c in novel_index.class_ids if len(novel_index.class_items[c]) > self.shots]
+        item_classes = {
+            i: [c for c in cs if c in classes]
+            for i, cs in novel_index.item_classes.items()
+            if (i in used) == (self.eval_queries == "seen")
+        }
+        item_classes = {i: cs for i, cs in item_classes.items() if cs}
+        keep = sorted(item_classes)
+        if not keep:
+            raise DataError(
+                f"data.eval_queries={self.eval_queries!r}: no {self.source.name} training image of fold "
+                f"{self.fold} holds a novel class with >= {self.min_pixels} pixels and is "
+                f"{'a training image' if self.eval_queries == 'seen' else 'unused by training'} "
+                f"(data.train_filter={self.train_filter!r}; 'drop' removes every such image from training)"
+            )
+        left_out = sorted(set(novel_index.class_ids) - {c for cs in item_classes.values() for c in cs})
+        if left_out:
+            log.info("eval_queries=%s: novel classes %s have no such query (or too few images)", self.eval_queries, left_out)
+        return dataclasses.replace(
+            novel_index, class_ids=sorted({c for cs in item_classes.values() for c in cs}), items=keep,
+            item_classes=item_classes, class_items={c: novel_index.class_items[c] for c in classes},
+        )  # fmt: skip
+
     def _manifest(self, index: FoldIndex, count: int, seed: int) -> EpisodeManifest:
         src = self.source
         names = src.item_names(self.eval_split)
         root = str(src.root.resolve())
         key = stable_key({"source": src.fingerprint(self.eval_split), "classes": index.class_ids,
                           "min_pixels": self.min_pixels}, 10)  # fmt: skip
-        name = f"{src.name}_fold{self.fold}_{self.eval_split}_{self.shots}shot_seed{seed}_n{count}_{key}.json"
+        split = self.eval_split if self.eval_queries == "all" else f"{self.eval_split}-{self.eval_queries}"
+        name = f"{src.name}_fold{self.fold}_{split}_{self.shots}shot_seed{seed}_n{count}_{key}.json"
         return EpisodeManifest.load_or_create(
             self.cache_dir / "manifests" / name, index, names, dataset=src.name, root=root,
             shots=self.shots, seed=seed, count=count, class_names=src.class_names,
@@ -211,6 +262,8 @@ class EpisodeDataModule(L.LightningDataModule):
         when ``eval_classes="base"`` (base-class episodes measure the base/novel generalisation gap)."""
         if self.eval_classes == "base":
             return self.base_class_ids
+        if self.eval_split == "train":  # the background-bias diagnostic: the fold's novel classes
+            return list(self.source.fold_classes(self.fold)[1])
         return list(self.source.split_class_ids(self.fold, self.eval_split))
 
     @property
