@@ -71,7 +71,7 @@ compare-apanet: $(STAMP) ## Embedded benchmark, 4 folds x 3 seeds: PFENet vs APA
 bias-apanet: $(STAMP) ## compare-apanet's PFENet and APANet runs on novel objects seen as background in training (fsseg-bias)
 	$(VENV)/bin/fsseg-bias apanet-table4 --profile folds --rows "n = 0 (baseline)" "n = 3"
 
-compare-celp: $(STAMP) ## Embedded benchmark, 4 folds x 3 seeds: PFENet, CELP, CyCTR, CyCTR+CELP, then the delta sweep (~5 h, resumable)
+compare-celp: $(STAMP) ## Embedded benchmark, 4 folds x 3 seeds: PFENet, CELP, CyCTR, CyCTR+CELP, then the delta sweep (84 runs trained, delta = 0.65 re-used; ~4.5 h, resumable)
 	$(SWEEP_ENV) $(VENV)/bin/fsseg-sweep celp-table1 --profile folds $(SWEEP_ARGS)
 	$(SWEEP_ENV) $(VENV)/bin/fsseg-sweep celp-table5 --profile folds $(SWEEP_ARGS)
 

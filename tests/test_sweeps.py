@@ -401,3 +401,37 @@ def test_bias_evaluates_seen_and_unseen_training_queries(synth_root, in_tmp):
     assert bias_main([str(path), "--out", str(out), "--episodes", "6"]) == 0
     assert (run_dir / "bias" / "seen" / "metrics.json").stat().st_mtime_ns == stamp
     assert bias_main([str(path), "--out", str(out), "--rows", "nope"]) == 2
+
+
+def test_a_run_another_table_finished_is_reused_not_retrained(synth_root, in_tmp):
+    """Two tables sharing one computation (same resolved config but directory, sweep name, logger): the second
+    copies the first's finished run (checkpoints linked) instead of training; --no-reuse trains it."""
+    from fsseg.cli.sweep import run_sweep
+    from fsseg.provenance import read_metrics
+    from fsseg.sweeps import run_identity, run_status
+
+    out = in_tmp / "out"
+    first = load_sweep(_tiny_sweep(in_tmp, synth_root, [{"label": "dim 32", "overrides": []}]))
+    assert [p.status for p in run_sweep(first, out=out, render=False).planned] == ["done"]
+    doc = yaml.safe_load(first.path.read_text())
+    doc.update(name="demo-table2", rows=[{"label": "other label", "overrides": ["logger=csv"]},
+                                         {"label": "dim 16", "overrides": ["head.reduce_dim=16"]}])  # fmt: skip
+    second = load_sweep(_write(in_tmp, doc, "demo/table2.yaml"))
+    assert [p.status for p in run_sweep(second, out=out, dry_run=True, render=False).planned] == ["reused", "pending"]
+    assert [p.status for p in run_sweep(second, out=out, dry_run=True, render=False, reuse=False).planned] == [
+        "pending", "pending"]  # fmt: skip
+
+    src = out / "demo-table1" / "paper" / "dim-32" / "data.fold-0_seed-0"
+    outcome = run_sweep(second, out=out, render=True)
+    assert [p.status for p in outcome.planned] == ["reused", "done"]
+    dst = out / "demo-table2" / "paper" / "other-label" / "data.fold-0_seed-0"
+    assert read_metrics(dst) == read_metrics(src)
+    assert (dst / "checkpoints" / "best.ckpt").resolve() == (src / "checkpoints" / "best.ckpt").resolve()
+    cfg = yaml.safe_load((dst / "config.yaml").read_text())
+    assert cfg["run_dir"] == str(dst.resolve()) and cfg["sweep_name"] == "demo-table2"
+    assert run_identity(cfg) == run_identity(yaml.safe_load((src / "config.yaml").read_text()))
+    assert json.loads((dst / "sweep.json").read_text())["reused_from"] == str(src)
+    assert run_status(dst, cfg) == "finished"
+    assert [p.status for p in run_sweep(second, out=out, dry_run=True, render=False).planned] == ["skipped", "skipped"]
+    md = (out / "demo-table2" / "paper" / "table.md").read_text()
+    assert f"{100 * read_metrics(src)['metrics']['miou']:.1f}" in md

@@ -668,6 +668,41 @@ def config_digest(cfg: Mapping) -> str:
     return hashlib.sha256(json.dumps(_comparable(cfg), sort_keys=True, default=str).encode()).hexdigest()
 
 
+_NOT_COMPUTED = ("run_dir", "sweep_name", "logger")  # where a run lives, which table it serves, how it is logged
+
+
+def run_identity(cfg: Mapping) -> str:
+    """Digest of what a run computes, wherever it lives: its config without ``_NOT_COMPUTED`` and with its own
+    directory replaced by a placeholder. Runs are deterministic, so two runs with one identity give the same
+    metrics (fsseg-sweep re-uses a finished run of another table instead of training it again)."""
+    import hashlib
+
+    own = str(cfg.get("run_dir") or "\0")
+
+    def norm(v: Any) -> Any:
+        if isinstance(v, str):
+            return v.replace(own, "<run_dir>")
+        if isinstance(v, Mapping):
+            return {str(k): norm(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [norm(x) for x in v]
+        return v
+
+    body = norm({k: v for k, v in cfg.items() if k not in _NOT_COMPUTED})
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def finished_runs(out: str | os.PathLike) -> dict[str, Path]:
+    """``run_identity`` -> directory of every finished sweep run under ``out`` (``<sweep>/<profile>/<row>/<point>``;
+    set-aside ``_stale`` runs excluded); the first in path order wins."""
+    found: dict[str, Path] = {}
+    for m in sorted(Path(out).glob("*/*/*/*/metrics.json")):
+        cfg = recorded_config(m.parent)
+        if cfg is not None and "_stale" not in m.parts:
+            found.setdefault(run_identity(cfg), m.parent)
+    return found
+
+
 def recorded_config(run_dir: str | os.PathLike) -> dict | None:
     p = Path(run_dir) / "config.yaml"
     if not p.is_file():

@@ -36,6 +36,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from fsseg.cli.common import config_dir, environment_defaults
 from fsseg.errors import ConfigError
@@ -48,6 +49,7 @@ from fsseg.sweeps import (  # noqa: I001
     config_diff,
     config_digest,
     find_sweep,
+    finished_runs,
     format_value,
     list_sweeps,
     load_sweep,
@@ -55,6 +57,7 @@ from fsseg.sweeps import (  # noqa: I001
     missing_methods,
     override_key,
     recorded_config,
+    run_identity,
     run_status,
     slugify,
     sweep_name_of,
@@ -98,8 +101,9 @@ class Planned:
     run: Run
     overrides: list[str]
     expected: dict | None = None
-    status: str = "pending"          # pending | skipped | done | failed | interrupted
+    status: str = "pending"          # pending | skipped | reused | done | failed | interrupted
     message: str = ""
+    source: Path | None = None       # reused: the finished run (of another table) that did this computation
     seconds: float = 0.0
 
 
@@ -112,9 +116,12 @@ class Outcome:
 
 
 # --------------------------------------------------------------------------- planning
-def plan(sweep: Sweep, profile: str | None, out: Path, extra: Sequence[str], conf: str, apply: bool = True) -> list[Planned]:
+def plan(sweep: Sweep, profile: str | None, out: Path, extra: Sequence[str], conf: str, apply: bool = True,
+         reuse: bool = True) -> list[Planned]:  # fmt: skip
     """Expand the sweep and decide, run by run, what to do; with ``apply``, run directories of another config
-    (stale results, partial runs) are moved to <out>/<name>/<profile>/_stale/ so they are neither resumed nor lost."""
+    (stale results, partial runs) are moved to <out>/<name>/<profile>/_stale/ so they are neither resumed nor lost.
+    With ``reuse``, a run to do whose ``run_identity`` equals a finished run of another table under ``out`` is
+    marked "reused" (its files are copied, not re-trained: runs are deterministic)."""
     grid_keys = set(sweep.effective_grid(profile))
     clash = [o for o in extra if override_key(o) in grid_keys]
     if clash:
@@ -149,7 +156,34 @@ def plan(sweep: Sweep, profile: str | None, out: Path, extra: Sequence[str], con
             else:
                 p.message = "unfinished earlier: resumes from its last.ckpt if any"
         planned.append(p)
+    pending = [p for p in planned if p.status == "pending"]
+    if reuse and pending:
+        done = finished_runs(out)
+        for p in pending:
+            src = done.get(run_identity(p.expected))
+            if src is not None and src.resolve() != p.run.run_dir.resolve():
+                p.status, p.source, p.message = "reused", src, f"same computation as the finished run {src}"
     return planned
+
+
+def _reuse(p: Planned, out: Path) -> None:
+    """Copy a finished run of another table into this run's directory (checkpoints linked, not copied): the
+    recorded config becomes this run's (identical but for its directory and sweep name), metrics.json comes last."""
+    import yaml
+
+    from fsseg.provenance import _write_text_atomic, write_json_atomic
+
+    src = p.source
+    dst = p.run.run_dir
+    _set_aside(p.run, out)
+    shutil.copytree(src, dst, symlinks=True, ignore=shutil.ignore_patterns("checkpoints", "metrics.json", SPEC_FILE))
+    if (src / "checkpoints").is_dir():
+        os.symlink(os.path.relpath(src / "checkpoints", dst), dst / "checkpoints")
+    _write_text_atomic(dst / "config.yaml", yaml.safe_dump(p.expected, sort_keys=False))
+    _write_spec(p, [], "reuse", reused_from=str(src))
+    tmp = dst / "metrics.json.tmp"
+    shutil.copyfile(src / "metrics.json", tmp)
+    os.replace(tmp, dst / "metrics.json")
 
 
 def _read_spec(run_dir: Path) -> dict:
@@ -169,7 +203,7 @@ def _set_aside(run: Run, out: Path) -> None:
     shutil.move(str(run.run_dir), str(dest))
 
 
-def _write_spec(p: Planned, command: Sequence[str], launcher: str) -> None:
+def _write_spec(p: Planned, command: Sequence[str], launcher: str, **extra: Any) -> None:
     from fsseg.provenance import write_json_atomic
 
     run = p.run
@@ -180,7 +214,7 @@ def _write_spec(p: Planned, command: Sequence[str], launcher: str) -> None:
             "sweep": run.sweep, "profile": run.profile, "row": run.row.label,
             "column": run.column.label if run.column else None, "point": dict(run.point),
             "overrides": p.overrides, "command": list(command), "launcher": launcher,
-            "config_sha256": config_digest(p.expected or {}), "started_utc": _utc(),
+            "config_sha256": config_digest(p.expected or {}), "started_utc": _utc(), **extra,
         },
     )  # fmt: skip
 
@@ -447,6 +481,7 @@ def run_sweep(
     launcher_overrides: Sequence[str] = (),
     dry_run: bool = False,
     render: bool = True,
+    reuse: bool = True,
 ) -> Outcome:
     """Plan, launch and summarise; the table is rendered at the end (also after failures)."""
     out = Path(out)
@@ -462,19 +497,22 @@ def run_sweep(
     if sweep.task not in TASKS:
         raise ConfigError(f"{sweep.name} ({sweep.path}) has task {sweep.task!r}; fsseg-sweep runs {list(TASKS)} only "
                           "(the table can still be rendered from run directories made otherwise: fsseg-table)")  # fmt: skip
-    planned = plan(sweep, profile, out, list(extra), conf, apply=not dry_run)
+    planned = plan(sweep, profile, out, list(extra), conf, apply=not dry_run, reuse=reuse)
     outcome = Outcome(planned)
     todo = [p for p in planned if p.status == "pending"]
     prof = planned[0].run.profile if planned else (profile or "paper")
     print(f"{sweep.name} [{prof}]: {len(planned)} runs, {len(todo)} to run, "
-          f"{outcome.count('skipped')} finished earlier, {outcome.count('failed')} failed to compose", flush=True)  # fmt: skip
+          f"{outcome.count('skipped')} finished earlier, {outcome.count('reused')} re-used from other tables, "
+          f"{outcome.count('failed')} failed to compose", flush=True)  # fmt: skip
     for p in planned:
         if p.status == "failed":
             if not dry_run:
                 _write_failed(p.run.run_dir, p.message)
             print(f"  {p.run.describe()}: FAILED before launch: {p.message}", flush=True)
-        elif p.message and p.status == "pending":
+        elif p.message and p.status in ("pending", "reused"):
             print(f"  {p.run.describe()}: {p.message}", flush=True)
+            if p.status == "reused" and not dry_run:
+                _reuse(p, out)
     if dry_run:
         for p in planned:
             print(f"  {p.status:8s} {p.run.describe():40s} {p.run.run_dir}")
@@ -533,7 +571,7 @@ def breadth_first(todo: list[Planned], grid: dict[str, list]) -> list[Planned]:
 def _summary(sweep: Sweep, prof: str, outcome: Outcome, elapsed: float) -> None:
     c = outcome.count
     line = (f"{sweep.name} [{prof}] summary: {c('done')} done, {c('skipped')} skipped (finished earlier), "
-            f"{c('failed')} failed")  # fmt: skip
+            f"{c('reused')} re-used from other tables, {c('failed')} failed")  # fmt: skip
     if c("interrupted") or c("pending"):
         line += f", {c('interrupted') + c('pending')} not run (interrupted)"
     print(f"{line}; {elapsed:.0f} s", flush=True)
@@ -578,6 +616,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=1, help="local launcher: runs at once (one GPU each where GPUs exist)")
     ap.add_argument("--dry-run", action="store_true", help="print the plan; run nothing")
     ap.add_argument("--no-table", action="store_true", help="do not render the table at the end")
+    ap.add_argument("--no-reuse", action="store_true",
+                    help="train every run, even one whose computation a finished run of another table already did")
     ap.add_argument("--list", action="store_true", help="list the sweep files (make list-tables)")
     args = ap.parse_intermixed_args(argv)  # options may come before or after the overrides
     if args.list:
@@ -591,7 +631,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         sweep = load_sweep(find_sweep(args.sweep))
         outcome = run_sweep(sweep, args.profile or None, args.out, extra, args.launcher, args.jobs, launcher_over,
-                            dry_run=args.dry_run, render=not args.no_table)  # fmt: skip
+                            dry_run=args.dry_run, render=not args.no_table, reuse=not args.no_reuse)  # fmt: skip
     except ConfigError as exc:
         print(f"fsseg-sweep: {exc}", file=sys.stderr)
         return 2
