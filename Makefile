@@ -64,12 +64,15 @@ SWEEP_ENV = $(if $(filter file,$(origin WANDB_MODE)),env -u WANDB_MODE,)
 reproduce-%: $(STAMP) ## Run a paper table and render it (resumable): make reproduce-apanet-table4 [PROFILE=embedded] [SWEEP_ARGS="--jobs 2"]
 	$(SWEEP_ENV) $(VENV)/bin/fsseg-sweep $* $(if $(PROFILE),--profile $(PROFILE)) $(SWEEP_ARGS)
 
-.PHONY: compare-apanet compare-celp bias-apanet
+.PHONY: compare-apanet compare-celp bias-apanet bias-celp
 compare-apanet: $(STAMP) ## Embedded benchmark, 4 folds x 3 seeds: PFENet vs APANet and the n sweep (~3.3 h on 2 CPU cores, resumable)
 	$(SWEEP_ENV) $(VENV)/bin/fsseg-sweep apanet-table4 --profile folds $(SWEEP_ARGS)
 
 bias-apanet: $(STAMP) ## compare-apanet's PFENet and APANet runs on novel objects seen as background in training (fsseg-bias)
 	$(VENV)/bin/fsseg-bias apanet-table4 --profile folds --rows "n = 0 (baseline)" "n = 3"
+
+bias-celp: $(STAMP) ## compare-celp's four methods on novel objects seen as background in training (fsseg-bias)
+	$(VENV)/bin/fsseg-bias celp-table1 --profile folds
 
 compare-celp: $(STAMP) ## Embedded benchmark, 4 folds x 3 seeds: PFENet, CELP, CyCTR, CyCTR+CELP, then the delta sweep (84 runs trained, delta = 0.65 re-used; ~4.5 h, resumable)
 	$(SWEEP_ENV) $(VENV)/bin/fsseg-sweep celp-table1 --profile folds $(SWEEP_ARGS)

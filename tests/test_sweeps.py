@@ -320,6 +320,9 @@ def test_make_targets_exist():
                          env={**os.environ, "MAKEFLAGS": ""})  # fmt: skip
     rows = [r.label for r in load_sweep(find_sweep("apanet-table4")).rows_run("folds")]
     assert f'fsseg-bias apanet-table4 --profile folds --rows "{rows[0]}" "{rows[3]}"' in out.stdout, out.stdout
+    out = subprocess.run(["make", "-n", "bias-celp"], cwd=REPO, capture_output=True, text=True,
+                         env={**os.environ, "MAKEFLAGS": ""})  # fmt: skip
+    assert "fsseg-bias celp-table1 --profile folds" in out.stdout, out.stdout
 
 
 def test_sweep_entry_point_installed():
