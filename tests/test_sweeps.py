@@ -368,9 +368,10 @@ def test_interrupt_with_parallel_jobs_stops_the_running_children(tmp_path, monke
     assert not launcher._procs or all(proc.poll() is not None for proc in launcher._procs)
 
 
-def test_bias_evaluates_seen_and_unseen_training_queries(synth_root, in_tmp):
-    """fsseg-bias: each finished run's best checkpoint on novel episodes over training images that training used
-    (seen) or never used (unseen); the table row equals the per-run records; a second call re-uses them."""
+def test_bias_scores_base_class_subsets_on_both_splits(synth_root, in_tmp):
+    """fsseg-bias: each finished run's best checkpoint on novel episodes whose queries hold a base class or none,
+    on the training and the evaluation split; the table row is the per-run records' difference of differences;
+    a second call re-uses them."""
     from fsseg.cli.bias import main as bias_main
     from fsseg.cli.sweep import run_sweep
     from fsseg.data.manifest import EpisodeManifest
@@ -382,27 +383,32 @@ def test_bias_evaluates_seen_and_unseen_training_queries(synth_root, in_tmp):
     run_dir = out / "demo-table1" / "paper" / "dim-32" / "data.fold-0_seed-0"
     assert bias_main([str(path), "--out", str(out), "--episodes", "6"]) == 0
     src = PascalVOC(synth_root)
-    names = src.item_names("train")
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     base = set(range(6, 21))
     miou = {}
-    for q in ("seen", "unseen"):
-        rec = json.loads((run_dir / "bias" / q / "metrics.json").read_text())
-        man = EpisodeManifest.load(json.loads((run_dir / "bias" / q / "provenance.json").read_text())["manifest"]["path"])
-        assert rec["episodes"] == 6 and man.split == "train" and rec["manifest_hash"] == man.hash
-        for ep in man.episodes:  # the query's labels, read directly: a base class present (>= min_pixels) or not
-            _, label = src.load("train", names.index(ep.query))
-            counts = {int(c): int((label == c).sum()) for c in set(label.ravel().tolist()) - {0, 255}}
-            has_base = any(n >= cfg["data"]["min_pixels"] for c, n in counts.items() if c in base)
-            assert ep.class_id in range(1, 6) and has_base == (q == "seen"), (q, ep)
-        miou[q] = 100 * rec["metrics"]["miou"]
+    for split in ("train", "val"):
+        names = src.item_names(split)
+        for subset in ("with_base", "without_base"):
+            d = run_dir / "bias" / f"{split}-{subset}"
+            rec = json.loads((d / "metrics.json").read_text())
+            man = EpisodeManifest.load(json.loads((d / "provenance.json").read_text())["manifest"]["path"])
+            assert rec["episodes"] == 6 and man.split == split and rec["manifest_hash"] == man.hash
+            for ep in man.episodes:  # the query's labels, read directly: a base class with >= min_pixels or not
+                _, label = src.load(split, names.index(ep.query))
+                counts = {int(c): int((label == c).sum()) for c in set(label.ravel().tolist()) - {0, 255}}
+                has_base = any(n >= cfg["data"]["min_pixels"] for c, n in counts.items() if c in base)
+                assert ep.class_id in range(1, 6) and has_base == (subset == "with_base"), (split, subset, ep)
+            miou[split, subset] = 100 * rec["metrics"]["miou"]
+    bias = (miou["train", "without_base"] - miou["train", "with_base"]) - (
+        miou["val", "without_base"] - miou["val", "with_base"])  # fmt: skip
     md = (out / "demo-table1" / "paper" / "bias.md").read_text()
     test = 100 * json.loads((run_dir / "metrics.json").read_text())["metrics"]["miou"]
-    row = f"| dim 32 | 1 | {test:.1f} | {miou['seen']:.1f} | {miou['unseen']:.1f} | {miou['unseen'] - miou['seen']:.1f} | — |"
-    assert row in md
-    stamp = (run_dir / "bias" / "seen" / "metrics.json").stat().st_mtime_ns
+    cells = [test, miou["train", "with_base"], miou["train", "without_base"], miou["val", "with_base"],
+             miou["val", "without_base"], bias]  # fmt: skip
+    assert "| dim 32 | 1 | " + " | ".join(f"{v:.1f}" for v in cells) + " | — |" in md
+    stamp = (run_dir / "bias" / "train-with_base" / "metrics.json").stat().st_mtime_ns
     assert bias_main([str(path), "--out", str(out), "--episodes", "6"]) == 0
-    assert (run_dir / "bias" / "seen" / "metrics.json").stat().st_mtime_ns == stamp
+    assert (run_dir / "bias" / "train-with_base" / "metrics.json").stat().st_mtime_ns == stamp
     assert bias_main([str(path), "--out", str(out), "--rows", "nope"]) == 2
 
 

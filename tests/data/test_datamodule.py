@@ -158,47 +158,56 @@ def test_datasets_pickle_for_spawned_workers(voc_root, tmp_path):
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_background_bias_queries_split_training_images_by_use(voc_root, tmp_path):
-    """eval_queries=seen|unseen: novel-class episodes on the training split. With min_pixels=1 class 1 sits in
-    t00 and t04 (which also hold base classes: training queries, their class-1 pixels trained as background)
-    and in t10 (class 1 only: never used by training); supports come from all three."""
+def test_query_subsets_split_images_by_base_class(voc_root, tmp_path):
+    """eval_queries=with_base|without_base: novel-class episodes whose queries hold a qualifying base class or none.
+    Training split, min_pixels=1: class 1 sits in t00 and t04 (with base classes: under train_filter=keep they were
+    training queries, their class-1 pixels trained as background) and in t10 (class 1 only: never used by
+    training); supports come from all three, and the partition does not depend on train_filter. Validation
+    split: v00 (1 + base 6) and v06 (2 + base 7) hold a base class, the other images none."""
     from fsseg.data.sources import PascalVOC as VOC
 
-    items = VOC(voc_root).item_names("train")
-    seen_q, unseen_q = set(), set()
-    for queries, out in (("seen", seen_q), ("unseen", unseen_q)):
-        dm = make(VOC(voc_root), tmp_path, min_pixels=1, eval_split="train", eval_queries=queries, eval_episodes=6)
+    train, val = VOC(voc_root).item_names("train"), VOC(voc_root).item_names("val")
+    queries: dict[tuple, set] = {}
+    for split, subset, flt in (("train", "with_base", "keep"), ("train", "without_base", "keep"),
+                               ("train", "with_base", "drop"), ("val", "with_base", "keep"),
+                               ("val", "without_base", "keep")):  # fmt: skip
+        dm = make(VOC(voc_root), tmp_path, min_pixels=1, eval_split=split, eval_queries=subset, eval_episodes=12,
+                  train_filter=flt)  # fmt: skip
         dm.setup("test")
         assert dm.novel_class_ids == [1, 2, 3, 4, 5]
         man = dm.eval_manifest
-        assert queries in man.path.name and man.split == "train"
+        assert subset in man.path.name and man.split == split
+        queries[split, subset, flt] = {ep.query for ep in man.episodes}
         for ep in man.episodes:
-            assert ep.class_id == 1 and ep.query not in ep.supports
-            assert set(ep.supports) <= {items[0], items[4], items[10]}
-            out.add(ep.query)
-        batch = next(iter(dm.test_dataloader()))
-        fg = (batch[B.QUERY_LABEL_ORI] == 1).flatten(1).sum(1).tolist()
-        assert set(fg) <= {2047, 500, 4000}  # the class-1 pixel counts painted in t00, t04, t10
-    assert seen_q == {items[0], items[4]} and unseen_q == {items[10]}
+            assert ep.query not in ep.supports
+            if split == "train":
+                assert ep.class_id == 1 and set(ep.supports) <= {train[0], train[4], train[10]}
+        if split == "train":
+            batch = next(iter(dm.test_dataloader()))
+            fg = (batch[B.QUERY_LABEL_ORI] == 1).flatten(1).sum(1).tolist()
+            assert set(fg) <= {2047, 500, 4000}  # the class-1 pixel counts painted in t00, t04, t10
+    assert queries["train", "with_base", "keep"] == queries["train", "with_base", "drop"] == {train[0], train[4]}
+    assert queries["train", "without_base", "keep"] == {train[10]}
+    assert queries["val", "with_base", "keep"] == {val[0], val[6]}
+    assert queries["val", "without_base", "keep"] == {val[k] for k in (1, 2, 3, 4, 5, 7, 8)}
 
 
 @pytest.mark.parametrize("kw, match", [
     (dict(eval_split="train"), r"data.eval_split='train' with data.eval_queries='all'"),
-    (dict(eval_queries="seen"), r"data.eval_split='val' with data.eval_queries='seen'"),
-    (dict(eval_split="train", eval_queries="seen", eval_classes="base"), r"needs data.eval_classes='novel'"),
-    (dict(eval_queries="used"), r"data.eval_queries='used': expected one of \['all', 'seen', 'unseen'\]"),
+    (dict(eval_split="train", eval_queries="with_base", eval_classes="base"), r"needs data.eval_classes='novel'"),
+    (dict(eval_queries="seen"), r"data.eval_queries='seen': expected one of \['all', 'with_base', 'without_base'\]"),
 ])  # fmt: skip
-def test_background_bias_queries_bad_config(voc_root, tmp_path, kw, match):
+def test_query_subsets_bad_config(voc_root, tmp_path, kw, match):
     from fsseg.errors import ConfigError
 
     with pytest.raises(ConfigError, match=match):
         make(PascalVOC(voc_root), tmp_path, **kw)
 
 
-def test_background_bias_seen_queries_need_kept_images(voc_root, tmp_path):
+def test_query_subset_without_queries_is_named(voc_root, tmp_path):
     from fsseg.errors import DataError
 
-    dm = make(PascalVOC(voc_root), tmp_path, min_pixels=1, eval_split="train", eval_queries="seen",
-              train_filter="drop")  # fmt: skip
-    with pytest.raises(DataError, match=r"eval_queries='seen'.*train_filter='drop'"):
+    # min_pixels 2048: class 1 qualifies only in t10 (no base class), too few images for an episode anyway
+    dm = make(PascalVOC(voc_root), tmp_path, eval_split="train", eval_queries="with_base")
+    with pytest.raises(DataError, match=r"eval_queries='with_base': no pascal train image of fold 0"):
         dm.setup("test")

@@ -1,24 +1,24 @@
-"""fsseg-bias: does a trained model segment the novel objects it was trained to call background?
+"""fsseg-bias: does a trained model miss the novel objects it was trained to call background?
 
     fsseg-bias apanet-table4 --profile folds --rows "n = 0 (baseline)" "n = 3"
-    -> outputs/sweeps/apanet-table4/folds/bias.md  (and bias.csv; per run: <run_dir>/bias/{seen,unseen}/)
+    -> outputs/sweeps/apanet-table4/folds/bias.md (and bias.csv; per run <run_dir>/bias/<split>-<subset>/)
 
 APANet's and CELP's premise: under PFENet's protocol (``data.train_filter=keep``) a training image that holds a
 base class is a training query whose novel-class pixels are labelled background, so the decoder learns those
-objects as background and later misses them. This command tests that on every finished run of a sweep by
-evaluating its best checkpoint on novel-class episodes whose queries are *training* images
-(``data.eval_split=train``):
+objects as background and later misses them. This command measures it on every finished run of a sweep: the
+run's best checkpoint is scored on novel-class episodes (fixed manifests, the same for every run of a fold)
+whose queries hold a qualifying base class (``data.eval_queries=with_base``) or none (``without_base``), on
 
-- ``seen``: training images that hold a qualifying base class (their novel objects were trained as background);
-- ``unseen``: training images with no qualifying base class (never a training query or support).
+- the training split: with-base queries are the images training used (their novel objects were trained as
+  background, "seen"), without-base ones images it never used;
+- the evaluation split: the same partition on images no run trained on - the control for how much harder
+  with-base images (more objects, occlusion) are in themselves.
 
-Supports come from every training image of the class in both, and the episodes are fixed manifests (same
-hash for every run of a fold), so rows are compared on the same episodes. ``unseen - seen`` is the bias
-plus whatever makes seen images harder (they hold more objects); the second part is the same for every
-method, so the quantity to compare between rows is the gap (and the paired change of ``seen`` against the
-first row). Aggregates: mean ± 95% CI (Student t) over all finished (fold, seed) points of a row.
-Resumable: a run whose bias/<queries>/metrics.json exists with the requested episode count is not
-re-evaluated.
+Bias = (train without − train with) − (eval without − eval with), a difference of differences: zero for a
+model that treats the novel objects of its training images like any others. Per row: mean ± 95% CI (Student t)
+over the finished (fold, seed) points, and the paired change of the bias against the first row. Supports come
+from every image of the class in each manifest. Resumable: an evaluation whose metrics.json exists with the
+requested episode count is not repeated.
 """
 
 from __future__ import annotations
@@ -34,22 +34,22 @@ from pathlib import Path
 
 from fsseg.errors import ConfigError
 
-QUERIES = ("seen", "unseen")
+SUBSETS = ("with_base", "without_base")
 BIAS_DIR = "bias"
 
 
-def evaluate_run(run_dir: Path, queries: str, episodes: int, seed: int) -> float:
-    """Novel mIoU of the run's best checkpoint on ``queries`` training images (cached under run_dir/bias)."""
+def evaluate_run(run_dir: Path, split: str, subset: str, episodes: int, seed: int) -> float:
+    """Novel mIoU of the run's best checkpoint on ``subset`` queries of ``split`` (cached under run_dir/bias)."""
     from omegaconf import OmegaConf
 
     from fsseg.cli.evaluate import evaluate, load_run_config, resolve_checkpoint
     from fsseg.provenance import read_metrics
 
-    out = run_dir / BIAS_DIR / queries
+    out = run_dir / BIAS_DIR / f"{split}-{subset}"
     rec = read_metrics(out)
     if rec is not None and rec.get("episodes") == episodes:
         return float(rec["metrics"]["miou"])
-    cfg = load_run_config(run_dir, {"data.eval_split": "train", "data.eval_queries": queries,
+    cfg = load_run_config(run_dir, {"data.eval_split": split, "data.eval_queries": subset,
                                     "data.eval_episodes": episodes, "data.eval_seed": seed})  # fmt: skip
     trainer = OmegaConf.merge(cfg.trainer, {"enable_progress_bar": False, "enable_model_summary": False})
     return float(evaluate(cfg, resolve_checkpoint(run_dir, "best"), trainer, out)["miou"])
@@ -79,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fsseg.cli.table import collect
     from fsseg.provenance import _write_text_atomic
     from fsseg.resolvers import register_resolvers
-    from fsseg.sweeps import find_sweep, load_sweep
+    from fsseg.sweeps import find_sweep, load_sweep, recorded_config
 
     environment_defaults()
     register_resolvers()
@@ -100,43 +100,55 @@ def main(argv: Sequence[str] | None = None) -> int:
     done = [r for r in results if r.status == "finished"]
     print(f"fsseg-bias {sweep.name} [{profile or 'paper'}]: {len(done)} finished runs of {len(results)}; "
           f"{args.episodes} episodes per manifest")  # fmt: skip
-    # (row, point) -> {"test", "seen", "unseen"}
+    # (row, point) -> {"test", "<split>-<subset>"...}
     table: dict[str, dict[tuple, dict[str, float]]] = {label: {} for label in wanted}
+    # seed-major, then the other grid values, then the rows: an interrupted call has compared rows on the same points
+    done.sort(key=lambda r: (str(r.run.seed), sorted((str(a), str(b)) for a, b in r.run.point.items())))
     for k, r in enumerate(done, 1):
+        eval_split = (recorded_config(r.run.run_dir) or {}).get("data", {}).get("eval_split", "val")
         vals = {"test": float(r.metrics["miou"])}
-        for q in QUERIES:
-            vals[q] = evaluate_run(r.run.run_dir, q, args.episodes, args.eval_seed)
+        for split in ("train", eval_split):
+            for subset in SUBSETS:
+                vals[f"{split}-{subset}"] = evaluate_run(r.run.run_dir, split, subset, args.episodes, args.eval_seed)
+        tr, ev = ("train", eval_split)
+        vals["bias"] = (vals[f"{tr}-without_base"] - vals[f"{tr}-with_base"]) - (
+            vals[f"{ev}-without_base"] - vals[f"{ev}-with_base"])  # fmt: skip
+        vals["seen"], vals["control"] = vals[f"{tr}-with_base"], vals[f"{ev}-with_base"]
+        vals["seen_nb"], vals["control_nb"] = vals[f"{tr}-without_base"], vals[f"{ev}-without_base"]
         point = tuple(sorted((str(a), str(b)) for a, b in r.run.point.items()))
         table[r.run.row.label][point] = vals
-        print(f"[{k}/{len(done)}] {r.run.describe()}: test {100 * vals['test']:.1f}  seen "
-              f"{100 * vals['seen']:.1f}  unseen {100 * vals['unseen']:.1f}", flush=True)  # fmt: skip
+        print(f"[{k}/{len(done)}] {r.run.describe()}: test {100 * vals['test']:.1f}  train with/without base "
+              f"{100 * vals['seen']:.1f}/{100 * vals['seen_nb']:.1f}  {ev} with/without base "
+              f"{100 * vals['control']:.1f}/{100 * vals['control_nb']:.1f}  bias {100 * vals['bias']:.1f}",
+              flush=True)  # fmt: skip
 
     base = table[wanted[0]]
+    cols = ("test", "seen", "seen_nb", "control", "control_nb", "bias")
     lines = [
         f"# {sweep.name} [{profile or 'paper'}]: novel objects trained as background",
         "",
-        "Novel mIoU (%) of each run's best checkpoint on novel-class episodes whose queries are training images "
-        "that training used (**seen**: their novel objects were labelled background) or never used (**unseen**); "
-        f"{args.episodes} episodes per manifest, seed {args.eval_seed}. **test**: the sweep's own test mIoU "
-        "(evaluation split). Mean ± 95% CI over the finished (fold, seed) points; "
-        f"Δ seen: paired change of seen against the first row ({wanted[0]}) on the points both finished.",
+        "Novel mIoU (%) of each run's best checkpoint on novel-class episodes whose queries hold a base class "
+        "(**+base**) or none (**−base**), on the training split (with +base queries the images training used, their "
+        "novel objects labelled background) and on the evaluation split (no run trained on them: the control). "
+        "**bias** = (train −base − train +base) − (eval −base − eval +base). "
+        f"{args.episodes} episodes per manifest, seed {args.eval_seed}; **test**: the sweep's test mIoU. "
+        "Mean ± 95% CI over the finished (fold, seed) points; "
+        f"Δ bias: paired change against the first row ({wanted[0]}) on the points both finished.",
         "",
-        "| row | points | test | seen | unseen | unseen − seen | Δ seen vs first row |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| row | points | test | train +base | train −base | eval +base | eval −base | bias | Δ bias vs first row |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["row", "point", "test", "seen", "unseen"])
+    w.writerow(["row", "point", *cols])
     for label in wanted:
         pts = table[label]
-        col = {q: [v[q] for v in pts.values()] for q in ("test", *QUERIES)}
-        gap = [v["unseen"] - v["seen"] for v in pts.values()]
-        paired = [v["seen"] - base[p]["seen"] for p, v in pts.items() if p in base]
+        stats = [_stats([v[c] for v in pts.values()]) for c in cols]
+        paired = [v["bias"] - base[p]["bias"] for p, v in pts.items() if p in base]
         delta = "—" if label == wanted[0] else _stats(paired)
-        lines.append(f"| {label} | {len(pts)} | {_stats(col['test'])} | {_stats(col['seen'])} | "
-                     f"{_stats(col['unseen'])} | {_stats(gap)} | {delta} |")  # fmt: skip
+        lines.append(f"| {label} | {len(pts)} | " + " | ".join(stats) + f" | {delta} |")
         for p, v in pts.items():
-            w.writerow([label, ";".join(f"{a}={b}" for a, b in p), v["test"], v["seen"], v["unseen"]])
+            w.writerow([label, ";".join(f"{a}={b}" for a, b in p), *(v[c] for c in cols)])
     root = sweep.root(profile, args.out)
     root.mkdir(parents=True, exist_ok=True)
     _write_text_atomic(root / "bias.md", "\n".join(lines) + "\n")

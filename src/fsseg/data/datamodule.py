@@ -11,9 +11,11 @@
   evaluation split ``eval_split``: the test manifest (``eval_episodes`` episodes, seed ``eval_seed``;
   ``eval_manifest``) and the validation manifest used during training (``val_episodes`` episodes, seed
   ``eval_seed + 1``).
-  ``eval_queries`` (``all``; ``seen`` / ``unseen`` with ``eval_split="train"``): the background-bias
-  diagnostic (``fsseg-bias``): novel-class episodes on the training split whose queries are images training used
-  (their novel pixels were labelled background under ``train_filter="keep"``) or never used.
+  ``eval_queries`` (``all``, ``with_base``, ``without_base``): only queries that hold a qualifying base class,
+  or none; for the background-bias diagnostic (``fsseg-bias``). On the training split (allowed only with a
+  subset) under ``train_filter="keep"``, ``with_base`` queries are the images training used, their novel pixels
+  labelled background, and ``without_base`` images training never used; on the evaluation split the same
+  partition measures how much harder the with-base images are without any training on them.
   Like the reference implementations, there is no separate held-out validation split: validation episodes
   come from the evaluation split (other seed, usually fewer episodes), so model selection on them sees the
   test images. Manifests are saved under ``cache_dir/manifests`` and reused (hash verified).
@@ -49,7 +51,7 @@ from fsseg.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
-EVAL_QUERIES = ("all", "seen", "unseen")
+EVAL_QUERIES = ("all", "with_base", "without_base")
 
 
 class EpisodeDataModule(L.LightningDataModule):
@@ -127,15 +129,14 @@ class EpisodeDataModule(L.LightningDataModule):
         self.eval_classes = eval_classes
         if eval_queries not in EVAL_QUERIES:
             raise ConfigError(f"data.eval_queries={eval_queries!r}: expected one of {list(EVAL_QUERIES)}")
-        on_train = eval_queries != "all"
-        if eval_split not in source.splits or (eval_split == "train") != on_train:
+        if eval_split not in source.splits or (eval_split == "train" and eval_queries == "all"):
             allowed = [s for s in source.splits if s != "train"]
             raise ConfigError(
                 f"data.eval_split={eval_split!r} with data.eval_queries={eval_queries!r}: expected one of "
                 f"{allowed} for {type(source).__name__} (the training split only with data.eval_queries="
-                f"seen|unseen, the background-bias diagnostic)"
+                f"with_base|without_base, the background-bias diagnostic)"
             )
-        if on_train and eval_classes != "novel":
+        if eval_queries != "all" and eval_classes != "novel":
             raise ConfigError(f"data.eval_queries={eval_queries!r} needs data.eval_classes='novel'")
         self.eval_split, self.eval_queries = eval_split, eval_queries
         scale_range = tuple(float(v) for v in scale_range)
@@ -172,7 +173,7 @@ class EpisodeDataModule(L.LightningDataModule):
                 classes=self.base_class_ids if self.eval_classes == "base" else self.novel_class_ids,
             )  # fmt: skip
             if self.eval_queries != "all":
-                index = self._training_queries(index)
+                index = self._query_subset(index)
             test_man = self._manifest(index, self.eval_episodes, self.eval_seed)
             val_man = self._manifest(index, self.val_episodes, self.eval_seed + 1)
             base, novel, tf = self.base_class_ids, self.novel_class_ids, self.eval_transform
@@ -191,14 +192,14 @@ class EpisodeDataModule(L.LightningDataModule):
                 length=self.train_episodes_per_epoch,
             )  # fmt: skip
 
-    def _training_queries(self, novel_index: FoldIndex) -> FoldIndex:
-        """The novel-class index of the training split with its queries restricted to the images training
-        used (``seen``: they hold a qualifying base class, so their novel objects were trained as background)
-        or never used (``unseen``); supports still come from every qualifying training image of the class."""
-        used = set(
+    def _query_subset(self, novel_index: FoldIndex) -> FoldIndex:
+        """The novel-class index of the evaluation split with its queries restricted to the images that hold a
+        qualifying base class (``with_base``) or none (``without_base``); supports still come from every
+        qualifying image of the class."""
+        with_base = set(
             build_fold_index(
-                self.source, "train", self.fold, min_pixels=self.min_pixels, train_filter=self.train_filter,
-                cache_dir=self.cache_dir,
+                self.source, self.eval_split, self.fold, min_pixels=self.min_pixels, cache_dir=self.cache_dir,
+                classes=self.base_class_ids,
             ).items
         )  # fmt: skip
         # Classes too rare in the training split for an episode (query + shots supports) are left out (logged).
@@ -206,16 +207,15 @@ class EpisodeDataModule(L.LightningDataModule):
         item_classes = {
             i: [c for c in cs if c in classes]
             for i, cs in novel_index.item_classes.items()
-            if (i in used) == (self.eval_queries == "seen")
+            if (i in with_base) == (self.eval_queries == "with_base")
         }
         item_classes = {i: cs for i, cs in item_classes.items() if cs}
         keep = sorted(item_classes)
         if not keep:
             raise DataError(
-                f"data.eval_queries={self.eval_queries!r}: no {self.source.name} training image of fold "
-                f"{self.fold} holds a novel class with >= {self.min_pixels} pixels and is "
-                f"{'a training image' if self.eval_queries == 'seen' else 'unused by training'} "
-                f"(data.train_filter={self.train_filter!r}; 'drop' removes every such image from training)"
+                f"data.eval_queries={self.eval_queries!r}: no {self.source.name} {self.eval_split} image of fold "
+                f"{self.fold} holds a novel class with >= {self.min_pixels} pixels "
+                f"{'and' if self.eval_queries == 'with_base' else 'but no'} base class with as many"
             )
         left_out = sorted(set(novel_index.class_ids) - {c for cs in item_classes.values() for c in cs})
         if left_out:
