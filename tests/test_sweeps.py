@@ -435,7 +435,7 @@ def test_a_run_another_table_finished_is_reused_not_retrained(synth_root, in_tmp
     assert [p.status for p in outcome.planned] == ["reused", "done"]
     dst = out / "demo-table2" / "paper" / "other-label" / "data.fold-0_seed-0"
     assert read_metrics(dst) == read_metrics(src)
-    assert (dst / "checkpoints" / "best.ckpt").resolve() == (src / "checkpoints" / "best.ckpt").resolve()
+    assert os.path.samefile(dst / "checkpoints" / "best.ckpt", src / "checkpoints" / "best.ckpt")  # hard link
     cfg = yaml.safe_load((dst / "config.yaml").read_text())
     assert cfg["run_dir"] == str(dst.resolve()) and cfg["sweep_name"] == "demo-table2"
     assert run_identity(cfg) == run_identity(yaml.safe_load((src / "config.yaml").read_text()))

@@ -166,8 +166,16 @@ def plan(sweep: Sweep, profile: str | None, out: Path, extra: Sequence[str], con
     return planned
 
 
+def _link_or_copy(src: str, dst: str) -> None:
+    """Hard link (checkpoints cost no space and survive the source being set aside), else copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def _reuse(p: Planned, out: Path) -> None:
-    """Copy a finished run of another table into this run's directory (checkpoints linked, not copied): the
+    """Copy a finished run of another table into this run's directory (files hard-linked where possible): the
     recorded config becomes this run's (identical but for its directory and sweep name), metrics.json comes last."""
     import yaml
 
@@ -176,9 +184,8 @@ def _reuse(p: Planned, out: Path) -> None:
     src = p.source
     dst = p.run.run_dir
     _set_aside(p.run, out)
-    shutil.copytree(src, dst, symlinks=True, ignore=shutil.ignore_patterns("checkpoints", "metrics.json", SPEC_FILE))
-    if (src / "checkpoints").is_dir():
-        os.symlink(os.path.relpath(src / "checkpoints", dst), dst / "checkpoints")
+    shutil.copytree(src, dst, symlinks=True, ignore=shutil.ignore_patterns("metrics.json", SPEC_FILE),
+                    copy_function=_link_or_copy)  # fmt: skip
     _write_text_atomic(dst / "config.yaml", yaml.safe_dump(p.expected, sort_keys=False))
     _write_spec(p, [], "reuse", reused_from=str(src))
     tmp = dst / "metrics.json.tmp"
