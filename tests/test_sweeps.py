@@ -347,6 +347,7 @@ def test_interrupt_with_parallel_jobs_stops_the_running_children(tmp_path, monke
     """SIGTERM/Ctrl-C of a `--jobs 2` sweep ends the running runs at once (it used to wait for them, and for the
     queued ones, while leaving the thread pool) and marks them interrupted."""
     import _thread
+    import signal
     import threading
 
     from fsseg.cli.sweep import LocalLauncher, plan
@@ -357,11 +358,17 @@ def test_interrupt_with_parallel_jobs_stops_the_running_children(tmp_path, monke
         p.run.run_dir.mkdir(parents=True, exist_ok=True)
     launcher = LocalLauncher(jobs=2, gpus=[])
     monkeypatch.setattr(launcher, "command", lambda p: ["sleep", "60"])
+    # interrupt_main does nothing where SIGINT is ignored (a test run started in the background by a
+    # non-interactive shell inherits SIG_IGN): install Python's handler for the duration of the test
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
     timer = threading.Timer(1.5, _thread.interrupt_main)
     timer.start()
     start = time.monotonic()
-    with pytest.raises(KeyboardInterrupt):
-        launcher.launch(todo)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            launcher.launch(todo)
+    finally:
+        signal.signal(signal.SIGINT, old)
     assert time.monotonic() - start < 20
     assert [p.status for p in todo[:2]] == ["interrupted", "interrupted"]
     assert all(p.status == "pending" for p in todo[2:])  # never started

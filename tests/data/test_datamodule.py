@@ -193,7 +193,7 @@ def test_query_subsets_split_images_by_base_class(voc_root, tmp_path):
 
 
 @pytest.mark.parametrize("kw, match", [
-    (dict(eval_split="train"), r"data.eval_split='train' with data.eval_queries='all'"),
+    (dict(eval_split="train"), r"data.eval_split='train': expected one of \['val'\] .*got 'all'"),
     (dict(eval_split="train", eval_queries="with_base", eval_classes="base"), r"needs data.eval_classes='novel'"),
     (dict(eval_queries="seen"), r"data.eval_queries='seen': expected one of \['all', 'with_base', 'without_base'\]"),
 ])  # fmt: skip

@@ -132,9 +132,9 @@ class EpisodeDataModule(L.LightningDataModule):
         if eval_split not in source.splits or (eval_split == "train" and eval_queries == "all"):
             allowed = [s for s in source.splits if s != "train"]
             raise ConfigError(
-                f"data.eval_split={eval_split!r} with data.eval_queries={eval_queries!r}: expected one of "
-                f"{allowed} for {type(source).__name__} (the training split only with data.eval_queries="
-                f"with_base|without_base, the background-bias diagnostic)"
+                f"data.eval_split={eval_split!r}: expected one of {allowed} for {type(source).__name__} (the "
+                f"training split only with data.eval_queries=with_base|without_base, the background-bias "
+                f"diagnostic; got {eval_queries!r})"
             )
         if eval_queries != "all" and eval_classes != "novel":
             raise ConfigError(f"data.eval_queries={eval_queries!r} needs data.eval_classes='novel'")
