@@ -87,6 +87,20 @@ def test_markdown_layout_ci_paper_and_difference(rendered):
     assert "Runs: 11 finished, 1 failed, 0 not finished, of 12." in md
 
 
+def test_paired_differences_against_the_first_row(rendered):
+    from scipy import stats
+
+    _, _, paths = rendered
+    md = paths["md"].read_text()
+    # k = 2 minus k = 1 at the 5 points both finished (fold 1 seed 1 of k = 2 failed): 5, 5, 5, 5, 4
+    d = [5.0, 5.0, 5.0, 5.0, 4.0]
+    mean = sum(d) / 5
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / 4)
+    ci = stats.t.ppf(0.975, 4) * sd / math.sqrt(5)
+    assert "Paired differences against the first row (k = 1)" in md
+    assert f"| k = 2 | +{mean:.1f} ± {ci:.1f} | 5 | 5 of 5 |" in md, md
+
+
 def test_csv_and_runs_csv(rendered):
     _, _, paths = rendered
     rows = list(csv.DictReader(io.StringIO(paths["csv"].read_text())))

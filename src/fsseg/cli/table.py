@@ -8,6 +8,7 @@ Layout: one line per row of the sweep file, per column (e.g. Fold-0..3) our valu
 difference (ours - paper), then the Mean column. Ours = mean ± 95% CI over the seeds of the cell
 (fsseg.metrics.aggregate_seeds, Student t; one seed: no interval). Values are percentages (metrics x 100).
 Failed runs are marked FAILED (their error is listed below the table), runs not yet finished "…".
+Below the table: each row's paired difference against the first row over the grid points both finished.
 Below the table: the evaluation-manifest hash and episode count of every column (and a warning if two rows
 of one column were evaluated on different episodes). Files written next to the runs:
 
@@ -212,6 +213,32 @@ def build_table(sweep: Sweep, profile: str | None, results: list[RunResult], met
             "metric": metric, "show_mean": show_mean}  # fmt: skip
 
 
+def paired_differences(sweep: Sweep, profile: str | None, results: list[RunResult], metric: str) -> list[dict]:
+    """Per row after the first: ``metric`` minus the first row's at every grid point (fold, seed, ...) where both
+    finished; mean ± 95% CI over those points, their number and how many the row wins. Pairing removes what the
+    points share (the fold's episodes; with the same seed, initialisation and episode order where the rows'
+    parameters agree), so it separates rows that the per-cell intervals cannot."""
+    from fsseg.metrics import aggregate_seeds
+
+    rows = [r for r in sweep.rows_run(profile) if not r.metric or r.metric == metric]
+    if len(rows) < 2:
+        return []
+
+    def values(row) -> dict:
+        return {tuple(sorted((k, repr(v)) for k, v in r.run.point.items())): _value(r, metric)
+                for r in results if r.run.row.label == row.label and r.status == "finished"}  # fmt: skip
+
+    ref = {k: v for k, v in values(rows[0]).items() if v is not None}
+    out = []
+    for row in rows[1:]:
+        d = [v - ref[k] for k, v in values(row).items() if v is not None and k in ref]
+        if d:
+            agg = aggregate_seeds(d)
+            ci = agg["ci95"] if math.isfinite(agg["ci95"]) else None
+            out.append({"row": row.label, "mean": agg["mean"], "ci95": ci, "n": len(d), "wins": sum(x > 0 for x in d)})
+    return out
+
+
 def _metrics_to_render(sweep: Sweep) -> list[str]:
     """One table per metric of ``metrics:``, unless rows or column groups name their metrics (then one table)."""
     if any(c.metric for c in sweep.column_groups) or any(r.metric for r in sweep.rows):
@@ -297,6 +324,16 @@ def markdown(sweep: Sweep, profile: str | None, results: list[RunResult], tables
             for c in t["columns"]:
                 line += ["", _fmt(cells[c].paper, pct=False), ""]
             out.append("| " + " | ".join(line) + " |")
+        out.append("")
+    pairs = paired_differences(sweep, profile, results, tables[0]["metric"])
+    if pairs and max(p["n"] for p in pairs) > 1:
+        ref = sweep.rows_run(profile)[0].label
+        out += [f"Paired differences against the first row ({ref}): {METRIC_NAMES.get(tables[0]['metric'], tables[0]['metric'])} "
+                "of the row minus the first row's at each grid point where both finished; mean ± 95% CI over the "
+                "points (Student t).", "", "| row | Δ vs first row | points | row ahead |", "|---|---:|---:|---:|"]  # fmt: skip
+        for p in pairs:
+            ci = "" if p["ci95"] is None else f" ± {_num(p['ci95'])}"
+            out.append(f"| {p['row']} | {_num(p['mean'], signed=True)}{ci} | {p['n']} | {p['wins']} of {p['n']} |")
         out.append("")
     man = _manifests(sweep, profile, results)
     if man:
