@@ -451,3 +451,31 @@ def test_a_run_another_table_finished_is_reused_not_retrained(synth_root, in_tmp
     assert [p.status for p in run_sweep(second, out=out, dry_run=True, render=False).planned] == ["skipped", "skipped"]
     md = (out / "demo-table2" / "paper" / "table.md").read_text()
     assert f"{100 * read_metrics(src)['metrics']['miou']:.1f}" in md
+
+
+def test_options_spelt_out_at_their_default_leave_finished_runs_finished(tmp_path):
+    """A finished run recorded before conf/ named an option (the constructor's default applied) stays finished
+    when the option appears at its default (scale_range: a list in YAML, a tuple default), and is stale when
+    the option takes another value."""
+    import copy
+
+    from fsseg.provenance import write_json_atomic
+    from fsseg.sweeps import compose_run_config, config_diff, run_identity, run_status, without_defaults
+
+    run_dir = tmp_path / "run"
+    expected = compose_run_config(["experiment=pfenet_effl0_synth"], run_dir, CONF)
+    assert expected["data"]["scale_range"] == [0.9, 1.1]
+    recorded = copy.deepcopy(expected)
+    del recorded["data"]["scale_range"], recorded["data"]["hflip_p"]
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(recorded))
+    write_json_atomic(run_dir / "metrics.json", {"metrics": {"miou": 0.5}})
+    expected["data"]["eval_queries"] = "all"  # an option conf/ did not name before, at its default
+    assert run_status(run_dir, expected) == "finished" and run_identity(expected) == run_identity(recorded)
+    expected["data"]["eval_queries"] = "with_base"
+    assert run_status(run_dir, expected) == "stale"
+    assert config_diff(without_defaults(recorded), without_defaults(expected)) == [
+        "data.eval_queries: '<absent>' -> 'with_base'"]  # fmt: skip
+    expected["data"]["eval_queries"] = "all"
+    expected["data"]["scale_range"] = [0.8, 1.1]
+    assert run_status(run_dir, expected) == "stale"

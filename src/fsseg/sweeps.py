@@ -18,6 +18,7 @@ the configuration the sweep would give it now (so a changed budget or override r
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
@@ -662,10 +663,50 @@ def _comparable(cfg: Mapping) -> dict:
     return {k: v for k, v in cfg.items() if k not in _VOLATILE}
 
 
+def _plain(v: Any) -> Any:
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, Mapping):
+        return {k: _plain(x) for k, x in v.items()}
+    return v
+
+
+@functools.lru_cache(maxsize=None)
+def _constructor_defaults(target: str) -> dict[str, Any]:
+    """Keyword defaults of the callable a ``_target_`` names ({} when it cannot be imported or inspected)."""
+    import inspect
+
+    try:
+        from hydra.utils import get_object
+
+        sig = inspect.signature(get_object(target))
+    except Exception:  # noqa: BLE001 - an unknown target only means no key is treated as a default
+        return {}
+    return {n: _plain(q.default) for n, q in sig.parameters.items() if q.default is not inspect.Parameter.empty}
+
+
+def without_defaults(node: Any) -> Any:
+    """The config with every key dropped whose value equals its ``_target_``'s constructor default, so that a
+    config that spells a default out and one that leaves it to the constructor compare equal: adding an option
+    with its default to conf/ leaves finished sweep runs finished."""
+    if isinstance(node, Mapping):
+        out = {k: without_defaults(v) for k, v in node.items()}
+        target = node.get("_target_")
+        if isinstance(target, str):
+            for k, d in _constructor_defaults(target).items():
+                if k in out and _plain(out[k]) == d:
+                    del out[k]
+        return out
+    if isinstance(node, (list, tuple)):
+        return [without_defaults(x) for x in node]
+    return node
+
+
 def config_digest(cfg: Mapping) -> str:
     import hashlib
 
-    return hashlib.sha256(json.dumps(_comparable(cfg), sort_keys=True, default=str).encode()).hexdigest()
+    body = without_defaults(_comparable(cfg))
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
 
 
 _NOT_COMPUTED = ("run_dir", "sweep_name", "logger")  # where a run lives, which table it serves, how it is logged
@@ -688,7 +729,7 @@ def run_identity(cfg: Mapping) -> str:
             return [norm(x) for x in v]
         return v
 
-    body = norm({k: v for k, v in cfg.items() if k not in _NOT_COMPUTED})
+    body = norm(without_defaults({k: v for k, v in cfg.items() if k not in _NOT_COMPUTED}))
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -723,7 +764,8 @@ def run_status(run_dir: str | os.PathLike, expected: Mapping | None = None) -> s
         if expected is None:
             return "finished"
         rec = recorded_config(run_dir)
-        return "finished" if rec is not None and _comparable(rec) == _comparable(expected) else "stale"
+        same = rec is not None and without_defaults(_comparable(rec)) == without_defaults(_comparable(expected))
+        return "finished" if same else "stale"
     if (run_dir / FAILED_FILE).is_file():
         return "failed"
     return "started" if run_dir.is_dir() else "missing"

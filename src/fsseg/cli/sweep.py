@@ -62,6 +62,7 @@ from fsseg.sweeps import (  # noqa: I001
     slugify,
     sweep_name_of,
     sweeps_dir,
+    without_defaults,
 )
 
 LAUNCHERS = ("local", "submitit_local", "slurm")
@@ -141,7 +142,7 @@ def plan(sweep: Sweep, profile: str | None, out: Path, extra: Sequence[str], con
         if status == "finished":
             p.status, p.message = "skipped", "finished earlier with the same config"
         elif status == "stale":
-            diff = config_diff(recorded_config(run.run_dir) or {}, p.expected)
+            diff = config_diff(without_defaults(recorded_config(run.run_dir) or {}), without_defaults(p.expected))
             p.message = "re-run: config changed (" + "; ".join(diff[:3]) + ("; ..." if len(diff) > 3 else "") + ")"
             if apply:
                 _set_aside(run, out)
