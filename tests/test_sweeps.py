@@ -416,6 +416,9 @@ def test_bias_scores_base_class_subsets_on_both_splits(synth_root, in_tmp):
     stamp = (run_dir / "bias" / "train-with_base" / "metrics.json").stat().st_mtime_ns
     assert bias_main([str(path), "--out", str(out), "--episodes", "6"]) == 0
     assert (run_dir / "bias" / "train-with_base" / "metrics.json").stat().st_mtime_ns == stamp
+    assert bias_main([str(path), "--out", str(out), "--episodes", "7", "--cached-only"]) == 0  # 7: none on disk
+    assert "| dim 32 | 0 | …" in (out / "demo-table1" / "paper" / "bias.md").read_text()
+    assert (run_dir / "bias" / "train-with_base" / "metrics.json").stat().st_mtime_ns == stamp
     assert bias_main([str(path), "--out", str(out), "--rows", "nope"]) == 2
 
 

@@ -38,8 +38,9 @@ SUBSETS = ("with_base", "without_base")
 BIAS_DIR = "bias"
 
 
-def evaluate_run(run_dir: Path, split: str, subset: str, episodes: int, seed: int) -> float:
-    """Novel mIoU of the run's best checkpoint on ``subset`` queries of ``split`` (cached under run_dir/bias)."""
+def evaluate_run(run_dir: Path, split: str, subset: str, episodes: int, seed: int, cached_only: bool = False) -> float | None:
+    """Novel mIoU of the run's best checkpoint on ``subset`` queries of ``split`` (cached under run_dir/bias);
+    with ``cached_only``, None when that evaluation is not on disk yet."""
     from omegaconf import OmegaConf
 
     from fsseg.cli.evaluate import evaluate, load_run_config, resolve_checkpoint
@@ -49,6 +50,8 @@ def evaluate_run(run_dir: Path, split: str, subset: str, episodes: int, seed: in
     rec = read_metrics(out)
     if rec is not None and rec.get("episodes") == episodes:
         return float(rec["metrics"]["miou"])
+    if cached_only:
+        return None
     cfg = load_run_config(run_dir, {"data.eval_split": split, "data.eval_queries": subset,
                                     "data.eval_episodes": episodes, "data.eval_seed": seed})  # fmt: skip
     trainer = OmegaConf.merge(cfg.trainer, {"enable_progress_bar": False, "enable_model_summary": False})
@@ -74,6 +77,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--episodes", type=int, default=300, help="episodes per manifest (default 300)")
     ap.add_argument("--eval-seed", type=int, default=321, help="manifest seed (default 321)")
     ap.add_argument("--out", default=os.environ.get("FSSEG_SWEEP_OUT", "outputs/sweeps"), help="sweep output root")
+    ap.add_argument("--cached-only", action="store_true",
+                    help="evaluate nothing: tabulate the runs whose four evaluations are already on disk")
     args = ap.parse_args(argv)
     from fsseg.cli.common import environment_defaults
     from fsseg.cli.table import collect
@@ -109,7 +114,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         vals = {"test": float(r.metrics["miou"])}
         for split in ("train", eval_split):
             for subset in SUBSETS:
-                vals[f"{split}-{subset}"] = evaluate_run(r.run.run_dir, split, subset, args.episodes, args.eval_seed)
+                vals[f"{split}-{subset}"] = evaluate_run(r.run.run_dir, split, subset, args.episodes, args.eval_seed,
+                                                         cached_only=args.cached_only)  # fmt: skip
+        if any(v is None for v in vals.values()):
+            continue
         tr, ev = ("train", eval_split)
         vals["bias"] = (vals[f"{tr}-without_base"] - vals[f"{tr}-with_base"]) - (
             vals[f"{ev}-without_base"] - vals[f"{ev}-with_base"])  # fmt: skip
