@@ -36,6 +36,7 @@ from fsseg.errors import ConfigError
 
 SUBSETS = ("with_base", "without_base")
 BIAS_DIR = "bias"
+COLUMNS = ("test", "train-with_base", "train-without_base", "eval-with_base", "eval-without_base", "bias")
 
 
 def evaluate_run(run_dir: Path, split: str, subset: str, episodes: int, seed: int, cached_only: bool = False) -> float | None:
@@ -105,33 +106,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     done = [r for r in results if r.status == "finished"]
     print(f"fsseg-bias {sweep.name} [{profile or 'paper'}]: {len(done)} finished runs of {len(results)}; "
           f"{args.episodes} episodes per manifest")  # fmt: skip
-    # (row, point) -> {"test", "<split>-<subset>"...}
+    # (row, point) -> {column: value}
     table: dict[str, dict[tuple, dict[str, float]]] = {label: {} for label in wanted}
     # seed-major, then the other grid values, then the rows: an interrupted call has compared rows on the same points
     done.sort(key=lambda r: (str(r.run.seed), sorted((str(a), str(b)) for a, b in r.run.point.items())))
     for k, r in enumerate(done, 1):
         eval_split = (recorded_config(r.run.run_dir) or {}).get("data", {}).get("eval_split", "val")
         vals = {"test": float(r.metrics["miou"])}
-        for split in ("train", eval_split):
+        for split, side in (("train", "train"), (eval_split, "eval")):
             for subset in SUBSETS:
-                vals[f"{split}-{subset}"] = evaluate_run(r.run.run_dir, split, subset, args.episodes, args.eval_seed,
-                                                         cached_only=args.cached_only)  # fmt: skip
+                vals[f"{side}-{subset}"] = evaluate_run(r.run.run_dir, split, subset, args.episodes, args.eval_seed,
+                                                        cached_only=args.cached_only)  # fmt: skip
         if any(v is None for v in vals.values()):
             continue
-        tr, ev = ("train", eval_split)
-        vals["bias"] = (vals[f"{tr}-without_base"] - vals[f"{tr}-with_base"]) - (
-            vals[f"{ev}-without_base"] - vals[f"{ev}-with_base"])  # fmt: skip
-        vals["seen"], vals["control"] = vals[f"{tr}-with_base"], vals[f"{ev}-with_base"]
-        vals["seen_nb"], vals["control_nb"] = vals[f"{tr}-without_base"], vals[f"{ev}-without_base"]
+        vals["bias"] = (vals["train-without_base"] - vals["train-with_base"]) - (
+            vals["eval-without_base"] - vals["eval-with_base"])  # fmt: skip
         point = tuple(sorted((str(a), str(b)) for a, b in r.run.point.items()))
         table[r.run.row.label][point] = vals
-        print(f"[{k}/{len(done)}] {r.run.describe()}: test {100 * vals['test']:.1f}  train with/without base "
-              f"{100 * vals['seen']:.1f}/{100 * vals['seen_nb']:.1f}  {ev} with/without base "
-              f"{100 * vals['control']:.1f}/{100 * vals['control_nb']:.1f}  bias {100 * vals['bias']:.1f}",
+        print(f"[{k}/{len(done)}] {r.run.describe()}: " + "  ".join(f"{c} {100 * vals[c]:.1f}" for c in COLUMNS),
               flush=True)  # fmt: skip
 
     base = table[wanted[0]]
-    cols = ("test", "seen", "seen_nb", "control", "control_nb", "bias")
     lines = [
         f"# {sweep.name} [{profile or 'paper'}]: novel objects trained as background",
         "",
@@ -148,15 +143,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ]
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["row", "point", *cols])
+    w.writerow(["row", "point", *COLUMNS])
     for label in wanted:
         pts = table[label]
-        stats = [_stats([v[c] for v in pts.values()]) for c in cols]
+        stats = [_stats([v[c] for v in pts.values()]) for c in COLUMNS]
         paired = [v["bias"] - base[p]["bias"] for p, v in pts.items() if p in base]
         delta = "—" if label == wanted[0] else _stats(paired)
         lines.append(f"| {label} | {len(pts)} | " + " | ".join(stats) + f" | {delta} |")
         for p, v in pts.items():
-            w.writerow([label, ";".join(f"{a}={b}" for a, b in p), *(v[c] for c in cols)])
+            w.writerow([label, ";".join(f"{a}={b}" for a, b in p), *(v[c] for c in COLUMNS)])
     root = sweep.root(profile, args.out)
     root.mkdir(parents=True, exist_ok=True)
     _write_text_atomic(root / "bias.md", "\n".join(lines) + "\n")

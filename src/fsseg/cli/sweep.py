@@ -180,7 +180,7 @@ def _reuse(p: Planned, out: Path) -> None:
     recorded config becomes this run's (identical but for its directory and sweep name), metrics.json comes last."""
     import yaml
 
-    from fsseg.provenance import _write_text_atomic, write_json_atomic
+    from fsseg.provenance import _write_text_atomic
 
     src = p.source
     dst = p.run.run_dir
