@@ -202,7 +202,7 @@ class EpisodeDataModule(L.LightningDataModule):
                 classes=self.base_class_ids,
             ).items
         )  # fmt: skip
-        # Classes too rare in the training split for an episode (query + shots supports) are left out (logged).
+        # Classes with too few images for an episode (query + shots supports) are left out (logged).
         classes = [c for c in novel_index.class_ids if len(novel_index.class_items[c]) > self.shots]
         item_classes = {
             i: [c for c in cs if c in classes]
@@ -217,11 +217,12 @@ class EpisodeDataModule(L.LightningDataModule):
                 f"{self.fold} holds a novel class with >= {self.min_pixels} pixels "
                 f"{'and' if self.eval_queries == 'with_base' else 'but no'} base class with as many"
             )
-        left_out = sorted(set(novel_index.class_ids) - {c for cs in item_classes.values() for c in cs})
+        present = sorted({c for cs in item_classes.values() for c in cs})
+        left_out = sorted(set(novel_index.class_ids) - set(present))
         if left_out:
             log.info("eval_queries=%s: novel classes %s have no such query (or too few images)", self.eval_queries, left_out)
         return dataclasses.replace(
-            novel_index, class_ids=sorted({c for cs in item_classes.values() for c in cs}), items=keep,
+            novel_index, class_ids=present, items=keep,
             item_classes=item_classes, class_items={c: novel_index.class_items[c] for c in classes},
         )  # fmt: skip
 
