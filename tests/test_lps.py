@@ -34,7 +34,7 @@ def test_figures_match_hand_computation():
 
 def test_command_on_the_embedded_benchmark(synth_root, tmp_path, capsys):
     out = tmp_path / "lps.json"
-    common = [f"data.source.root={synth_root}", "encoder.weights=none", "data.train_size=64", "data.min_pixels=16"]
+    common = [f"data.source.root={synth_root}", f"paths.cache_dir={tmp_path}", "encoder.weights=none", "data.train_size=64", "data.min_pixels=16"]
     main([*common, "--images", "30", "--batch", "4", "--deltas", "0.5", "0.9", "--out", str(out)])
     report = json.loads(out.read_text())
     assert set(report["deltas"]) == {"0.5", "0.9"}

@@ -8,8 +8,8 @@ still names the novel classes:
     fsseg-lps experiment=celp_effl0_synth data.fold=0 --images 200
     fsseg-lps experiment=celp_resnet50_pascal data.fold=0 paths.data_dir=/data --deltas 0.5 0.65
 
-Images: the training split's images holding at least ``data.min_pixels`` pixels of a base class (the queries
-training draws), in a seeded random order, resized by the evaluation transform to ``data.train_size`` (no
+Images: the training split's query candidates (the data layer's fold index: ``data.min_pixels`` pixels of a base
+class, ``data.train_filter``), in a seeded random order, resized by the evaluation transform to ``data.train_size`` (no
 augmentation). M^1 is sampled as ``fsseg.models.celp`` samples it in training (same functions, the method's
 ``sigma``, ``label_threshold`` and encoder tap; one seeded anchor per image). Per delta it reports:
 
@@ -36,6 +36,7 @@ from omegaconf import OmegaConf
 
 from fsseg.cli.common import config_dir, environment_defaults
 from fsseg.data.batch import IGNORE_INDEX
+from fsseg.data.folds import build_fold_index
 from fsseg.data.sources import atomic_write_text, read_image, read_label_png
 from fsseg.data.transforms import EvalTransform
 from fsseg.errors import ConfigError
@@ -79,21 +80,6 @@ def summarise(counts: dict[str, torch.Tensor], keep: torch.Tensor) -> dict[str, 
     }
 
 
-def training_queries(
-    source, base: list[int], min_pixels: int, limit: int, seed: int
-) -> list[tuple[Path, Path]]:
-    """Up to ``limit`` training items with >= ``min_pixels`` pixels of some base class, in a seeded order."""
-    items = source.items("train")
-    chosen = []
-    for i in np.random.default_rng(seed).permutation(len(items)):
-        label = read_label_png(items[i][1], items[i][0])
-        if (np.bincount(label.ravel(), minlength=IGNORE_INDEX + 1)[base] >= min_pixels).any():
-            chosen.append(items[i])
-            if len(chosen) == limit:
-                break
-    return chosen
-
-
 def audit(cfg, deltas, images: int, batch: int, seed: int) -> dict:
     for d in deltas:
         if not -1.0 < d < 1.0:
@@ -107,9 +93,13 @@ def audit(cfg, deltas, images: int, batch: int, seed: int) -> dict:
     source = instantiate(cfg.data.source)
     fold = int(cfg.data.fold)
     base, novel = source.fold_classes(fold)
-    queries = training_queries(source, list(base), int(cfg.data.min_pixels), images, seed)
-    if not queries:
+    index = build_fold_index(source, "train", fold, min_pixels=int(cfg.data.min_pixels),
+                             train_filter=str(cfg.data.train_filter), cache_dir=cfg.data.cache_dir, progress=False)  # fmt: skip
+    if not index.items:
         raise ConfigError(f"no training image of {source.root} holds {cfg.data.min_pixels} pixels of a base class")
+    items = source.items("train")
+    order = np.random.default_rng(seed).permutation(index.items)[:images]  # training's query candidates
+    queries = [items[i] for i in order]
     encoder = instantiate(cfg.encoder).eval()
     transform = EvalTransform(int(cfg.data.train_size), cfg.encoder.mean, cfg.encoder.std)
     gen = torch.Generator().manual_seed(seed)
