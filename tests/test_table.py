@@ -97,8 +97,42 @@ def test_paired_differences_against_the_first_row(rendered):
     mean = sum(d) / 5
     sd = math.sqrt(sum((x - mean) ** 2 for x in d) / 4)
     ci = stats.t.ppf(0.975, 4) * sd / math.sqrt(5)
-    assert "Paired differences against the first row (k = 1)" in md
+    assert "Paired differences against k = 1:" in md
     assert f"| k = 2 | +{mean:.1f} ± {ci:.1f} | 5 | 5 of 5 |" in md, md
+
+
+def test_paired_names_each_rows_baseline(tmp_path):
+    """`paired:` pairs rows with baselines other than the first (CELP on CyCTR against CyCTR): each difference is
+    over that baseline's runs, and the table names the baseline per row."""
+    from fsseg.cli.table import render
+
+    rows = [{"label": lab, "overrides": [f"head.reduce_dim={d}"]} for lab, d in
+            (("A", 16), ("A+x", 24), ("B", 32), ("B+x", 48))]  # fmt: skip
+    sweep = load_sweep(_sweep(tmp_path, rows=rows, reference=[], plot=None, paired={"A+x": "A", "B+x": "B"}))
+    assert [(r.label, b.label) for r, b in sweep.pairs()] == [("A+x", "A"), ("B+x", "B")]
+    vals = {"A": [0.40, 0.42, 0.44], "A+x": [0.41, 0.45, 0.44], "B": [0.60, 0.60, 0.62], "B+x": [0.58, 0.59, 0.61]}
+    out = tmp_path / "out"
+    for run in sweep.expand(None, out):
+        _finish(run.run_dir, vals[run.row.label][run.seed] + 0.01 * run.point["data.fold"])
+    md = render(sweep, None, out)["md"].read_text()
+    # per (fold, seed): A+x - A = +1, +3, 0 (both folds); B+x - B = -2, -1, -1
+    assert "| row | baseline | Δ | points | row ahead |" in md, md
+    assert "| A+x | A | +1.3 ± " in md and "| 6 | 4 of 6 |" in md, md
+    assert "| B+x | B | -1.3 ± " in md and "| 6 | 0 of 6 |" in md, md
+
+
+@pytest.mark.parametrize(
+    "paired, message",
+    [({"k = 2": "k = 3"}, "no row labelled 'k = 3'"), ({"k = 2": "k = 2"}, "paired with itself"),
+     (["k = 2", "k = 1"], "must be a mapping")],
+)  # fmt: skip
+def test_paired_refuses_unknown_rows(tmp_path, paired, message):
+    from fsseg.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        load_sweep(_sweep(tmp_path, paired=paired))
+    with pytest.raises(ConfigError, match="profiles.small.paired"):
+        load_sweep(_sweep(tmp_path, profiles={"small": {"grid": {"seed": [0]}, "paired": paired}}))
 
 
 def test_csv_and_runs_csv(rendered):

@@ -49,14 +49,14 @@ TASKS = ("train",)        # tasks fsseg-sweep runs (fsseg-train); others (e.g. `
 _NOTE = {"note", "notes"}
 _TOP_KEYS = {
     "name", "paper", "source", "title", "dataset", "metric", "metrics", "methods", "budget", "base", "grid",
-    "columns", "rows", "plot", "profiles", "reference", "task", *_NOTE,
+    "columns", "rows", "plot", "profiles", "reference", "task", "paired", *_NOTE,
 }  # fmt: skip
 _REQUIRED = ("name", "paper", "title", "methods", "base", "columns", "rows")
 _ROW_KEYS = {"label", "overrides", "paper", "paper_std", "metric", "methods", *_NOTE}
 _REFERENCE_KEYS = {"label", "paper", "paper_std", "metric", *_NOTE}
 _COLUMN_KEYS = {"by", "labels", "mean", "groups", "average_over"}
 _GROUP_KEYS = {"label", "overrides", "metric", *_NOTE}
-_PROFILE_KEYS = {"base", "grid", "rows", "budget", *_NOTE}
+_PROFILE_KEYS = {"base", "grid", "rows", "budget", "paired", *_NOTE}
 _PROFILE_ROW_KEYS = {"label", "overrides", *_NOTE}
 _PLOT_KEYS = {"x", "label", "logx"}
 _SAFE = re.compile(r"[^A-Za-z0-9.+-]+")
@@ -256,6 +256,7 @@ class Sweep:
     profiles: dict[str, dict] = field(default_factory=dict)
     reference: list[Row] = field(default_factory=list)
     note: str = ""
+    paired: dict[str, str] = field(default_factory=dict)  # row label -> the row it is paired against
 
     # ---------------------------------------------------------------- profiles
     def profile_names(self) -> list[str]:
@@ -283,6 +284,20 @@ class Sweep:
         """The rows this profile runs (a profile with `rows:` runs only those)."""
         prow = self._profile(profile)[3]
         return [r for r in self.rows if prow is None or r.label in prow]
+
+    def pairs(self, profile: str | None = None) -> list[tuple[Row, Row]]:
+        """(row, baseline) pairs of the paired differences: the profile's ``paired:`` (else the table's), each
+        naming a row and the row it is compared with; without one, every row run against the first row run."""
+        rows = self.rows_run(profile)
+        if not rows:
+            return []
+        named = self.paired
+        if profile not in (None, "", PAPER_PROFILE) and self.profiles[profile].get("paired") is not None:
+            named = self.profiles[profile]["paired"]
+        if not named:
+            return [(r, rows[0]) for r in rows[1:]]
+        by_label = {r.label: r for r in rows}
+        return [(by_label[a], by_label[b]) for a, b in named.items() if a in by_label and b in by_label]
 
     def columns(self, profile: str | None = None) -> list[Column]:
         """The columns this profile runs, in the paper's order (a profile may run a subset)."""
@@ -525,6 +540,23 @@ def load_sweep(path: str | os.PathLike) -> Sweep:
         raise _err(path, "reference must be a list of {label, paper} rows (the paper's numbers only)")
     reference = [parse_row(i, r, "reference", _REFERENCE_KEYS) for i, r in enumerate(reference)]
 
+    def parse_paired(where: str, value: Any, known: set[str]) -> dict[str, str] | None:
+        if value is None:
+            return None
+        if not isinstance(value, Mapping) or not value:
+            raise _err(path, f"{where} must be a mapping {{row label: baseline row label}}, got {value!r}")
+        out = {}
+        for a, b in value.items():
+            for lab in (a, b):
+                if str(lab) not in known:
+                    raise _err(path, f"{where}: no row labelled {lab!r} among {sorted(known)}")
+            if str(a) == str(b):
+                raise _err(path, f"{where}: row {a!r} is paired with itself")
+            out[str(a)] = str(b)
+        return out
+
+    paired = parse_paired("paired", data.get("paired"), {r.label for r in rows}) or {}
+
     plot = data.get("plot")
     if plot is not None:
         if not isinstance(plot, Mapping) or "x" not in plot or set(plot) - _PLOT_KEYS:
@@ -562,6 +594,8 @@ def load_sweep(path: str | os.PathLike) -> Sweep:
             "base": _check_overrides(path, f"profiles.{pname}.base", p["base"]) if "base" in p else None,
             "grid": pgrid,
             "rows": prow,
+            "paired": parse_paired(f"profiles.{pname}.paired", p.get("paired"),
+                                   set(prow) if prow is not None else {r.label for r in rows}),
             "budget": p.get("budget", ""),
         }
     dataset = data.get("dataset", "")
@@ -571,7 +605,7 @@ def load_sweep(path: str | os.PathLike) -> Sweep:
         metrics=list(metrics), average_over=list(average_over), source=str(data.get("source", "")),
         dataset=", ".join(map(str, dataset)) if isinstance(dataset, list) else str(dataset),
         budget=str(data.get("budget", "")), task=task, plot=plot, profiles=profiles, reference=reference,
-        note=_note(data.get("note", data.get("notes"))),
+        note=_note(data.get("note", data.get("notes"))), paired=paired,
     )  # fmt: skip
 
 

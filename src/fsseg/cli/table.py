@@ -8,7 +8,8 @@ Layout: one line per row of the sweep file, per column (e.g. Fold-0..3) our valu
 difference (ours - paper), then the Mean column. Ours = mean ± 95% CI over the seeds of the cell
 (fsseg.metrics.aggregate_seeds, Student t; one seed: no interval). Values are percentages (metrics x 100).
 Failed runs are marked FAILED (their error is listed below the table), runs not yet finished "…".
-Below the table: each row's paired difference against the first row over the grid points both finished.
+Below the table: each row's paired difference against the first row (or the rows ``paired:`` names) over the
+grid points both finished.
 Below the table: the evaluation-manifest hash and episode count of every column (and a warning if two rows
 of one column were evaluated on different episodes). Files written next to the runs:
 
@@ -214,28 +215,28 @@ def build_table(sweep: Sweep, profile: str | None, results: list[RunResult], met
 
 
 def paired_differences(sweep: Sweep, profile: str | None, results: list[RunResult], metric: str) -> list[dict]:
-    """Per row after the first: ``metric`` minus the first row's at every grid point (fold, seed, ...) where both
-    finished; mean ± 95% CI over those points, their number and how many the row wins. Pairing removes what the
-    points share (the fold's episodes; with the same seed, initialisation and episode order where the rows'
-    parameters agree), so it separates rows that the per-cell intervals cannot."""
+    """Per pair of ``sweep.pairs`` (default: each row against the first): the row's ``metric`` minus its
+    baseline's at every grid point (fold, seed, ...) where both finished; mean ± 95% CI over those points, their
+    number and how many the row wins. Pairing removes what the points share (the fold's episodes; with the same
+    seed, initialisation and episode order where the rows' parameters agree), so it separates rows that the
+    per-cell intervals cannot."""
     from fsseg.metrics import aggregate_seeds
-
-    rows = [r for r in sweep.rows_run(profile) if not r.metric or r.metric == metric]
-    if len(rows) < 2:
-        return []
 
     def values(row) -> dict:
         return {tuple(sorted((k, repr(v)) for k, v in r.run.point.items())): _value(r, metric)
                 for r in results if r.run.row.label == row.label and r.status == "finished"}  # fmt: skip
 
-    ref = {k: v for k, v in values(rows[0]).items() if v is not None}
     out = []
-    for row in rows[1:]:
+    for row, base in sweep.pairs(profile):
+        if any(r.metric and r.metric != metric for r in (row, base)):
+            continue
+        ref = {k: v for k, v in values(base).items() if v is not None}
         d = [v - ref[k] for k, v in values(row).items() if v is not None and k in ref]
         if d:
             agg = aggregate_seeds(d)
             ci = agg["ci95"] if math.isfinite(agg["ci95"]) else None
-            out.append({"row": row.label, "mean": agg["mean"], "ci95": ci, "n": len(d), "wins": sum(x > 0 for x in d)})
+            out.append({"row": row.label, "baseline": base.label, "mean": agg["mean"], "ci95": ci, "n": len(d),
+                        "wins": sum(x > 0 for x in d)})  # fmt: skip
     return out
 
 
@@ -327,13 +328,20 @@ def markdown(sweep: Sweep, profile: str | None, results: list[RunResult], tables
         out.append("")
     pairs = paired_differences(sweep, profile, results, tables[0]["metric"])
     if pairs and max(p["n"] for p in pairs) > 1:
-        ref = sweep.rows_run(profile)[0].label
-        out += [f"Paired differences against the first row ({ref}): {METRIC_NAMES.get(tables[0]['metric'], tables[0]['metric'])} "
-                "of the row minus the first row's at each grid point where both finished; mean ± 95% CI over the "
-                "points (Student t).", "", "| row | Δ vs first row | points | row ahead |", "|---|---:|---:|---:|"]  # fmt: skip
+        name = METRIC_NAMES.get(tables[0]["metric"], tables[0]["metric"])
+        bases = {p["baseline"] for p in pairs}
+        if len(bases) == 1:
+            out += [f"Paired differences against {next(iter(bases))}: {name} of the row minus that row's at each grid "
+                    "point where both finished; mean ± 95% CI over the points (Student t).", "",
+                    "| row | Δ | points | row ahead |", "|---|---:|---:|---:|"]  # fmt: skip
+        else:
+            out += [f"Paired differences: {name} of the row minus its baseline's at each grid point where both "
+                    "finished; mean ± 95% CI over the points (Student t).", "",
+                    "| row | baseline | Δ | points | row ahead |", "|---|---|---:|---:|---:|"]  # fmt: skip
         for p in pairs:
             ci = "" if p["ci95"] is None else f" ± {_num(p['ci95'])}"
-            out.append(f"| {p['row']} | {_num(p['mean'], signed=True)}{ci} | {p['n']} | {p['wins']} of {p['n']} |")
+            base = "" if len(bases) == 1 else f" {p['baseline']} |"
+            out.append(f"| {p['row']} |{base} {_num(p['mean'], signed=True)}{ci} | {p['n']} | {p['wins']} of {p['n']} |")
         out.append("")
     man = _manifests(sweep, profile, results)
     if man:
