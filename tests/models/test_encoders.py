@@ -286,7 +286,8 @@ def test_package_encoder_holds_package_weights(built):
     enc = cached(built, "efficientnet_lite0")
     raw = torch.load(package_weights_file("tf_efficientnet_lite0"), map_location="cpu", weights_only=True)
     torch.testing.assert_close(enc.model.conv_stem.weight, raw["_conv_stem.weight"])
-    torch.testing.assert_close(enc.model.blocks[6][0].bn3.running_var, raw["_blocks.15._bn2.running_var"])
+    # the last kept block (stage 5 of 7; the taps end there): EfficientNet-PyTorch's 11th block
+    torch.testing.assert_close(enc.model.blocks[4][2].bn3.running_var, raw["_blocks.10._bn2.running_var"])
     assert enc.mean == enc.std == (0.5, 0.5, 0.5)
 
 
@@ -406,7 +407,7 @@ def test_corrupt_file_is_weights_error(tmp_path):
 
 def test_mismatched_file_lists_missing_keys(tmp_path, lite_random):
     sd = dict(lite_random.model.state_dict())
-    dropped = [k for k in sd if k.startswith("blocks.6.")]
+    dropped = [k for k in sd if k.startswith("blocks.4.")]  # the deepest stage the taps use
     for key in dropped:
         del sd[key]
     sd["conv_stem.weight"] = torch.zeros(16, 3, 3, 3)
@@ -415,7 +416,7 @@ def test_mismatched_file_lists_missing_keys(tmp_path, lite_random):
     with pytest.raises(WeightsError) as err:
         FrozenEncoder(**LITE, weights=str(path))
     msg = str(err.value)
-    assert str(path) in msg and "missing" in msg and "blocks.6.0.conv_pw.weight" in msg
+    assert str(path) in msg and "missing" in msg and "blocks.4.0.conv_pw.weight" in msg
     assert "shape mismatch" in msg and "conv_stem.weight" in msg
 
 
@@ -514,3 +515,79 @@ def test_hub_offline_uses_the_local_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     enc = FrozenEncoder(name, taps={"high": [4]}, weights="hub")
     torch.testing.assert_close(enc.model.layer4[0].conv1.weight, full.layer4[0].conv1.weight)
+
+
+# ---- the forward stops at the deepest tap (issue 13) -------------------------------------------------------
+def _called_modules(enc: FrozenEncoder, x: torch.Tensor, **kw) -> set[str]:
+    called: set[str] = set()
+    hooks = [
+        m.register_forward_hook(lambda mod, inp, out, name=name: called.add(name))
+        for name, m in enc.model.named_modules()
+        if name
+    ]
+    try:
+        enc(x, **kw)
+    finally:
+        for h in hooks:
+            h.remove()
+    return called
+
+
+def _unpruned(monkeypatch, **kwargs) -> FrozenEncoder:
+    """The same encoder with the pruning switched off: the full timm forward (the reference)."""
+    with monkeypatch.context() as m:
+        m.setattr(encoders, "_prune_after_deepest_tap", lambda model: ())
+        torch.manual_seed(7)
+        return FrozenEncoder(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "taps, kept_blocks",
+    [({"mid": [3, 2], "high": [3]}, 5), ({"high": [4]}, 7), ({"low": [1]}, 2), ({"a": [2], "b": [0]}, 3)],
+)
+def test_efficientnet_stops_after_deepest_tapped_stage_bit_identical(monkeypatch, taps, kept_blocks):
+    kwargs = dict(name="tf_efficientnet_lite0", taps=taps, output_stride=8, weights="none")
+    full = _unpruned(monkeypatch, **kwargs)
+    torch.manual_seed(7)
+    pruned = FrozenEncoder(**kwargs)
+    assert len(full.model.blocks) == 7  # lite0: seven block stages
+    assert len(pruned.model.blocks) == kept_blocks
+    x, mask = image(64, batch=3), (torch.rand(3, 1, 64, 64) > 0.5).float()
+    for kw in ({}, {"mask": mask}):
+        a, b = full(x, **kw), pruned(x, **kw)
+        assert a.keys() == b.keys()
+        for tap in a:
+            assert torch.equal(a[tap], b[tap]), tap
+    called_full = {n.split(".")[1] for n in _called_modules(full, x) if n.startswith("blocks.")}
+    called = {n.split(".")[1] for n in _called_modules(pruned, x) if n.startswith("blocks.")}
+    assert called_full == {str(i) for i in range(7)}  # the unpruned forward runs every stage ...
+    assert called == {str(i) for i in range(kept_blocks)}  # ... the pruned one only those up to the taps
+
+
+def test_pruned_encoder_loads_checkpoints_holding_the_pruned_stages(monkeypatch):
+    kwargs = dict(name="tf_efficientnet_lite0", taps={"mid": [3, 2]}, output_stride=8, weights="none")
+    full = _unpruned(monkeypatch, **kwargs)
+    torch.manual_seed(123)
+    pruned = FrozenEncoder(**kwargs)
+    state = full.state_dict()
+    assert any(k.startswith("model.blocks.6.") for k in state)
+    pruned.load_state_dict(state, strict=True)  # old run checkpoints: the unused stages' tensors are dropped
+    x = image(64)
+    assert torch.equal(full(x)["mid"], pruned(x)["mid"])
+    with pytest.raises(RuntimeError, match="blocks.2.0.conv_dw.weight"):  # a missing used tensor still fails
+        pruned.load_state_dict({k: v for k, v in state.items() if "blocks.2.0.conv_dw" not in k}, strict=True)
+
+
+@pytest.mark.parametrize(
+    "name, taps, never",
+    [("resnet50s", {"mid": [3, 2]}, ("layer4", "fc", "global_pool")), ("vgg16_bn", {"mid": [2]}, ("features.23", "features.42", "pre_logits"))],
+)
+def test_resnet_and_vgg_never_run_stages_after_the_taps(name, taps, never):
+    kw = {"output_stride": 8} if name.startswith("resnet") else {"output_stride": None}
+    enc = FrozenEncoder(name, taps=taps, weights="none", **kw)
+    names = {n for n, _ in enc.model.named_modules()}
+    called = _called_modules(enc, image(64, batch=1))
+    for stage in never:
+        flat = stage.replace(".", "_")  # timm's FeatureListNet flattens sequential names (features.23 -> features_23)
+        assert not any(n in (stage, flat) or n.startswith((stage + ".", flat + ".")) for n in names | called)
+    assert called  # the hooks saw the forward

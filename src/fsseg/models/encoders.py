@@ -519,6 +519,22 @@ def _pspnet_dilation(model: nn.Module, name: str) -> None:
                 conv.dilation, conv.padding = ref.dilation, ref.padding
 
 
+def _prune_after_deepest_tap(model: nn.Module) -> tuple[str, ...]:
+    """Drop the stages after the deepest tapped one, so the forward stops there; returns the pruned key prefixes.
+
+    timm's ``features_only`` wrappers for ResNet and VGG (FeatureListNet/FeatureDictNet) already end at the
+    last ``out_indices`` module, but ``EfficientNetFeatures`` builds and runs every block stage whatever the
+    taps: with PFENet's taps on efficientnet-lite0 (stages up to 5 of 7, output stride 8) the two unused last
+    stages cost 74% of the encoder's FLOPs. Outputs are unchanged: a stage only feeds the stages after it.
+    """
+    if type(model).__name__ != "EfficientNetFeatures" or getattr(model, "feature_hooks", None) is not None:
+        return ()
+    keep = max(model._stage_out_idx)  # blocks[i] feeds feature stage i + 1 (timm's forward)
+    pruned = tuple(f"model.blocks.{i}." for i in range(keep, len(model.blocks)))
+    model.blocks = model.blocks[:keep]
+    return pruned
+
+
 def _float_triple(value: Sequence[float] | None, default: Sequence[float], what: str) -> tuple[float, ...]:
     value = default if value is None else value
     try:
@@ -597,6 +613,7 @@ class FrozenEncoder(nn.Module):
         kwargs.update(features_only=True, out_indices=tuple(self.out_indices))
         if self.output_stride is not None:
             kwargs["output_stride"] = self.output_stride
+        self.pruned_prefixes: tuple[str, ...] = ()
         self.model = self._create(kwargs)
         if pspnet_dilation:
             _pspnet_dilation(self.model, name)
@@ -625,14 +642,25 @@ class FrozenEncoder(nn.Module):
         if self.frozen:
             self.model.requires_grad_(False)
         self.train(self.training)
+        # checkpoints written before the pruning hold the pruned stages' weights: drop them on load
+        self.register_load_state_dict_pre_hook(self._drop_pruned_keys)
+
+    def _drop_pruned_keys(self, module, state_dict, prefix, *args: Any) -> None:
+        for key in [k for k in state_dict if k.startswith(prefix)]:
+            if any(key[len(prefix):].startswith(p) for p in self.pruned_prefixes):
+                del state_dict[key]
 
     # -- construction -------------------------------------------------------------------------------------
     def _create(self, kwargs: dict[str, Any]) -> nn.Module:
         mode = self.weights.strip()
         if mode.lower() == "hub":
             self._validate_build(kwargs)
-            return _create_from_hub(self.name, kwargs)
+            model = _create_from_hub(self.name, kwargs)
+            self.pruned_prefixes = _prune_after_deepest_tap(model)
+            return model
         model = self._validate_build(kwargs)
+        # pruned before loading: a weight file needs (and is checked for) only the stages the taps use
+        self.pruned_prefixes = _prune_after_deepest_tap(model)
         if mode.lower() == "none" or mode == "":
             return model
         if mode.lower() == "package":
