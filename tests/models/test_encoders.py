@@ -591,3 +591,39 @@ def test_resnet_and_vgg_never_run_stages_after_the_taps(name, taps, never):
         flat = stage.replace(".", "_")  # timm's FeatureListNet flattens sequential names (features.23 -> features_23)
         assert not any(n in (stage, flat) or n.startswith((stage + ".", flat + ".")) for n in names | called)
     assert called  # the hooks saw the forward
+
+
+# ---- BatchNorm folding (opt-in) ---------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "name, kw, taps",
+    [
+        ("tf_efficientnet_lite0", dict(output_stride=8), {"mid": [3, 2], "high": [3]}),
+        ("resnet18", dict(output_stride=8, model_kwargs=dict(stem_type="deep", stem_width=64)), {"mid": [3, 2], "high": [4]}),
+        ("vgg16_bn", dict(output_stride=None, feature_pool={2: 2, 3: 2}), {"mid": [3, 2], "high": [4]}),
+    ],
+)
+def test_fold_bn_equals_the_unfolded_encoder(tmp_path, name, kw, taps):
+    torch.manual_seed(5)
+    ref = FrozenEncoder(name, taps=taps, **kw)
+    with torch.no_grad():  # non-trivial statistics and affine terms, so folding has something to fold
+        for m in ref.model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.2), m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5), m.bias.normal_(0, 0.2)
+    path = tmp_path / "w.pth"
+    torch.save(ref.model.state_dict(), path)
+    ref = FrozenEncoder(name, taps=taps, weights=str(path), **kw)
+    folded = FrozenEncoder(name, taps=taps, weights=str(path), fold_bn=True, **kw)
+    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in ref.model.modules())
+    assert folded.folded_bn == n_bn > 0  # every BN sits right after a conv in these networks
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.model.modules())
+    x, mask = image(64, batch=2), (torch.rand(2, 1, 64, 64) > 0.5).float()
+    for kwargs in ({}, {"mask": mask}):
+        a, b = ref(x, **kwargs), folded(x, **kwargs)
+        for tap in a:
+            torch.testing.assert_close(b[tap], a[tap], rtol=1e-4, atol=1e-4 * float(a[tap].abs().max()))
+
+
+def test_fold_bn_needs_a_frozen_encoder():
+    with pytest.raises(ConfigError, match="fold_bn"):
+        FrozenEncoder("tf_efficientnet_lite0", taps={"mid": [2]}, frozen=False, fold_bn=True)

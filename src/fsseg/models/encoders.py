@@ -535,6 +535,53 @@ def _prune_after_deepest_tap(model: nn.Module) -> tuple[str, ...]:
     return pruned
 
 
+@torch.no_grad()
+def fold_batchnorms(model: nn.Module, example: Tensor) -> int:
+    """Fold every eval-mode BatchNorm that directly follows a convolution into that convolution; returns the count.
+
+    The pairs are found by running `example` once with hooks (a BN whose input is a convolution's output
+    object); each BN becomes its trailing activation (timm's ``BatchNormAct2d``) or an identity, and the conv
+    takes ``w * g / sqrt(var + eps)`` and bias ``(b - mean) * g / sqrt(var + eps) + beta``. Only valid while
+    the statistics never change, i.e. for a frozen encoder. Equal to the unfolded network up to float round-off.
+    """
+    from timm.layers import BatchNormAct2d
+
+    producer: dict[int, nn.Conv2d] = {}
+    keep_alive: list[Tensor] = []
+    pairs: list[tuple[nn.Conv2d, str]] = []
+
+    def after_conv(conv, _inp, out):
+        producer[id(out)] = conv
+        keep_alive.append(out)  # ids stay unique during the pass
+
+    def before_bn(bn, inp, name):
+        conv = producer.get(id(inp[0]))
+        if conv is not None and conv.out_channels == bn.num_features:
+            pairs.append((conv, name))
+
+    hooks = [m.register_forward_hook(after_conv) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    hooks += [
+        m.register_forward_pre_hook(lambda mod, inp, name=n: before_bn(mod, inp, name))
+        for n, m in model.named_modules()
+        if type(m) in (nn.BatchNorm2d, BatchNormAct2d) and m.track_running_stats
+    ]
+    try:
+        model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    for conv, name in pairs:
+        bn = model.get_submodule(name)
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+        conv.weight.copy_(conv.weight * scale.view(-1, 1, 1, 1).to(conv.weight.dtype))
+        conv.bias = nn.Parameter((bias - bn.running_mean) * scale + bn.bias, requires_grad=False)
+        after = nn.Sequential(bn.drop, bn.act) if isinstance(bn, BatchNormAct2d) else nn.Identity()
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, after)
+    return len(pairs)
+
+
 def _float_triple(value: Sequence[float] | None, default: Sequence[float], what: str) -> tuple[float, ...]:
     value = default if value is None else value
     try:
@@ -568,6 +615,8 @@ class FrozenEncoder(nn.Module):
             PSPNet/PFENet (timm uses the previous stage's; see `_pspnet_dilation`).
         channels_last: run the network in channels-last memory format (1.3-2x faster on CPU with oneDNN, also
             the fast path for GPU AMP); the returned taps are ordinary contiguous NCHW tensors either way.
+        fold_bn: frozen encoders only: fold each BatchNorm into the convolution before it (`fold_batchnorms`);
+            equal up to float round-off, not bit for bit, so off by default (published results stay exact).
 
     Attributes:
         tap_channels, tap_reduction: per tap, channel count and stride w.r.t. the input.
@@ -588,6 +637,7 @@ class FrozenEncoder(nn.Module):
         feature_pool: Mapping[int, int] | None = None,
         pspnet_dilation: bool = False,
         channels_last: bool = True,
+        fold_bn: bool = False,
     ) -> None:
         super().__init__()
         _check_model_name(name)
@@ -642,6 +692,15 @@ class FrozenEncoder(nn.Module):
         if self.frozen:
             self.model.requires_grad_(False)
         self.train(self.training)
+        self.fold_bn = bool(fold_bn)
+        if self.fold_bn:
+            if not self.frozen:
+                raise ConfigError("encoder.fold_bn=true needs encoder.frozen=true (folding fixes the statistics)")
+            self.model.eval()
+            probe = torch.zeros(1, 3, 64, 64)
+            if self.channels_last:
+                probe = probe.contiguous(memory_format=torch.channels_last)
+            self.folded_bn = fold_batchnorms(self.model, probe)
         # checkpoints written before the pruning hold the pruned stages' weights: drop them on load
         self.register_load_state_dict_pre_hook(self._drop_pruned_keys)
 
