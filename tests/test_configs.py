@@ -63,3 +63,17 @@ def test_bad_config_values_fail_before_training_naming_the_option(overrides, nam
 def test_unknown_method_is_named():
     with pytest.raises(MissingConfigException, match="method"):
         compose(["method=no_such_method"])
+
+
+@pytest.mark.parametrize(
+    ("name", "masking", "bn"),
+    [
+        ("pfenet_resnet50_pascal", "deepest", "train"),  # PFENet's code: model.train() on the no-grad backbone
+        ("apanet_vgg16_bn_coco", "deepest", "train"),
+        ("celp_resnet101_pascal", "deepest", "frozen"),  # CELP's train_mode() puts layer0-4 in eval
+        ("pfenet_effl0_synth", "none", "frozen"),  # the embedded recipe keeps the one-pass path
+    ],
+)
+def test_paper_recipes_default_to_the_reference_behaviours(name, masking, bn):
+    cfg = compose([f"experiment={name}", "encoder.weights=none", "hydra.run.dir=/tmp/x", "run_dir=/tmp/x"])
+    assert (cfg.model.support_masking, cfg.encoder.bn) == (masking, bn)

@@ -102,3 +102,92 @@ def test_kshot_forward_and_frozen_encoder_gets_no_gradient():
     model.main_loss(out["logits"], batch[B.QUERY_MASK]).backward()
     assert all(p.grad is None for p in model.encoder.parameters())
     assert model.head.down_query[0].weight.grad is not None
+
+
+# ---- PFENet's reference behaviours: support_masking=deepest, encoder.bn=train -------------------------------
+def _resnet_model(**kw) -> FewShotSegmenter:
+    from fsseg.models.encoders import FrozenEncoder
+
+    torch.manual_seed(0)
+    enc = FrozenEncoder("resnet18", taps={"mid": [3, 2], "high": [4]}, weights="none", **kw.pop("enc", {}))
+    return FewShotSegmenter(
+        enc, lambda tap_channels: PriorPrototypeHead(tap_channels, reduce_dim=8),
+        FeatureEnrichmentModule(dim=8, bins=(1.0, 0.5)), CrossEntropy(), **kw,
+    )
+
+
+def _episode(k: int = 2, size: int = 48) -> dict:
+    g = torch.Generator().manual_seed(3)
+    support_masks = torch.randint(0, 3, (2, k, size, size), generator=g)
+    support_masks[support_masks == 2] = 255  # ignore pixels too
+    return {
+        B.QUERY_IMG: torch.randn(2, 3, size, size, generator=g),
+        B.SUPPORT_IMGS: torch.randn(2, k, 3, size, size, generator=g),
+        B.QUERY_MASK: torch.randint(0, 2, (2, size, size), generator=g),
+        B.SUPPORT_MASKS: support_masks,
+    }
+
+
+def test_support_masking_deepest_is_the_reference_layer4_of_masked_layer3():
+    import torch.nn.functional as F
+
+    model = _resnet_model(support_masking="deepest").eval()
+    batch = _episode()
+    query, support = model.encode(batch)
+    m = model.encoder.model
+    with torch.no_grad():
+        q3 = m.layer3(m.layer2(m.layer1(m.maxpool(m.act1(m.bn1(m.conv1(batch[B.QUERY_IMG])))))))
+        torch.testing.assert_close(query["high"], m.layer4(q3))
+        for i in range(2):
+            s = batch[B.SUPPORT_IMGS][:, i]
+            s2 = m.layer2(m.layer1(m.maxpool(m.act1(m.bn1(m.conv1(s))))))
+            s3 = m.layer3(s2)
+            fg = (batch[B.SUPPORT_MASKS][:, i] == 1).float()[:, None]  # 255 is not foreground
+            small = F.interpolate(fg, size=s3.shape[-2:], mode="bilinear", align_corners=True)
+            torch.testing.assert_close(support["high"][:, i], m.layer4(s3 * small))  # PFENet: layer4(layer3 * mask)
+            torch.testing.assert_close(support["mid"][:, i], torch.cat([s3, s2], 1))  # mid stays unmasked
+    plain = _resnet_model().eval()
+    _, support_plain = plain.encode(batch)
+    assert not torch.allclose(support_plain["high"], support["high"])  # the default one-pass path differs
+    torch.testing.assert_close(support_plain["mid"], support["mid"])
+
+
+def test_support_masking_deepest_refuses_taps_mixing_the_deepest_stage():
+    from fsseg.errors import ConfigError
+    from fsseg.models.encoders import FrozenEncoder
+
+    enc = FrozenEncoder("tf_efficientnet_lite0", taps={"mid": [3, 2], "high": [3]}, weights="none")
+    with pytest.raises(ConfigError, match=r"support_masking=deepest.*\['mid'\]"):
+        FewShotSegmenter(enc, lambda tap_channels: PriorPrototypeHead(tap_channels, reduce_dim=8),
+                         FeatureEnrichmentModule(dim=8, bins=(1.0,)), CrossEntropy(), support_masking="deepest")
+    with pytest.raises(ConfigError, match="support_masking"):
+        tiny_model(support_masking="layer4")
+
+
+def test_encoder_bn_train_normalises_query_and_each_shot_batch_apart():
+    import copy
+
+    model = _resnet_model(enc={"bn": "train"})
+    model.train()
+    bns = [m for m in model.encoder.model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert bns and all(m.training for m in bns)  # train mode reaches the frozen backbone's BatchNorms
+    reference = copy.deepcopy(model.encoder)  # the reference's calls: query batch, then one batch per shot
+    batch = _episode(k=2)
+    before = bns[0].running_mean.clone()
+    query, support = model.encode(batch)
+    assert not torch.equal(before, bns[0].running_mean)  # running statistics drift, as in PFENet's code
+    torch.testing.assert_close(query["high"], reference(batch[B.QUERY_IMG])["high"])
+    for i in range(2):
+        torch.testing.assert_close(support["mid"][:, i], reference(batch[B.SUPPORT_IMGS][:, i])["mid"])
+    assert all(p.grad is None and not p.requires_grad for p in model.encoder.parameters())  # still not trained
+    model.eval()
+    assert not any(m.training for m in bns)
+    frozen = bns[0].running_mean.clone()
+    model.encode(batch)
+    assert torch.equal(frozen, bns[0].running_mean)  # evaluation uses (and keeps) the running statistics
+
+
+def test_encoder_bn_default_stays_frozen_in_training():
+    model = _resnet_model()
+    model.train()
+    assert not any(m.training for m in model.encoder.model.modules() if isinstance(m, nn.BatchNorm2d))

@@ -607,6 +607,10 @@ class FrozenEncoder(nn.Module):
         output_stride: passed to timm (8 = dilated last stages as in PSPNet/PFENet); None: the model's own.
         weights: "none" | "hub" | "package" | path of a local file (see the module docstring).
         frozen: no gradients, no parameter group, BatchNorm statistics fixed (network kept in eval mode).
+        bn: ``frozen`` (eval-mode BatchNorm always) | ``train``: BatchNorm follows the module's train/eval mode,
+            so training normalises with batch statistics and updates the running ones, though no weight is
+            trained. The latter is what PFENet's public code does (``model.train()`` on its no-grad backbone,
+            baselines.md §1) and what produced PFENet's, APANet's and CELP's published numbers.
         mean, std: input normalisation (RGB, 0..1 scale) the weights expect; default: timm's pretrained_cfg.
         model_kwargs: extra ``timm.create_model`` kwargs (e.g. ``stem_type``, ``drop_path_rate``).
         feature_pool: feature index -> k: max-pool (kernel = stride = k) that feature before use. timm's VGG
@@ -638,6 +642,7 @@ class FrozenEncoder(nn.Module):
         pspnet_dilation: bool = False,
         channels_last: bool = True,
         fold_bn: bool = False,
+        bn: str = "frozen",
     ) -> None:
         super().__init__()
         _check_model_name(name)
@@ -645,6 +650,9 @@ class FrozenEncoder(nn.Module):
         self.taps = _as_taps(taps)
         self.weights = "none" if weights is None else str(weights)
         self.frozen = bool(frozen)
+        if bn not in ("frozen", "train"):
+            raise ConfigError(f"encoder.bn must be 'frozen' or 'train'; got {bn!r}")
+        self.bn = bn
         self.output_stride = None if output_stride is None else int(output_stride)
         if self.output_stride is not None and self.output_stride not in (8, 16, 32):
             raise ConfigError(f"encoder.output_stride must be 8, 16, 32 or null, got {output_stride!r}")
@@ -694,8 +702,10 @@ class FrozenEncoder(nn.Module):
         self.train(self.training)
         self.fold_bn = bool(fold_bn)
         if self.fold_bn:
-            if not self.frozen:
-                raise ConfigError("encoder.fold_bn=true needs encoder.frozen=true (folding fixes the statistics)")
+            if not self.frozen or self.bn != "frozen":
+                raise ConfigError(
+                    "encoder.fold_bn=true needs encoder.frozen=true and encoder.bn=frozen (folding fixes the statistics)"
+                )
             self.model.eval()
             probe = torch.zeros(1, 3, 64, 64)
             if self.channels_last:
@@ -781,7 +791,7 @@ class FrozenEncoder(nn.Module):
     # -- train/eval -----------------------------------------------------------------------------------------
     def train(self, mode: bool = True) -> FrozenEncoder:
         super().train(mode)
-        if self.frozen:
+        if self.frozen and self.bn == "frozen":
             self.model.eval()  # BatchNorm statistics (and dropout) fixed, whatever Lightning asks
         return self
 

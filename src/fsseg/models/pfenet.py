@@ -4,8 +4,9 @@ Enrichment Module (FEM) with inner deep supervision.  The baseline of APANet, SC
 Reference facts (shared/notes/baselines.md §1): reduction cat(layer3, layer2) -> 1x1 conv 256 + ReLU +
 Dropout2d(0.5), separate for query and support; prototype = masked average (area + 5e-4); prior = max cosine
 of query layer4 to masked support layer4, min-max per image; FEM scales [60, 30, 15, 8] at 473 input.
-Deviation, documented: the reference recomputes support layer4 from mask-multiplied layer3; the paper and
-fsseg mask the support's high-level features (a frozen encoder is run once per image).
+The reference recomputes support layer4 from mask-multiplied layer3; the paper masks the support's high-level
+features. Both are options (``model.support_masking: none | deepest``, in the segmenter's ``encode``); this
+head masks the support's ``high`` tap either way, as the reference masks its layer4 again.
 """
 
 from __future__ import annotations

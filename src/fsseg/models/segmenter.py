@@ -52,6 +52,25 @@ def _build(part: Any, **kwargs: Any) -> nn.Module:
     raise ConfigError(f"expected a module or a factory, got {type(part).__name__}")
 
 
+def _check_deepest_masking(encoder: nn.Module) -> None:
+    """support_masking=deepest masks the input of the deepest tapped stage: only the taps reading that stage
+    alone (PFENet's ``high`` = layer4) may change, so no tap may mix it with shallower features."""
+    taps = getattr(encoder, "taps", None)
+    if taps is None or getattr(encoder, "_plan", None) is None:
+        raise ConfigError(
+            f"model.support_masking=deepest needs a FrozenEncoder with a masked forward; got {type(encoder).__name__}"
+        )
+    deepest = max(i for idx in taps.values() for i in idx)
+    mixed = sorted(t for t, idx in taps.items() if deepest in idx and len(idx) > 1)
+    if mixed:
+        raise ConfigError(
+            f"model.support_masking=deepest masks the input of the deepest tapped feature ({deepest}), but tap(s) "
+            f"{mixed} ({ {t: taps[t] for t in mixed} }) combine it with shallower features, whose support values "
+            f"would change too. Tap the deepest feature alone (PFENet: high=[4], mid=[3, 2]) or use "
+            f"model.support_masking=none."
+        )
+
+
 class FewShotSegmenter(L.LightningModule):
     def __init__(
         self,
@@ -71,6 +90,7 @@ class FewShotSegmenter(L.LightningModule):
         eval_resolution: str = "original",
         shot_fusion: str = "average",
         vote_k: int | None = None,
+        support_masking: str = "none",
     ) -> None:
         super().__init__()
         if base_lr <= 0 or lr_multiplier <= 0:
@@ -87,7 +107,12 @@ class FewShotSegmenter(L.LightningModule):
             raise ConfigError(f"model.vote_k must be an integer >= 1 (k of 'v-k'); got {vote_k!r}")
         if shot_fusion == "vote" and vote_k is None:
             raise ConfigError("model.shot_fusion=vote needs model.vote_k (foreground where >= vote_k shots agree)")
+        if support_masking not in ("none", "deepest"):
+            raise ConfigError(f"model.support_masking must be 'none' or 'deepest'; got {support_masking!r}")
+        self.support_masking = support_masking
         self.encoder = encoder
+        if support_masking == "deepest":
+            _check_deepest_masking(encoder)
         tap_channels = dict(getattr(encoder, "tap_channels", {}))
         self.head = _build(head, tap_channels=tap_channels)
         self.decoder = _build(decoder)
@@ -105,12 +130,25 @@ class FewShotSegmenter(L.LightningModule):
 
     # ------------------------------------------------------------------ forward
     def encode(self, batch: Mapping[str, torch.Tensor]) -> tuple[dict, dict]:
-        """One frozen-encoder pass over the query and all supports; support taps shaped (B, K, C, h, w)."""
+        """Frozen-encoder taps of the query and the supports; support taps shaped (B, K, C, h, w).
+
+        One pass over query and supports together, unless the reference's passes must be kept apart: with
+        ``support_masking=deepest`` (the supports' deepest tapped stage runs on its input x mask: PFENet/BAM's
+        ``layer4(layer3 * mask)``) or with batch-statistics BatchNorm in training (``encoder.bn=train``: the
+        reference normalises the query batch and each shot's batch separately).
+        """
         q, s = batch[B.QUERY_IMG], batch[B.SUPPORT_IMGS]
         b, k = s.shape[:2]
-        feats = self.encoder(torch.cat([q, s.flatten(0, 1)], dim=0))
-        query = {name: f[:b] for name, f in feats.items()}
-        support = {name: f[b:].view(b, k, *f.shape[1:]) for name, f in feats.items()}
+        batch_stats = self.training and getattr(self.encoder, "bn", "frozen") == "train"
+        if self.support_masking == "none" and not batch_stats:
+            feats = self.encoder(torch.cat([q, s.flatten(0, 1)], dim=0))
+            query = {name: f[:b] for name, f in feats.items()}
+            support = {name: f[b:].view(b, k, *f.shape[1:]) for name, f in feats.items()}
+            return query, support
+        masks = binary_mask(batch[B.SUPPORT_MASKS]) if self.support_masking == "deepest" else None
+        query = self.encoder(q)
+        shots = [self.encoder(s[:, i], **({} if masks is None else {"mask": masks[:, i]})) for i in range(k)]
+        support = {name: torch.stack([shot[name] for shot in shots], dim=1) for name in query}
         return query, support
 
     def forward(self, batch: Mapping[str, torch.Tensor]) -> dict[str, Any]:
