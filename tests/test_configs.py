@@ -20,9 +20,31 @@ def test_there_are_experiments_and_methods():
     assert "pfenet_effl0_synth" in EXPERIMENTS and {"pfenet", "apanet", "scnet"} <= set(METHODS)
 
 
+def _stage1_file(name: str, tmp_path: Path) -> list[str]:
+    """BAM-based experiments read a stage-1 base learner: give them one with the right shapes."""
+    import torch
+
+    from fsseg.models.bam import BaseLearner
+    from fsseg.models.base_learner import write_artifact
+
+    cfg = compose([f"experiment={name}", "encoder.weights=none"])
+    if "base_learner_path" not in cfg:
+        return []
+    encoder = instantiate(cfg.encoder)
+    n_base = 60 if "coco" in name else 15
+    learner = BaseLearner(encoder.tap_channels["base"], n_base, list(range(1, n_base + 1)))
+    meta = {"fold": 0, "encoder": encoder.name, "tap": "base", "in_dim": learner.in_dim,
+            "base_class_ids": list(range(1, n_base + 1)), "bins": [1, 2, 3, 6]}  # fmt: skip
+    path = tmp_path / "fold0.pt"
+    write_artifact(path, {f"head.{k}": v for k, v in learner.state_dict().items()}, meta)
+    torch.manual_seed(0)
+    return [f"base_learner_path={path}"]
+
+
 @pytest.mark.parametrize("name", EXPERIMENTS)
-def test_experiment_composes_and_instantiates(name):
-    cfg = compose([f"experiment={name}", "encoder.weights=none", "hydra.run.dir=/tmp/x", "run_dir=/tmp/x"])
+def test_experiment_composes_and_instantiates(name, tmp_path):
+    extra = _stage1_file(name, tmp_path)
+    cfg = compose([f"experiment={name}", "encoder.weights=none", "hydra.run.dir=/tmp/x", "run_dir=/tmp/x", *extra])
     assert cfg.method_name in name
     data = instantiate(cfg.data)  # constructors do not touch the disk
     assert data.shots == 1 and data.fold == 0

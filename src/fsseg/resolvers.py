@@ -1,6 +1,8 @@
 """OmegaConf resolvers used by fsseg's configs; registered by the CLIs (fsseg.cli.common) and the tests.
 
 - ``${fsseg.one_minus:x}`` = 1 - x for a loss weight x in [0, 1] (APANet's (1 - lambda), Eq. 9).
+- ``${fsseg.stage1:path,fold}`` = path of a stage-1 artifact (BAM's base learner) that must exist; resolving
+  it fails at once, naming the file and the command that trains it, when it does not.
 """
 
 from __future__ import annotations
@@ -21,7 +23,21 @@ def _one_minus(value: Any) -> float:
     return 1.0 - float(value)
 
 
+def _stage1(path: Any, fold: Any) -> str:
+    from pathlib import Path
+
+    if not Path(str(path)).is_file():
+        raise ConfigError(
+            f"no stage-1 base learner at {path} (needed for fold {fold}). Train it first with the same overrides "
+            f"as this run plus task=base: fsseg-train task=base <this run's experiment/data/encoder overrides> "
+            f"data.fold={fold}  (it writes that file)"
+        )
+    return str(path)
+
+
 def register_resolvers() -> None:
     """Register fsseg's resolvers with OmegaConf (idempotent)."""
     if not OmegaConf.has_resolver("fsseg.one_minus"):
         OmegaConf.register_new_resolver("fsseg.one_minus", _one_minus)
+    if not OmegaConf.has_resolver("fsseg.stage1"):
+        OmegaConf.register_new_resolver("fsseg.stage1", _stage1)

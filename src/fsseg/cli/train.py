@@ -32,7 +32,7 @@ def build(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None = None):
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
-    model = instantiate(cfg.model, num_eval_classes=datamodule.num_novel_classes)
+    model = instantiate(cfg.model, **datamodule.model_args())
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()] + list(extra_callbacks or [])
     loggers = build_loggers(cfg)
     if not loggers:  # an lr monitor needs a logger

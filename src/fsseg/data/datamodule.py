@@ -158,6 +158,10 @@ class EpisodeDataModule(L.LightningDataModule):
         self._val_manifest: EpisodeManifest | None = None
 
     # ------------------------------------------------------------------------------------------ preparation
+    def model_args(self) -> dict:
+        """What the model is built with from the data (fsseg-train passes it to the model's constructor)."""
+        return {"num_eval_classes": self.num_novel_classes, "base_class_ids": list(self.source.fold_classes(self.fold)[0])}
+
     def prepare_data(self) -> None:
         """Build derived files and class-pixel tables, verifying every file (no instance state is set)."""
         splits = list(dict.fromkeys(["train", self.eval_split]))

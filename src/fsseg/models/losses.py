@@ -86,3 +86,50 @@ class DeepSupervision(AuxLoss):
         target = batch[QUERY_MASK]
         terms = [self.loss(logits, target) for logits in outputs[self.key]]
         return {"deep_supervision": torch.stack(terms).mean()}
+
+
+class EnsembleNLL(nn.Module):
+    """BAM's ensemble output read as what it is: non-negative scores from the probabilities of two learners.
+
+    The reference feeds ``[merged background, meta foreground]`` (softmax probabilities passed through two 1x1
+    convs) to CrossEntropy as if they were logits, which squashes them through a second softmax. This form
+    normalises the clamped scores to a distribution and takes the negative log-likelihood; with the merge
+    convs at their initial weights it equals CE on the meta learner's logits. Label 255 ignored.
+    """
+
+    def __init__(self, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = float(eps)
+
+    def forward(self, scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        p = upsample_logits(scores, target.shape[-2:]).clamp(min=self.eps)
+        return F.nll_loss((p / p.sum(dim=1, keepdim=True)).log(), target, ignore_index=IGNORE_INDEX)
+
+
+class OutputCE(AuxLoss):
+    """Cross-entropy of a named output against the query mask (BAM's CE on the meta learner, weight 1.0)."""
+
+    def __init__(self, weight: float = 1.0, key: str = "meta_logits", term: str = "meta") -> None:
+        super().__init__(weight)
+        self.key, self.term = key, term
+        self.loss = CrossEntropy()
+
+    def forward(self, outputs, batch, model) -> dict[str, torch.Tensor]:
+        return {self.term: self.loss(outputs[self.key], batch[QUERY_MASK])}
+
+
+class BaseLearnerCE(AuxLoss):
+    """The reference's CE of the frozen base learner against the query's base-class label. It has no gradient
+    (the base learner is frozen), so it is only logged: computed without autograd, returned detached."""
+
+    def __init__(self, weight: float = 0.0, key: str = "base_logits") -> None:
+        super().__init__(weight)
+        self.key = key
+
+    def forward(self, outputs, batch, model) -> dict[str, torch.Tensor]:
+        from fsseg.data.batch import QUERY_BASE_LABEL
+
+        with torch.no_grad():
+            target = model.ensemble.base_learner.module.base_index_label(batch[QUERY_BASE_LABEL])
+            logits = upsample_logits(outputs[self.key], target.shape[-2:])
+            return {"base": F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX)}

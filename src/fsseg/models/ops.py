@@ -73,13 +73,34 @@ def max_cosine_prior(query_high: torch.Tensor, support_high: torch.Tensor, suppo
     query_high (B, C, h, w); support_high (B, K, C, h, w); support_mask (B, K, 1, h, w) soft.
     Returns (B, 1, h, w): the K per-shot priors averaged.
     """
+    return shot_priors(query_high, support_high, support_mask).mean(dim=1)
+
+
+def shot_priors(query_high: torch.Tensor, support_high: torch.Tensor, support_mask: torch.Tensor) -> torch.Tensor:
+    """`max_cosine_prior` per shot, not averaged: (B, K, 1, h, w) (BAM weights the shots' priors)."""
     b, k, c, h, w = support_high.shape
-    s = (support_high * support_mask).flatten(0, 1)  # B*K, C, h, w
+    s = (support_high * support_mask).flatten(0, 1)
     q = query_high.unsqueeze(1).expand(-1, k, -1, -1, -1).flatten(0, 1)
-    sim = cosine_similarity_map(q, s)  # B*K, hw, hw
-    prior = sim.max(dim=2).values.view(b * k, 1, h, w)
-    prior = minmax_normalise(prior)
-    return prior.view(b, k, 1, h, w).mean(dim=1)
+    prior = cosine_similarity_map(q, s).max(dim=2).values.view(b * k, 1, h, w)
+    return minmax_normalise(prior).view(b, k, 1, h, w)
+
+
+def gram_matrix(feat: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Channel-by-channel cosine similarity of a feature map (BAM's Gram matrix): (N, C, h, w) -> (N, C, C)."""
+    f = feat.flatten(2)
+    n = f.norm(dim=2, keepdim=True)
+    return torch.bmm(f, f.transpose(1, 2)) / (torch.bmm(n, n.transpose(1, 2)) + eps)
+
+
+def scene_difference(query_low: torch.Tensor, support_low: torch.Tensor) -> torch.Tensor:
+    """BAM's estimate of how much query and support scenes differ: ||G_q - G_s||_F / ||1_{CxC}||_F per shot.
+
+    query_low (B, C, h, w), support_low (B, K, C, h', w') -> (B, K); ||1_{CxC}||_F = C.
+    """
+    b, k, c = support_low.shape[:3]
+    gq = gram_matrix(query_low)  # B, C, C
+    gs = gram_matrix(support_low.flatten(0, 1)).view(b, k, c, c)
+    return (gq.unsqueeze(1) - gs).flatten(2).norm(dim=2) / c
 
 
 def upsample_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fsseg.errors import ConfigError
-from fsseg.models.ops import mask_to_feature, masked_average_pool, max_cosine_prior, resize
+from fsseg.models.ops import mask_to_feature, masked_average_pool, max_cosine_prior, resize, shot_priors
 
 
 def _reduction(in_ch: int, out_ch: int, dropout: float) -> nn.Sequential:
@@ -40,6 +40,7 @@ class PriorPrototypeHead(nn.Module):
         dropout: float = 0.5,
         shared_reduction: bool = False,
         use_prior: bool = True,
+        shot_weighting: nn.Module | None = None,
     ) -> None:
         super().__init__()
         if "mid" not in tap_channels or (use_prior and "high" not in tap_channels):
@@ -52,6 +53,9 @@ class PriorPrototypeHead(nn.Module):
         self.down_support = self.down_query if shared_reduction else _reduction(mid, reduce_dim, dropout)
         self.reduce_dim = reduce_dim
         self.use_prior = use_prior
+        # K-shot fusion: None = average over shots (PFENet); a module giving per-shot weights (B, K) and the
+        # scene difference (B,) from the taps = BAM's Gram re-weighting (fsseg.models.bam.GramShotWeighting)
+        self.shot_weighting = shot_weighting
 
     def forward(
         self, query: Mapping[str, torch.Tensor], support: Mapping[str, torch.Tensor], support_mask: torch.Tensor
@@ -61,17 +65,23 @@ class PriorPrototypeHead(nn.Module):
         s = self.down_support(support["mid"].flatten(0, 1))
         size = q.shape[-2:]
         m = mask_to_feature(support_mask, size)  # B, K, 1, h, w
-        proto = masked_average_pool(s, m.flatten(0, 1)).view(b, k, -1).mean(dim=1)  # Eq.: K-shot average
-        out = {
-            "query_feat": q,
-            "support_feat": s.view(b, k, *s.shape[1:]),
-            "prototype": proto[:, :, None, None],
-            "support_mask_feat": m,
-        }
+        protos = masked_average_pool(s, m.flatten(0, 1)).view(b, k, -1)
+        out = {"query_feat": q, "support_feat": s.view(b, k, *s.shape[1:]), "support_mask_feat": m}
+        if self.shot_weighting is None:
+            proto = protos.mean(dim=1)  # K-shot average
+        else:
+            weights, out["scene_difference"] = self.shot_weighting(query, support)
+            out["shot_weights"] = weights
+            proto = (weights[:, :, None] * protos).sum(dim=1)
+        out["prototype"] = proto[:, :, None, None]
         if self.use_prior:
             qh, sh = query["high"], support["high"]
             mh = mask_to_feature(support_mask, qh.shape[-2:])
-            out["prior"] = resize(max_cosine_prior(qh, sh, mh), size)
+            if self.shot_weighting is None:
+                prior = max_cosine_prior(qh, sh, mh)
+            else:
+                prior = (out["shot_weights"][:, :, None, None, None] * shot_priors(qh, sh, mh)).sum(dim=1)
+            out["prior"] = resize(prior, size)
             out["query_high"] = qh
         else:
             out["prior"] = q.new_zeros(b, 1, *size)

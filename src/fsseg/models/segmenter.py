@@ -9,9 +9,11 @@ A method is a config composing these parts; this module never switches on a meth
 
 from __future__ import annotations
 
+import inspect
 import random
 import re
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
@@ -50,6 +52,71 @@ def _build(part: Any, **kwargs: Any) -> nn.Module:
     if callable(part):
         return part(**kwargs)
     raise ConfigError(f"expected a module or a factory, got {type(part).__name__}")
+
+
+@dataclass(frozen=True)
+class EpisodeContext:
+    """What parts may know about the episode besides images and support masks.
+
+    ``class_idx``: the class's index in the split's class list (training: the fold's base classes, BAM's
+    ``cat_idx``; evaluation: the novel classes). ``query_mask`` and ``query_base_label``: training only (None
+    at evaluation, so no part can read the answer).
+    """
+
+    class_idx: torch.Tensor
+    class_id: torch.Tensor | None = None
+    query_mask: torch.Tensor | None = None
+    query_base_label: torch.Tensor | None = None
+
+    @classmethod
+    def from_batch(cls, batch: Mapping[str, torch.Tensor], training: bool) -> EpisodeContext:
+        return cls(
+            class_idx=batch.get(B.CLASS_IDX),
+            class_id=batch.get(B.CLASS_ID),
+            query_mask=batch.get(B.QUERY_MASK) if training else None,
+            query_base_label=batch.get(B.QUERY_BASE_LABEL) if training else None,
+        )
+
+
+def _takes_context(part: nn.Module) -> bool:
+    try:
+        return "context" in inspect.signature(part.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _check_declared_keys(head: nn.Module, decoder: nn.Module) -> None:
+    """Parts may declare the guidance they provide / require (``provides`` / ``requires``): checked at build."""
+    provides, requires = getattr(head, "provides", None), getattr(decoder, "requires", None)
+    if provides is None or requires is None:
+        return
+    missing = sorted(set(requires) - set(provides))
+    if missing:
+        raise ConfigError(
+            f"decoder {type(decoder).__name__} needs guidance {missing} that head {type(head).__name__} does not "
+            f"provide (it provides {sorted(provides)})"
+        )
+
+
+def _check_sub_model_classes(model: nn.Module, base_class_ids: Sequence[int] | None) -> None:
+    """A frozen sub-model trained on base classes (``base_class_ids`` buffer) must have been trained on this
+    fold's base classes, in this order: its output channels are read by class index."""
+    if base_class_ids is None:
+        return
+    want = [int(c) for c in base_class_ids]
+    for name, buf in model.named_buffers():
+        if name.endswith("base_class_ids") and buf.tolist() != want:
+            raise ConfigError(
+                f"{name.removesuffix('.base_class_ids')} was trained on base classes {buf.tolist()}, but this run's "
+                f"fold has base classes {want}: load the stage-1 file of this dataset and fold"
+            )
+
+
+def _merge_outputs(out: dict[str, Any], new: Mapping[str, Any], producer: str) -> None:
+    clash = sorted(set(new) & set(out))
+    if clash:
+        raise ConfigError(f"{producer} returns {clash}, names already produced before it: rename its outputs")
+    out.update(new)
 
 
 def _check_deepest_masking(encoder: nn.Module) -> None:
@@ -91,6 +158,8 @@ class FewShotSegmenter(L.LightningModule):
         shot_fusion: str = "average",
         vote_k: int | None = None,
         support_masking: str = "none",
+        ensemble: nn.Module | None = None,
+        base_class_ids: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         if base_lr <= 0 or lr_multiplier <= 0:
@@ -116,6 +185,11 @@ class FewShotSegmenter(L.LightningModule):
         tap_channels = dict(getattr(encoder, "tap_channels", {}))
         self.head = _build(head, tap_channels=tap_channels)
         self.decoder = _build(decoder)
+        self.ensemble = ensemble  # a stage after the decoder (BAM's learner ensemble), or None
+        _check_sub_model_classes(self, base_class_ids)
+        _check_declared_keys(self.head, self.decoder)
+        self._head_context = _takes_context(self.head)
+        self._decoder_context = _takes_context(self.decoder)
         self.main_loss = main_loss
         self.aux_losses = nn.ModuleDict(dict(aux_losses or {}))
         self.main_loss_weight = float(main_loss_weight)
@@ -152,12 +226,24 @@ class FewShotSegmenter(L.LightningModule):
         return query, support
 
     def forward(self, batch: Mapping[str, torch.Tensor]) -> dict[str, Any]:
-        """Logits (B, 2, h, w) at feature resolution plus the named intermediates of head and decoder."""
+        """Logits (B, 2, h, w) at feature resolution plus the named intermediates of head and decoder.
+
+        Parts whose ``forward`` takes a ``context`` argument receive the `EpisodeContext` (class of the
+        episode; the query's labels in training only). A decoder or ensemble output may not reuse a name the
+        head already produced.
+        """
+        context = EpisodeContext.from_batch(batch, training=self.training)
         query, support = self.encode(batch)
-        guidance = self.head(query, support, binary_mask(batch[B.SUPPORT_MASKS]))
+        masks = binary_mask(batch[B.SUPPORT_MASKS])
+        guidance = self.head(query, support, masks, context=context) if self._head_context else self.head(query, support, masks)
         out = dict(guidance)
         out["query_taps"], out["support_taps"] = query, support
-        out.update(self.decoder(guidance))
+        decoded = self.decoder(guidance, context=context) if self._decoder_context else self.decoder(guidance)
+        _merge_outputs(out, decoded, type(self.decoder).__name__)
+        if self.ensemble is not None:  # it re-defines "logits": the decoder's are kept as it names them
+            ensembled = self.ensemble(out, context)
+            out.pop("logits")
+            _merge_outputs(out, ensembled, type(self.ensemble).__name__)
         return out
 
     @torch.no_grad()
@@ -333,4 +419,4 @@ def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
-__all__ = ["FewShotSegmenter", "NonFiniteLossError", "count_parameters"]
+__all__ = ["EpisodeContext", "FewShotSegmenter", "NonFiniteLossError", "count_parameters"]

@@ -1,0 +1,400 @@
+"""Stage 1 of BAM-based methods: a PSPNet base learner trained on a fold's base classes, not episodically.
+
+    fsseg-train task=base experiment=bam_effl0_synth data.fold=0        # writes the fold's base learner
+
+BAM (round2-references.md §1.1) trains PSPNet on *every* training image, labels remapped base class -> its
+index in the fold's base list + 1, every other class -> 0, 255 kept; it fine-tunes the whole backbone with
+BatchNorm in training mode (encoder lr 2.5e-4, PPM and classifier x10), crop 417, scale [0.5, 2.0], and
+selects on base-class mIoU of the validation images. I2R keeps the encoder frozen instead (its ImageNet head
+must stay valid for CAMs): both are configs of this one task (``encoder.frozen``, ``encoder.bn``).
+
+The run's best weights are exported (atomically) to ``export_path``, with what they were trained for (dataset,
+fold, encoder, taps, base classes); stage 2 loads them with `load_base_learner`, which refuses a file made for
+another fold, class list or encoder, and names the command that trains the missing one.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import json
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchmetrics import Metric
+
+from fsseg.data import batch as B
+from fsseg.data.episodes import base_label, seed_worker
+from fsseg.data.folds import pixel_table
+from fsseg.data.sources import Source
+from fsseg.data.transforms import EvalTransform, TrainTransform
+from fsseg.errors import ConfigError
+from fsseg.models.bam import BaseLearner
+from fsseg.models.ops import upsample_logits
+
+__all__ = ["BaseClassData", "BaseClassIoU", "BaseLearnerModule", "load_base_learner", "write_artifact"]
+
+FORMAT = 1
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data: every image of a split, labels as base-class indices
+# ----------------------------------------------------------------------------------------------------------
+def base_index_lut(base_ids: Sequence[int], ignore_index: int = B.IGNORE_INDEX) -> np.ndarray:
+    """Dataset class id -> base-learner channel (base class i -> i + 1, others 0, ignore -> 255)."""
+    lut = np.zeros(256, dtype=np.uint8)
+    for i, c in enumerate(base_ids):
+        lut[int(c)] = i + 1
+    lut[ignore_index] = B.IGNORE_INDEX
+    return lut
+
+
+class _BaseImages(Dataset):
+    def __init__(self, source: Source, split: str, base_ids: Sequence[int], transform: Any, seed: int, train: bool):
+        self.source, self.split, self.transform, self.seed, self.train = source, split, transform, seed, train
+        self.base_ids = [int(c) for c in base_ids]
+        self.lut = base_index_lut(self.base_ids)
+        self.n = len(source.items(split))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, code: int) -> dict[str, torch.Tensor]:
+        epoch, i = divmod(int(code), self.n)  # training codes carry the epoch (`_EpochShuffle`)
+        img, label = self.source.load(self.split, i)
+        target = self.lut[base_label(label, self.base_ids, self.source.ignore_index).astype(np.int64).clip(0, 255)]
+        if self.train:  # augmentation drawn from (seed, epoch, image): a resumed run sees the same crops
+            rng = np.random.default_rng([self.seed, epoch, i])
+            image, (mask,) = self.transform(img, [target], rng)
+        else:
+            image, (mask,), _ = self.transform(img, [target])
+        return {B.QUERY_IMG: image, B.QUERY_MASK: mask.long()}
+
+
+class _EpochShuffle(Sampler[int]):
+    """Seeded permutation per epoch (Lightning calls ``set_epoch``); yields ``epoch * n + image`` codes so
+    the dataset draws each image's augmentation from (seed, epoch, image) in any worker."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = int(n), int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
+        return iter((self.epoch * self.n + order).tolist())
+
+
+@dataclass(frozen=True)
+class ImageListManifest:
+    """What a base-class evaluation ran on (the provenance record's ``manifest``): the split's image list."""
+
+    hash: str
+    path: str
+    episodes: tuple[str, ...]  # the evaluation images, in order
+
+
+_EPISODE_ONLY = {
+    "shots", "min_pixels", "train_filter", "eval_classes", "eval_queries", "eval_episodes", "eval_seed",
+    "val_episodes", "train_episodes_per_epoch",
+}  # fmt: skip
+
+
+class BaseClassData(L.LightningDataModule):
+    """Every image of ``train_split`` (training) and ``eval_split`` (validation and test), base-class labels."""
+
+    def __init__(
+        self,
+        source: Source,
+        fold: int,
+        train_size: int = 417,
+        eval_size: int = 473,
+        mean: Sequence[float] = (0.485, 0.456, 0.406),
+        std: Sequence[float] = (0.229, 0.224, 0.225),
+        scale_range: Sequence[float] = (0.5, 2.0),
+        rotate_deg: float = 10.0,
+        blur_p: float = 0.5,
+        hflip_p: float = 0.5,
+        train_split: str = "train",
+        eval_split: str = "val",
+        batch_size: int = 12,
+        eval_batch_size: int = 8,
+        num_workers: int = 0,
+        cache_dir: str = "outputs/cache",
+        seed: int = 0,
+        **episode_options: Any,
+    ) -> None:
+        super().__init__()
+        # the episodic data config is reused as is (task=base): its episode-only keys do not apply here
+        unknown = sorted(set(episode_options) - _EPISODE_ONLY)
+        if unknown:
+            raise ConfigError(f"BaseClassData: unknown data option(s) {unknown}")
+        source.check_fold(fold)
+        if batch_size < 1 or eval_batch_size < 1:
+            raise ConfigError(f"data.batch_size and data.eval_batch_size must be >= 1; got {batch_size}, {eval_batch_size}")
+        self.source, self.fold = source, int(fold)
+        self.base_ids, self.novel_ids = (list(x) for x in source.fold_classes(fold))
+        self.train_split, self.eval_split = train_split, eval_split
+        self.train_tf = TrainTransform(train_size, mean, std, scale_range, rotate_deg, blur_p, hflip_p)
+        self.eval_tf = EvalTransform(eval_size, mean, std)
+        self.batch_size, self.eval_batch_size, self.num_workers = int(batch_size), int(eval_batch_size), int(num_workers)
+        self.cache_dir, self.seed = Path(cache_dir), int(seed)
+
+    def prepare_data(self) -> None:
+        self.source.prepare([self.train_split, self.eval_split])
+        for split in (self.train_split, self.eval_split):  # verifies every label file before training starts
+            pixel_table(self.source, split, self.cache_dir)
+
+    def setup(self, stage: str | None = None) -> None:
+        self.train_set = _BaseImages(self.source, self.train_split, self.base_ids, self.train_tf, self.seed, True)
+        self.eval_set = _BaseImages(self.source, self.eval_split, self.base_ids, self.eval_tf, self.seed, False)
+        names = self.source.item_names(self.eval_split)
+        digest = hashlib.sha256(json.dumps([self.source.name, self.eval_split, names]).encode()).hexdigest()
+        self.eval_manifest = ImageListManifest(digest, f"{self.source.root}:{self.eval_split}", tuple(names))
+
+    def model_args(self) -> dict[str, Any]:
+        """What the model needs from the data: the fold's base classes in channel order."""
+        return {"base_class_ids": self.base_ids, "fold": self.fold, "dataset": self.source.name}
+
+    def _loader(self, dataset: Dataset, batch_size: int, sampler: Sampler | None, drop_last: bool) -> DataLoader:
+        return DataLoader(
+            dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last, num_workers=self.num_workers,
+            worker_init_fn=functools.partial(seed_worker, self.seed),
+        )  # fmt: skip
+
+    def train_dataloader(self) -> DataLoader:
+        sampler = _EpochShuffle(len(self.train_set), self.seed)
+        return self._loader(self.train_set, self.batch_size, sampler, len(self.train_set) > self.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.eval_set, self.eval_batch_size, None, False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Metric and module
+# ----------------------------------------------------------------------------------------------------------
+class BaseClassIoU(Metric):
+    """Semantic-segmentation IoU over 1 + C classes from a summed confusion matrix (exact under DDP).
+
+    ``miou``: mean IoU of the base classes 1..C that occur (label or prediction); ``miou_bg``: with background.
+    """
+
+    full_state_update = False
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.num_classes = int(num_classes)
+        self.add_state("confusion", torch.zeros(self.num_classes, self.num_classes, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("images", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
+        pred = logits.argmax(dim=1)
+        valid = target != B.IGNORE_INDEX
+        idx = target[valid] * self.num_classes + pred[valid]
+        self.confusion += torch.bincount(idx, minlength=self.num_classes**2).view(self.num_classes, -1)
+        self.images += target.shape[0]
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        cm = self.confusion.double()
+        inter, union = cm.diag(), cm.sum(0) + cm.sum(1) - cm.diag()
+        iou = inter / union.clamp(min=1)
+        seen = union > 0
+        return {
+            "miou": iou[1:][seen[1:]].mean() if seen[1:].any() else iou.new_zeros(()),
+            "miou_bg": iou[seen].mean() if seen.any() else iou.new_zeros(()),
+            "class_iou": torch.where(seen, iou, torch.full_like(iou, float("nan")))[1:],
+            "episodes": self.images.double(),
+        }
+
+
+class BaseLearnerModule(L.LightningModule):
+    """Encoder + `BaseLearner`, cross-entropy on base-class labels, SGD with the head at ``head_lr_multiplier``.
+
+    Args:
+        encoder: a FrozenEncoder (BAM: ``frozen: false, bn: train``; I2R: frozen).
+        base_class_ids, fold, dataset: from the data (`BaseClassData.model_args`).
+        tap: the encoder tap the head reads (the deepest feature).
+        export_path: where the best weights go after testing (stage 2 reads them).
+        base_lr, head_lr_multiplier, momentum, weight_decay, poly_power: BAM's stage-1 recipe (2.5e-4, x10, 0.9,
+            1e-4, 0.9).
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        base_class_ids: Sequence[int],
+        fold: int,
+        dataset: str,
+        tap: str = "base",
+        export_path: str | None = None,
+        base_lr: float = 2.5e-4,
+        head_lr_multiplier: float = 10.0,
+        momentum: float = 0.9,
+        weight_decay: float = 1e-4,
+        poly_power: float = 0.9,
+        bins: Sequence[int] = (1, 2, 3, 6),
+    ) -> None:
+        super().__init__()
+        if not (np.isfinite(base_lr) and base_lr > 0) or not (np.isfinite(head_lr_multiplier) and head_lr_multiplier > 0):
+            raise ConfigError(f"model.base_lr and model.head_lr_multiplier must be finite and > 0; got {base_lr}, {head_lr_multiplier}")
+        channels = dict(getattr(encoder, "tap_channels", {}))
+        if tap not in channels:
+            raise ConfigError(f"the base learner reads encoder tap {tap!r}; encoder.taps has {sorted(channels)}")
+        self.encoder, self.tap = encoder, tap
+        self.head = BaseLearner(channels[tap], len(base_class_ids), base_class_ids, bins=bins)
+        self.fold, self.dataset = int(fold), str(dataset)
+        self.export_path = export_path
+        self.base_lr, self.head_lr_multiplier = float(base_lr), float(head_lr_multiplier)
+        self.momentum, self.weight_decay, self.poly_power = momentum, weight_decay, poly_power
+        self.val_iou = BaseClassIoU(1 + len(base_class_ids))
+        self.test_iou = BaseClassIoU(1 + len(base_class_ids))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(images)[self.tap])
+
+    def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        target = batch[B.QUERY_MASK]
+        logits = upsample_logits(self(batch[B.QUERY_IMG]), target.shape[-2:])
+        loss = F.cross_entropy(logits, target, ignore_index=B.IGNORE_INDEX)
+        self.log("train/loss", loss, prog_bar=True, batch_size=target.shape[0])
+        return loss
+
+    def _eval(self, batch: Mapping[str, torch.Tensor], metric: BaseClassIoU) -> None:
+        target = batch[B.QUERY_MASK]
+        metric.update(upsample_logits(self(batch[B.QUERY_IMG]), target.shape[-2:]), target)
+
+    def validation_step(self, batch, batch_idx):
+        self._eval(batch, self.val_iou)
+
+    def test_step(self, batch, batch_idx):
+        self._eval(batch, self.test_iou)
+
+    def _log_metric(self, split: str, metric: BaseClassIoU) -> None:
+        values = metric.compute()
+        for key in ("miou", "miou_bg", "episodes"):
+            self.log(f"{split}/{key}", float(values[key]), prog_bar=key == "miou")
+        for i, v in enumerate(values["class_iou"].tolist()):
+            self.log(f"{split}/class_iou/{i}", float(v))
+        metric.reset()
+
+    def on_validation_epoch_end(self):
+        self._log_metric("val", self.val_iou)
+
+    def on_test_epoch_end(self):
+        self._log_metric("test", self.test_iou)
+        if self.export_path and self.trainer.is_global_zero:
+            self.export(self.export_path)
+
+    def configure_optimizers(self):
+        enc = [p for p in self.encoder.parameters() if p.requires_grad]
+        groups = ([{"params": enc, "lr": self.base_lr}] if enc else []) + [
+            {"params": list(self.head.parameters()), "lr": self.base_lr * self.head_lr_multiplier}
+        ]
+        opt = torch.optim.SGD(groups, lr=self.base_lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: max(0.0, 1.0 - step / total) ** self.poly_power)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.encoder.train(mode)  # a frozen encoder keeps itself in eval (its own override)
+        return self
+
+    # -- the artifact stage 2 reads ----------------------------------------------------------------------
+    def meta(self) -> dict[str, Any]:
+        enc = self.encoder
+        return {
+            "format": FORMAT,
+            "dataset": self.dataset,
+            "fold": self.fold,
+            "encoder": getattr(enc, "name", type(enc).__name__),
+            "taps": {k: list(v) for k, v in getattr(enc, "taps", {}).items()},
+            "tap": self.tap,
+            "in_dim": self.head.in_dim,
+            "base_class_ids": [int(c) for c in self.head.base_class_ids.tolist()],
+            "bins": list(self.head.ppm.bins),
+        }
+
+    def export(self, path: str | os.PathLike) -> Path:
+        """Write {state_dict: encoder.* + head.*, meta} to ``path`` atomically (temp file + rename)."""
+        state = {k: v.detach().cpu() for k, v in self.state_dict().items() if k.startswith(("encoder.", "head."))}
+        return write_artifact(path, state, self.meta())
+
+
+def write_artifact(path: str | os.PathLike, state: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> Path:
+    """A stage-1 file: ``{"state_dict": state, "meta": meta}``, written to a temporary name and renamed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    torch.save({"state_dict": dict(state), "meta": dict(meta)}, buf)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(buf.getvalue())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Stage 2: load the frozen base learner, refusing one made for something else
+# ----------------------------------------------------------------------------------------------------------
+def load_base_learner(
+    path: str | os.PathLike,
+    fold: int,
+    encoder: str,
+    base_class_ids: Sequence[int] | None = None,
+    dataset: str | None = None,
+    tap: str | None = None,
+    train_command: str = "fsseg-train task=base ...",
+) -> BaseLearner:
+    """The stage-1 `BaseLearner` at ``path``; ConfigError when absent or trained for another fold, class list,
+    dataset or encoder (each mismatch named with what was expected)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(
+            f"no base learner at {path} (stage 1 for fold {fold}, encoder {encoder!r}). Train it first: "
+            f"{train_command}"
+        )
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        meta, state = blob["meta"], blob["state_dict"]
+    except Exception as err:  # noqa: BLE001 - torch raises many types for corrupt files
+        raise ConfigError(f"{path} is not a base-learner file written by fsseg-train task=base ({type(err).__name__}: {err})") from err
+    expected = {"fold": int(fold), "encoder": encoder}
+    if dataset is not None:
+        expected["dataset"] = dataset
+    if base_class_ids is not None:
+        expected["base_class_ids"] = [int(c) for c in base_class_ids]
+    if tap is not None:
+        expected["tap"] = tap
+    wrong = {k: (meta.get(k), v) for k, v in expected.items() if meta.get(k) != v}
+    if wrong:
+        detail = "; ".join(f"{k}: file has {got!r}, expected {want!r}" for k, (got, want) in wrong.items())
+        raise ConfigError(f"base learner {path} was trained for something else ({detail}). Train the right one: {train_command}")
+    learner = BaseLearner(meta["in_dim"], len(meta["base_class_ids"]), meta["base_class_ids"], bins=meta["bins"])
+    head = {k[len("head."):]: v for k, v in state.items() if k.startswith("head.")}
+    learner.load_state_dict(head, strict=True)
+    return learner.eval()

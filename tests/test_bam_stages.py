@@ -1,0 +1,66 @@
+"""BAM end to end on the embedded benchmark: stage 1 (task=base) writes the fold's base learner, stage 2 reads it;
+a missing or mismatched stage-1 file is refused before any work, naming the file and the command."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from omegaconf.errors import InterpolationResolutionError
+
+from fsseg_testing import compose
+from fsseg.cli.common import instantiate
+from fsseg.cli.train import run
+from fsseg.errors import ConfigError
+
+
+def _overrides(synth_root, tmp_path, *extra: str) -> list[str]:
+    return [
+        "experiment=bam_effl0_synth",
+        f"data.source.root={synth_root}",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        f"paths.output_dir={tmp_path / 'outputs'}",
+        "data.train_size=64", "data.eval_size=64", "data.batch_size=4", "data.eval_batch_size=4",
+        "data.train_episodes_per_epoch=8", "data.val_episodes=8", "data.eval_episodes=12",
+        "head.reduce_dim=16", "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "logger=none",
+        "base_task.train_size=64", "base_task.batch_size=4", "base_task.epochs=1",
+        "base_task.encoder_weights=none",
+        *extra,
+    ]  # fmt: skip
+
+
+def test_stage2_without_stage1_names_the_file_and_the_command(synth_root, tmp_path):
+    cfg = compose(_overrides(synth_root, tmp_path))
+    # raised while the config resolves (OmegaConf wraps it), before anything is built or read
+    with pytest.raises((ConfigError, InterpolationResolutionError), match=r"no stage-1 base learner at .*fold0\.pt.*fsseg-train task=base"):
+        instantiate(cfg.model, num_eval_classes=5)
+
+
+def test_base_learner_then_bam(synth_root, tmp_path):
+    stage1 = ["task=base", "+trainer.limit_train_batches=3", "+trainer.limit_val_batches=2", "+trainer.limit_test_batches=2"]
+    cfg1 = compose(_overrides(synth_root, tmp_path, *stage1))
+    assert cfg1.model._target_.endswith("BaseLearnerModule") and cfg1.encoder.frozen is False
+    m1 = run(cfg1, tmp_path / "stage1")
+    artifact = tmp_path / "outputs" / "base_learners" / "synth_effl0" / "fold0.pt"
+    blob = torch.load(artifact, weights_only=True)
+    assert blob["meta"]["fold"] == 0 and blob["meta"]["base_class_ids"] == list(range(6, 21))  # fold 0 novel = 1..5
+    assert blob["meta"]["encoder"] == "tf_efficientnet_lite0" and len(m1["class_iou"]) == 15
+    assert 0.0 <= m1["miou"] <= 1.0
+    assert json.loads((tmp_path / "stage1" / "metrics.json").read_text())["metrics"]["miou"] == m1["miou"]
+
+    cfg2 = compose(_overrides(synth_root, tmp_path))
+    metrics = run(cfg2, tmp_path / "stage2")
+    assert 0.0 <= metrics["miou"] <= 1.0 and len(metrics["class_iou"]) == 5
+    ckpt = torch.load(tmp_path / "stage2" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    # the frozen base learner and the stage-1 encoder reached stage 2 unchanged
+    for key, value in blob["state_dict"].items():
+        if key.startswith("head."):
+            assert torch.equal(ckpt["ensemble.base_learner.module." + key[len("head."):]], value), key
+    enc = {k: v for k, v in blob["state_dict"].items() if k.startswith("encoder.") and "running" not in k}
+    assert enc and all(torch.equal(ckpt[k], v) for k, v in enc.items())
+
+    # the same file for another fold is refused, naming what differs
+    cfg3 = compose(_overrides(synth_root, tmp_path, f"base_learner_path={artifact}", "data.fold=1"))
+    with pytest.raises(ConfigError, match=r"fold: file has 0, expected 1"):
+        instantiate(cfg3.model, num_eval_classes=5)
