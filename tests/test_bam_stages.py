@@ -38,7 +38,8 @@ def test_stage2_without_stage1_names_the_file_and_the_command(synth_root, tmp_pa
 
 
 def test_base_learner_then_bam(synth_root, tmp_path):
-    stage1 = ["task=base", "+trainer.limit_train_batches=3", "+trainer.limit_val_batches=2", "+trainer.limit_test_batches=2"]
+    stage1 = ["task=base", "+trainer.limit_train_batches=3", "+trainer.limit_val_batches=2", "+trainer.limit_test_batches=2",
+              "base_task.encoder_frozen=false", "base_task.encoder_bn=train"]  # BAM's form: the backbone fine-tuned
     cfg1 = compose(_overrides(synth_root, tmp_path, *stage1))
     assert cfg1.model._target_.endswith("BaseLearnerModule") and cfg1.encoder.frozen is False
     m1 = run(cfg1, tmp_path / "stage1")
@@ -52,13 +53,17 @@ def test_base_learner_then_bam(synth_root, tmp_path):
     cfg2 = compose(_overrides(synth_root, tmp_path))
     metrics = run(cfg2, tmp_path / "stage2")
     assert 0.0 <= metrics["miou"] <= 1.0 and len(metrics["class_iou"]) == 5
+    # BAM's claim, measured on every evaluation: base-class pixels predicted foreground, final and meta outputs
+    assert 0.0 <= metrics["base_fp_rate"] <= 1.0 and 0.0 <= metrics["base_fp_rate_meta"] <= 1.0
     ckpt = torch.load(tmp_path / "stage2" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     # the frozen base learner and the stage-1 encoder reached stage 2 unchanged
     for key, value in blob["state_dict"].items():
         if key.startswith("head."):
             assert torch.equal(ckpt["ensemble.base_learner.module." + key[len("head."):]], value), key
-    enc = {k: v for k, v in blob["state_dict"].items() if k.startswith("encoder.") and "running" not in k}
-    assert enc and all(torch.equal(ckpt[k], v) for k, v in enc.items())
+    enc = {k: v for k, v in blob["state_dict"].items() if k.startswith("encoder.")}
+    assert enc and all(torch.equal(ckpt[k], v) for k, v in enc.items())  # fine-tuned weights and BN statistics
+    means = [v for k, v in enc.items() if k.endswith("running_mean")]
+    assert means and all(v.abs().sum() > 0 for v in means)  # BN in training mode moved them from their zero init
 
     # the same file for another fold is refused, naming what differs
     cfg3 = compose(_overrides(synth_root, tmp_path, f"base_learner_path={artifact}", "data.fold=1"))

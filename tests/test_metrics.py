@@ -360,3 +360,21 @@ def test_aggregate_seeds_without_scipy_uses_the_table(monkeypatch):
     monkeypatch.setitem(sys.modules, "scipy.stats", None)  # `from scipy.stats import t` -> ImportError
     r = aggregate_seeds([1.0, 2.0, 3.0])
     assert r["ci95"] == pytest.approx(4.303 / math.sqrt(3), rel=1e-12)
+
+
+def test_base_class_false_positives_by_hand():
+    from fsseg.metrics import BaseClassFalsePositives
+
+    m = BaseClassFalsePositives()
+    pred = torch.tensor([[[1, 1, 0], [0, 1, 0]]])  # hard predictions
+    base = torch.tensor([[[3, 0, 3], [7, 7, 255]]])  # base pixels: (0,0) (0,2) (1,0) (1,1); 255 ignored
+    m.update(pred, base)  # predicted fg on (0,0) and (1,1): 2 of 4
+    m.update(torch.ones(1, 2, 2, dtype=torch.long), torch.zeros(1, 2, 2, dtype=torch.long))  # no base pixel
+    out = m.compute()
+    assert out["rate"].item() == 0.5 and int(out["pixels"]) == 4
+    logits = torch.stack([torch.zeros(1, 2, 3), torch.tensor([[[1.0, -1, 1], [1, -1, 1]]])], dim=1)
+    m.reset()
+    m.update(logits, base)  # fg where channel 1 > 0: (0,0) (0,2) (1,0) of the base pixels
+    assert m.compute()["rate"].item() == 0.75
+    m.reset()
+    assert torch.isnan(m.compute()["rate"])

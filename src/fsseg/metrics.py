@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import Metric
 
-__all__ = ["FewShotIoU", "aggregate_seeds"]
+__all__ = ["BaseClassFalsePositives", "FewShotIoU", "aggregate_seeds"]
 
 
 class FewShotIoU(Metric):
@@ -289,3 +289,31 @@ def aggregate_seeds(values: Sequence[float]) -> dict[str, float | int]:
         return {"mean": mean, "std": 0.0, "ci95": math.nan, "n": 1}
     std = math.sqrt(math.fsum((v - mean) ** 2 for v in vals) / (n - 1))
     return {"mean": mean, "std": std, "ci95": _t975(n - 1) * std / math.sqrt(n), "n": n}
+
+
+class BaseClassFalsePositives(Metric):
+    """Share of base-class pixels predicted foreground in novel-class episodes (BAM's claim: the ensemble
+    suppresses them). ``update(pred, base_label)``: pred (B, 2, H, W) logits or (B, H, W) {0, 1}; base_label
+    (B, H, W) at the same size, > 0 on base-class pixels, 255 ignored. Episodes whose query holds no base pixel
+    add nothing. Summed integer counts: exact under DDP."""
+
+    is_differentiable = False
+    higher_is_better = False
+    full_state_update = False
+
+    def __init__(self, ignore_index: int = 255, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.ignore_index = ignore_index
+        self.add_state("base_fg", default=torch.zeros((), dtype=torch.int64), dist_reduce_fx="sum")
+        self.add_state("base_pixels", default=torch.zeros((), dtype=torch.int64), dist_reduce_fx="sum")
+
+    def update(self, pred: torch.Tensor, base_label: torch.Tensor) -> None:
+        fg = pred.argmax(dim=1) == 1 if pred.ndim == 4 else pred != 0
+        base = (base_label > 0) & (base_label != self.ignore_index)
+        self.base_fg += (fg & base).sum()
+        self.base_pixels += base.sum()
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        """``rate`` (NaN when no base pixel was scored) and the ``pixels`` it is over."""
+        rate = self.base_fg.double() / self.base_pixels.double() if self.base_pixels > 0 else torch.tensor(float("nan"))
+        return {"rate": rate, "pixels": self.base_pixels}

@@ -24,7 +24,7 @@ from torch import nn
 
 from fsseg.data import batch as B
 from fsseg.errors import ConfigError
-from fsseg.metrics import FewShotIoU
+from fsseg.metrics import BaseClassFalsePositives, FewShotIoU
 from fsseg.models.losses import AuxLoss
 from fsseg.models.ops import binary_mask, upsample_logits
 from fsseg.models.optim import build_optimizer
@@ -201,6 +201,8 @@ class FewShotSegmenter(L.LightningModule):
         self.shot_fusion, self.vote_k = shot_fusion, vote_k
         self.val_iou = FewShotIoU(num_eval_classes)
         self.test_iou = FewShotIoU(num_eval_classes)
+        # base-class pixels predicted foreground (final output; and the decoder's own when an ensemble follows)
+        self.test_base_fp = nn.ModuleDict({"final": BaseClassFalsePositives(), "meta": BaseClassFalsePositives()})
 
     # ------------------------------------------------------------------ forward
     def encode(self, batch: Mapping[str, torch.Tensor]) -> tuple[dict, dict]:
@@ -323,13 +325,21 @@ class FewShotSegmenter(L.LightningModule):
         mapped = F.grid_sample(logits, grid, mode="bilinear", padding_mode="border", align_corners=False)
         return mapped, target
 
-    def _eval_step(self, batch: Mapping[str, torch.Tensor], metric: FewShotIoU) -> None:
+    def _eval_step(self, batch: Mapping[str, torch.Tensor], metric: FewShotIoU, base_fp: nn.ModuleDict | None = None) -> None:
         if self.shot_fusion == "vote":  # vote on the scoring grid: each shot's logits mapped there first
             shots = self.shot_logits(batch)
             mapped, target = self.score_logits(batch, shots.flatten(1, 2))
             logits = self.vote_logits(mapped.unflatten(1, shots.shape[1:3]))
         else:
-            logits, target = self.score_logits(batch, self.predict(batch))
+            with torch.no_grad():
+                out = self(batch)
+            size = batch[B.QUERY_IMG].shape[-2:]
+            net_logits = upsample_logits(out["logits"], size)  # = predict(batch)
+            if base_fp is not None and B.QUERY_BASE_LABEL in batch:  # at network size, where the base label is
+                base_fp["final"].update(net_logits, batch[B.QUERY_BASE_LABEL])
+                if "meta_logits" in out:
+                    base_fp["meta"].update(upsample_logits(out["meta_logits"], size), batch[B.QUERY_BASE_LABEL])
+            logits, target = self.score_logits(batch, net_logits)
         metric.update(logits, target, batch[B.CLASS_IDX])
 
     def validation_step(self, batch, batch_idx):
@@ -339,10 +349,15 @@ class FewShotSegmenter(L.LightningModule):
         self._log_metric("val", self.val_iou)
 
     def test_step(self, batch, batch_idx):
-        self._eval_step(batch, self.test_iou)
+        self._eval_step(batch, self.test_iou, self.test_base_fp)
 
     def on_test_epoch_end(self):
         self._log_metric("test", self.test_iou)
+        for name, key in (("final", "base_fp_rate"), ("meta", "base_fp_rate_meta")):
+            values = self.test_base_fp[name].compute()  # summed over ranks
+            if int(values["pixels"]) > 0:
+                self.log(f"test/{key}", float(values["rate"]), sync_dist=False)
+            self.test_base_fp[name].reset()
 
     def _log_metric(self, split: str, metric: FewShotIoU) -> None:
         """Log the reduced metric (states are summed across ranks by ``compute``): scalars and per-class IoU,
