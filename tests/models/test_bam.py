@@ -278,3 +278,42 @@ def test_frozen_sub_model_stays_in_eval_and_out_of_autograd():
     x = torch.randn(2, 2, 3, 3, requires_grad=True)
     y = sub(x)
     assert not y.requires_grad and torch.equal(y, sub(x))  # no dropout, no batch statistics
+
+
+class GradHead(PriorPrototypeHead):
+    """A head that needs autograd at evaluation: the gradient of its prior's sum w.r.t. the detached query tap."""
+
+    needs_autograd_at_eval = True
+
+    def forward(self, query, support, support_mask):
+        out = super().forward(query, support, support_mask)
+        with torch.enable_grad():
+            tap = query["high"].detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad((tap**2).sum(), tap)
+        out["grad_check"] = (grad - 2 * tap.detach()).abs().amax(dim=(1, 2, 3))  # 0 when autograd ran
+        return out
+
+
+@pytest.mark.parametrize("inference_mode", [True, False])
+def test_a_part_needing_autograd_at_eval_gets_it_or_a_clear_error(inference_mode):
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    model = FewShotSegmenter(
+        CountingEncoder(), lambda tap_channels: GradHead(tap_channels, reduce_dim=8),
+        BAMMetaDecoder(dim=8, dilations=(1,)), CrossEntropy(),
+    )
+    seen = []
+    model.decoder.register_forward_hook(lambda m, inp, out: seen.append(inp[0]["grad_check"]))
+    batch = {k: v for k, v in _batch().items() if k != B.QUERY_BASE_LABEL}
+    batch[B.CLASS_IDX] = torch.tensor([0, 4])  # evaluation: indices of the novel classes
+    loader = DataLoader([{k: v[i] for k, v in batch.items()} for i in range(2)], batch_size=2)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        inference_mode=inference_mode)  # fmt: skip
+    if inference_mode:
+        with pytest.raises(ConfigError, match="trainer.inference_mode=false"):
+            trainer.test(model, loader, verbose=False)
+    else:
+        trainer.test(model, loader, verbose=False)
+        assert seen and torch.equal(seen[-1], torch.zeros(2))
+        assert all(p.grad is None for p in model.parameters())  # no parameter received a gradient

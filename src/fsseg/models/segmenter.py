@@ -342,6 +342,23 @@ class FewShotSegmenter(L.LightningModule):
             logits, target = self.score_logits(batch, net_logits)
         metric.update(logits, target, batch[B.CLASS_IDX])
 
+    # A part that computes gradients at evaluation (I2R's CAMs) declares ``needs_autograd_at_eval = True`` and
+    # runs its own ``torch.enable_grad()`` block; everything else stays under no_grad. Inference mode would
+    # silently turn its gradients off, so it is refused up front.
+    def _check_autograd_at_eval(self) -> None:
+        needs = [n or type(self).__name__ for n, m in self.named_modules() if getattr(m, "needs_autograd_at_eval", False)]
+        if needs and torch.is_inference_mode_enabled():
+            raise ConfigError(
+                f"{needs} compute gradients at evaluation (e.g. CAMs), which inference mode forbids: set "
+                f"trainer.inference_mode=false"
+            )
+
+    def on_validation_start(self) -> None:
+        self._check_autograd_at_eval()
+
+    def on_test_start(self) -> None:
+        self._check_autograd_at_eval()
+
     def validation_step(self, batch, batch_idx):
         self._eval_step(batch, self.val_iou)
 
