@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from omegaconf import OmegaConf
@@ -23,10 +24,24 @@ def _one_minus(value: Any) -> float:
     return 1.0 - float(value)
 
 
+_DEFER_STAGE1 = [False]
+
+
+@contextlib.contextmanager
+def stage1_deferred():
+    """Within this block ``fsseg.stage1`` returns the path without checking it: for composing the configs of
+    runs that are planned, not started (a sweep trains the missing stage-1 files before the runs need them)."""
+    _DEFER_STAGE1.append(True)
+    try:
+        yield
+    finally:
+        _DEFER_STAGE1.pop()
+
+
 def _stage1(path: Any, fold: Any) -> str:
     from pathlib import Path
 
-    if not Path(str(path)).is_file():
+    if not _DEFER_STAGE1[-1] and not Path(str(path)).is_file():
         raise ConfigError(
             f"no stage-1 base learner at {path} (needed for fold {fold}). Train it first with the same overrides "
             f"as this run plus task=base: fsseg-train task=base <this run's experiment/data/encoder overrides> "

@@ -666,11 +666,11 @@ def compose_run_configs(items: Sequence[tuple[Sequence[str], str | os.PathLike]]
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf, open_dict
 
-    from fsseg.resolvers import register_resolvers
+    from fsseg.resolvers import register_resolvers, stage1_deferred
 
     register_resolvers()
     out: list = []
-    with initialize_config_dir(config_dir=str(Path(conf_dir).resolve()), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(Path(conf_dir).resolve()), version_base="1.3"), stage1_deferred():
         for overrides, run_dir in items:
             try:
                 cfg = compose("train", overrides=list(overrides))
