@@ -70,7 +70,7 @@ base-learners: $(STAMP) ## BAM stage 1 on the embedded benchmark: the base learn
 	@for f in 0 1 2 3; do \
 	  test -f $(BASE_LEARNERS)/fold$$f.pt && { echo "base learner fold $$f: $(BASE_LEARNERS)/fold$$f.pt exists"; continue; }; \
 	  $(VENV)/bin/fsseg-train task=base experiment=bam_effl0_synth data.fold=$$f trainer.enable_progress_bar=false \
-	    hydra.run.dir=outputs/base_learners/runs/synth_effl0_fold$$f || exit 1; \
+	    hydra.run.dir=$(BASE_LEARNERS)/runs/fold$$f || exit 1; \
 	done
 
 compare-bam: base-learners ## Embedded benchmark, 4 folds x 3 seeds: PFENet, PFENet under BAM's filter, BAM (resumable)

@@ -69,3 +69,22 @@ def test_base_learner_then_bam(synth_root, tmp_path):
     cfg3 = compose(_overrides(synth_root, tmp_path, f"base_learner_path={artifact}", "data.fold=1"))
     with pytest.raises(ConfigError, match=r"fold: file has 0, expected 1"):
         instantiate(cfg3.model, num_eval_classes=5)
+
+
+def test_prerequisites_auto_trains_the_missing_stage1_first(synth_root, tmp_path):
+    """fsseg-train as a sweep or multirun job launches it: stage 1 runs first, then stage 2 reads its file."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    over = _overrides(synth_root, tmp_path, "prerequisites=auto", "+trainer.limit_train_batches=2",
+                      "+trainer.limit_val_batches=1", "+trainer.limit_test_batches=2",
+                      f"hydra.run.dir={tmp_path / 'stage2'}")  # fmt: skip
+    env = {**os.environ, "FSSEG_CONF": str(Path(__file__).resolve().parents[1] / "conf")}
+    exe = Path(sys.executable).parent / "fsseg-train"
+    proc = subprocess.run([str(exe), *over], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    artifact = tmp_path / "outputs" / "base_learners" / "synth_effl0" / "fold0.pt"
+    assert artifact.is_file() and (artifact.parent / "runs" / "fold0" / "metrics.json").is_file()
+    assert (tmp_path / "stage2" / "metrics.json").is_file()

@@ -127,9 +127,18 @@ def _hydra_main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    if cfg.get("prerequisites") == "auto":  # train a missing stage-1 file first (sweeps, multirun)
+        from fsseg.prerequisites import ensure_prerequisites
+        from fsseg.resolvers import stage1_deferred
+
+        with stage1_deferred():
+            plain = OmegaConf.to_container(cfg, resolve=False)
+            plain["base_learner_path"] = cfg.get("base_learner_path")
+        ensure_prerequisites(list(HydraConfig.get().overrides.task), plain)
     metrics = run(cfg, run_dir)
     if metrics:
-        print(f"test mIoU {100 * metrics['miou']:.2f}  FB-IoU {100 * metrics['fbiou']:.2f}  -> {run_dir}")
+        fb = f"  FB-IoU {100 * metrics['fbiou']:.2f}" if "fbiou" in metrics else ""
+        print(f"test mIoU {100 * metrics['miou']:.2f}{fb}  -> {run_dir}")
 
 
 def main() -> None:

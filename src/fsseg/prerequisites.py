@@ -1,0 +1,55 @@
+"""Runs that need another run's product first (BAM's stage-2 needs its fold's stage-1 base learner).
+
+A run config names such a product by ``base_learner_path`` (conf/experiment/bam_*.yaml); the run that makes it
+is the same experiment with ``task=base``. `ensure_prerequisites` trains what is missing before a run starts
+and never retrains an existing file (stage 2 checks that the file fits: fold, encoder, classes). Sweeps call it
+before every run; a plain ``fsseg-train`` of stage 2 without the file stops at once naming the command instead.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+__all__ = ["ensure_prerequisites", "stage1_overrides"]
+
+# run-specific overrides that do not describe what stage 1 computes (its seed is the recipe's default: every
+# stage-2 seed shares one stage-1 file, whichever runs first)
+_RUN_ONLY = ("seed", "resume", "run_dir", "hydra.", "sweep_", "+sweep_", "logger", "test_checkpoint", "tags")
+
+
+def stage1_overrides(overrides: Sequence[str], run_dir: str | Path) -> list[str]:
+    keep = [o for o in overrides if not o.lstrip("+~").startswith(_RUN_ONLY)]
+    return [*keep, "task=base", f"hydra.run.dir={run_dir}", "trainer.enable_progress_bar=false"]
+
+
+def _fsseg_train(overrides: list[str]) -> None:
+    exe = Path(sys.executable).with_name("fsseg-train")
+    cmd = [str(exe) if exe.exists() else "fsseg-train", *overrides]
+    subprocess.run(cmd, check=True)
+
+
+def ensure_prerequisites(
+    overrides: Sequence[str], cfg: Mapping, runner: Callable[[list[str]], None] = _fsseg_train
+) -> list[Path]:
+    """Train the stage-1 file a run config needs when it is missing; returns the files trained."""
+    path = cfg.get("base_learner_path")
+    if not path or cfg.get("task_name") == "base":
+        return []
+    path = Path(str(path))
+    if path.is_file():
+        return []
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.lock", "w") as lock:  # parallel jobs of one fold train it once
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if path.is_file():
+            return []
+        run_dir = path.parent / "runs" / path.stem
+        runner(stage1_overrides(overrides, run_dir))
+    if not path.is_file():
+        raise RuntimeError(f"stage 1 finished without writing {path} (see {run_dir}/train.log)")
+    return [path]
