@@ -5,6 +5,7 @@ Every method builds on these; each lives here once. Shapes: B batch, K shots, C 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 
 import torch
@@ -14,6 +15,27 @@ from torch import nn
 from fsseg.data.batch import IGNORE_INDEX
 
 MAP_EPS = 5e-4  # PFENet/SCCAN masked-average-pooling epsilon (area + 0.0005)
+
+
+def full_precision(device: torch.device | str) -> contextlib.AbstractContextManager:
+    """A region where autocast is OFF on ``device``'s type (``.float()`` alone does not stop autocast: a matmul
+    of fp32 inputs still runs in bf16 under ``torch.autocast``). Used around the computations that must stay
+    fp32 under bf16 mixed precision: cosine k-means, CELP's similarity threshold at delta, the priors. Outside
+    autocast it changes nothing (fp32 runs are bit-identical). Callers still cast their inputs with ``.float()``
+    (a bf16 encoder's taps stay bf16 otherwise)."""
+    kind = torch.device(device).type
+    if kind in ("cpu", "cuda", "xpu", "mps") and torch.amp.is_autocast_available(kind):
+        return torch.autocast(device_type=kind, enabled=False)
+    return contextlib.nullcontext()
+
+
+def to_device(x: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A CPU tensor (e.g. numbers drawn from a CPU ``torch.Generator``) on ``device`` without blocking the host:
+    pinned + ``non_blocking`` on CUDA (the values, hence the random stream, are unchanged); a no-op on CPU."""
+    device = torch.device(device)
+    if device.type == "cuda" and x.device.type == "cpu":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
 
 
 def resize(x: torch.Tensor, size: tuple[int, int] | torch.Size, mode: str = "bilinear") -> torch.Tensor:
@@ -74,12 +96,13 @@ def max_cosine_prior(query_high: torch.Tensor, support_high: torch.Tensor, suppo
     Returns (B, 1, h, w): the K per-shot priors averaged.
     """
     b, k, c, h, w = support_high.shape
-    s = (support_high * support_mask).flatten(0, 1)  # B*K, C, h, w
-    q = query_high.unsqueeze(1).expand(-1, k, -1, -1, -1).flatten(0, 1)
-    sim = cosine_similarity_map(q, s)  # B*K, hw, hw
-    prior = sim.max(dim=2).values.view(b * k, 1, h, w)
-    prior = minmax_normalise(prior)
-    return prior.view(b, k, 1, h, w).mean(dim=1)
+    with full_precision(query_high.device):  # fp32 under bf16 autocast too (a prior, issue 13 item 3)
+        s = (support_high.float() * support_mask.float()).flatten(0, 1)  # B*K, C, h, w
+        q = query_high.float().unsqueeze(1).expand(-1, k, -1, -1, -1).flatten(0, 1)
+        sim = cosine_similarity_map(q, s)  # B*K, hw, hw
+        prior = sim.max(dim=2).values.view(b * k, 1, h, w)
+        prior = minmax_normalise(prior)
+        return prior.view(b, k, 1, h, w).mean(dim=1)
 
 
 def upsample_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

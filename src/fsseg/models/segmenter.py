@@ -71,6 +71,9 @@ class FewShotSegmenter(L.LightningModule):
         eval_resolution: str = "original",
         shot_fusion: str = "average",
         vote_k: int | None = None,
+        finite_check_every: int = 1,
+        batched_aux_decoder: bool = False,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if base_lr <= 0 or lr_multiplier <= 0:
@@ -87,10 +90,27 @@ class FewShotSegmenter(L.LightningModule):
             raise ConfigError(f"model.vote_k must be an integer >= 1 (k of 'v-k'); got {vote_k!r}")
         if shot_fusion == "vote" and vote_k is None:
             raise ConfigError("model.shot_fusion=vote needs model.vote_k (foreground where >= vote_k shots agree)")
+        if isinstance(finite_check_every, bool) or not isinstance(finite_check_every, int) or finite_check_every < 1:
+            raise ConfigError(
+                f"model.finite_check_every must be an integer >= 1 (training steps between non-finite loss checks); "
+                f"got {finite_check_every!r}"
+            )
+        for key, value in (("batched_aux_decoder", batched_aux_decoder), ("compile", compile)):
+            if not isinstance(value, bool):
+                raise ConfigError(f"model.{key} must be true or false; got {value!r}")
+        self.finite_check_every = finite_check_every
+        self.batched_aux_decoder = batched_aux_decoder
+        self.compile_parts = compile
+        self._nonfinite: dict[str, Any] | None = None  # device-side flags of the current check window
         self.encoder = encoder
         tap_channels = dict(getattr(encoder, "tap_channels", {}))
         self.head = _build(head, tap_channels=tap_channels)
         self.decoder = _build(decoder)
+        if batched_aux_decoder and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.decoder.modules()):
+            raise ConfigError(
+                "model.batched_aux_decoder=true needs a decoder without BatchNorm (batch statistics would mix the "
+                "main and auxiliary passes); set it to false for this decoder"
+            )
         self.main_loss = main_loss
         self.aux_losses = nn.ModuleDict(dict(aux_losses or {}))
         self.main_loss_weight = float(main_loss_weight)
@@ -155,24 +175,110 @@ class FewShotSegmenter(L.LightningModule):
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        out = self(batch)
+        if self.batched_aux_decoder:
+            out, aux_terms = self._batched_forward(batch)
+        else:
+            out, aux_terms = self(batch), {}
         main = self.main_loss(out["logits"], batch[B.QUERY_MASK])
         terms = {"main": main}
         loss = self.main_loss_weight * main
         for name, aux in self.aux_losses.items():
-            for term, value in aux(out, batch, self).items():
+            values = aux_terms[name] if name in aux_terms else aux(out, batch, self)
+            for term, value in values.items():
                 terms[f"{name}/{term}"] = value
                 loss = loss + aux.weight * value
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(
-                f"non-finite loss ({loss.item()}) at global step {self.global_step} "
-                f"(terms: { {k: float(v.detach()) for k, v in terms.items()} }); training stopped, last good checkpoint kept"
-            )
+        self._check_finite(loss, terms)
         bs = batch[B.QUERY_IMG].shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        # on the progress bar only with a check every step: Lightning turns progress-bar values into Python floats
+        # (a host sync) after every step
+        self.log("train/loss", loss, prog_bar=self.finite_check_every == 1, batch_size=bs)
         for k, v in terms.items():
             self.log(f"train/{k}", v, batch_size=bs)
         return loss
+
+    # ------------------------------------------------------------------ non-finite losses
+    def _check_finite(self, loss: torch.Tensor, terms: Mapping[str, torch.Tensor]) -> None:
+        """``finite_check_every`` = 1: raise now (a host sync every step). N > 1: record on the device whether this
+        step's loss is finite (and the first bad step's terms); ``raise_if_nonfinite`` reads it every N steps, at
+        epoch end, before validation and before a checkpoint is written - the training step itself never syncs."""
+        if self.finite_check_every == 1:
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"non-finite loss ({loss.item()}) at global step {self.global_step} "
+                    f"(terms: { {k: float(v.detach()) for k, v in terms.items()} }); training stopped, "
+                    "last good checkpoint kept"
+                )
+            return
+        values = torch.stack([loss.detach().float().reshape(()), *(v.detach().float().reshape(()) for v in terms.values())])
+        bad = ~torch.isfinite(values[0])
+        state = self._nonfinite
+        if state is None:
+            state = self._nonfinite = {
+                "first": torch.full((), -1, dtype=torch.long, device=values.device),
+                "values": torch.zeros_like(values),
+                "names": ["loss", *terms],
+                "start": self.global_step,
+                "steps": 0,
+            }
+        newly = bad & (state["first"] < 0)
+        state["first"] = torch.where(newly, self.global_step, state["first"])
+        state["values"] = torch.where(newly, values, state["values"])
+        state["steps"] += 1
+
+    def raise_if_nonfinite(self) -> None:
+        """Read the device-side flags of the current window (one host sync) and raise NonFiniteLossError naming the
+        first bad step, the window and the loss terms at that step; then start a new window."""
+        state, self._nonfinite = self._nonfinite, None
+        if state is None:
+            return
+        first = int(state["first"])
+        if first < 0:
+            return
+        vals = {k: float(v) for k, v in zip(state["names"], state["values"].tolist(), strict=True)}
+        loss = vals.pop("loss")
+        raise NonFiniteLossError(
+            f"non-finite loss ({loss}) at global step {first} (checked every {self.finite_check_every} steps: window "
+            f"of steps {state['start']}-{state['start'] + state['steps'] - 1}; terms: {vals}); training stopped, "
+            "last good checkpoint kept"
+        )
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self._nonfinite is not None and self._nonfinite["steps"] >= self.finite_check_every:
+            self.raise_if_nonfinite()
+
+    def on_train_epoch_end(self) -> None:
+        self.raise_if_nonfinite()
+
+    def on_validation_start(self) -> None:
+        self.raise_if_nonfinite()
+
+    # ------------------------------------------------------------------ one batched decoder pass
+    def _batched_forward(self, batch: Mapping[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, dict]]:
+        """``batched_aux_decoder``: the main decoder pass and the auxiliary passes of the losses that offer one
+        (``decoder_request``: APANet's class-agnostic branch, CELP's contrast) as ONE decoder forward over the
+        concatenated batch. Same losses as the separate passes up to float rounding, but not bit-identical (and
+        dropout draws one mask for the whole batch), hence opt-in. Returns the main outputs and the auxiliary
+        losses' terms computed from their share of the pass."""
+        query, support = self.encode(batch)
+        guidance = self.head(query, support, binary_mask(batch[B.SUPPORT_MASKS]))
+        out = dict(guidance)
+        out["query_taps"], out["support_taps"] = query, support
+        requests = {}
+        for name, aux in self.aux_losses.items():
+            request = getattr(aux, "decoder_request", None)
+            if request is not None:
+                got = request(out, batch, self)
+                if got is not None:
+                    requests[name] = got
+        if not requests:
+            out.update(self.decoder(guidance))
+            return out, {}
+        parts = [guidance, *(g for g, _ in requests.values())]
+        dec = self.decoder(merge_guidance(parts))
+        pieces = split_decoder_output(dec, len(parts))
+        out.update(pieces[0])
+        terms = {name: finish(piece) for (name, (_, finish)), piece in zip(requests.items(), pieces[1:], strict=True)}
+        return out, terms
 
     # ------------------------------------------------------------------ evaluation
     def score_logits(self, batch: Mapping[str, torch.Tensor], logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -269,6 +375,7 @@ class FewShotSegmenter(L.LightningModule):
 
     # ------------------------------------------------------------------ exact resume
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self.raise_if_nonfinite()  # never write weights trained past an unchecked non-finite loss
         checkpoint["fsseg_rng"] = {
             "torch": torch.get_rng_state(),
             "numpy": np.random.get_state()[1].tolist(),
@@ -289,6 +396,38 @@ class FewShotSegmenter(L.LightningModule):
         if hasattr(self.encoder, "train"):
             self.encoder.train(mode)  # a frozen encoder keeps itself in eval (its own override)
         return self
+
+
+def merge_guidance(parts: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+    """Decoder inputs of several passes concatenated along the batch: every key that is a tensor in all parts
+    with the same shape after the first dimension. A (B, D, 1, 1) prototype beside a (B, D, h, w) prototype map is
+    expanded to the map's size (FEM pools a map per scale; the pooled constant map is the vector up to rounding).
+    Keys that cannot be concatenated are left out (the decoder must not need them)."""
+    merged: dict[str, torch.Tensor] = {}
+    for key in parts[0]:
+        values = [p.get(key) for p in parts]
+        if not all(isinstance(v, torch.Tensor) and v.dim() >= 1 for v in values):
+            continue
+        if key == "prototype" and len({tuple(v.shape[2:]) for v in values}) > 1:
+            size = max((tuple(v.shape[2:]) for v in values), key=lambda s: s[0] * s[1] if len(s) == 2 else 0)
+            values = [v.expand(*v.shape[:2], *size) if tuple(v.shape[2:]) == (1, 1) else v for v in values]
+        if len({tuple(v.shape[1:]) for v in values}) == 1:
+            merged[key] = torch.cat(values, dim=0)
+    return merged
+
+
+def split_decoder_output(dec: Mapping[str, Any], n: int) -> list[dict[str, Any]]:
+    """The decoder output of a merged pass cut back into ``n`` equal batch shares (tensors and lists of tensors)."""
+    pieces: list[dict[str, Any]] = [{} for _ in range(n)]
+    for key, value in dec.items():
+        if isinstance(value, torch.Tensor):
+            for piece, chunk in zip(pieces, value.chunk(n, dim=0), strict=True):
+                piece[key] = chunk
+        elif isinstance(value, (list, tuple)) and all(isinstance(v, torch.Tensor) for v in value):
+            chunks = [v.chunk(n, dim=0) for v in value]
+            for i, piece in enumerate(pieces):
+                piece[key] = [c[i] for c in chunks]
+    return pieces
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:
