@@ -6,7 +6,7 @@ Every method builds on these; each lives here once. Shapes: B batch, K shots, C 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -17,16 +17,23 @@ from fsseg.data.batch import IGNORE_INDEX
 MAP_EPS = 5e-4  # PFENet/SCCAN masked-average-pooling epsilon (area + 0.0005)
 
 
-def full_precision(device: torch.device | str) -> contextlib.AbstractContextManager:
+@contextlib.contextmanager
+def full_precision(device: torch.device | str) -> Iterator[None]:
     """A region where autocast is OFF on ``device``'s type (``.float()`` alone does not stop autocast: a matmul
-    of fp32 inputs still runs in bf16 under ``torch.autocast``). Used around the computations that must stay
-    fp32 under bf16 mixed precision: cosine k-means, CELP's similarity threshold at delta, the priors. Outside
-    autocast it changes nothing (fp32 runs are bit-identical). Callers still cast their inputs with ``.float()``
-    (a bf16 encoder's taps stay bf16 otherwise)."""
+    of fp32 inputs still runs in bf16 under ``torch.autocast``) and, on CUDA, fp32 matmuls are full fp32 even
+    where ``torch.set_float32_matmul_precision("high")`` (TF32) is set. Used around the computations that must
+    stay fp32 under bf16 mixed precision: cosine k-means, CELP's similarity threshold at delta, the priors.
+    Outside autocast on CPU it changes nothing (fp32 runs are bit-identical). Callers still cast their inputs
+    with ``.float()`` (a bf16 encoder's taps stay bf16 otherwise)."""
     kind = torch.device(device).type
-    if kind in ("cpu", "cuda", "xpu", "mps") and torch.amp.is_autocast_available(kind):
-        return torch.autocast(device_type=kind, enabled=False)
-    return contextlib.nullcontext()
+    with contextlib.ExitStack() as stack:
+        if kind in ("cpu", "cuda", "xpu", "mps") and torch.amp.is_autocast_available(kind):
+            stack.enter_context(torch.autocast(device_type=kind, enabled=False))
+        previous = torch.get_float32_matmul_precision()
+        if kind == "cuda" and previous != "highest":
+            torch.set_float32_matmul_precision("highest")
+            stack.callback(torch.set_float32_matmul_precision, previous)
+        yield
 
 
 def to_device(x: torch.Tensor, device: torch.device | str) -> torch.Tensor:

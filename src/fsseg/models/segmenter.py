@@ -74,6 +74,8 @@ class FewShotSegmenter(L.LightningModule):
         finite_check_every: int = 1,
         batched_aux_decoder: bool = False,
         compile: bool = False,
+        channels_last: bool = False,
+        encoder_bf16: bool = False,
     ) -> None:
         super().__init__()
         if base_lr <= 0 or lr_multiplier <= 0:
@@ -95,12 +97,17 @@ class FewShotSegmenter(L.LightningModule):
                 f"model.finite_check_every must be an integer >= 1 (training steps between non-finite loss checks); "
                 f"got {finite_check_every!r}"
             )
-        for key, value in (("batched_aux_decoder", batched_aux_decoder), ("compile", compile)):
+        flags = {"batched_aux_decoder": batched_aux_decoder, "compile": compile, "channels_last": channels_last,
+                 "encoder_bf16": encoder_bf16}  # fmt: skip
+        for key, value in flags.items():
             if not isinstance(value, bool):
                 raise ConfigError(f"model.{key} must be true or false; got {value!r}")
         self.finite_check_every = finite_check_every
         self.batched_aux_decoder = batched_aux_decoder
         self.compile_parts = compile
+        self.channels_last = channels_last
+        self.encoder_bf16 = encoder_bf16
+        self._device_prepared = False
         self._nonfinite: dict[str, Any] | None = None  # device-side flags of the current check window
         self.encoder = encoder
         tap_channels = dict(getattr(encoder, "tap_channels", {}))
@@ -135,12 +142,52 @@ class FewShotSegmenter(L.LightningModule):
 
     def forward(self, batch: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         """Logits (B, 2, h, w) at feature resolution plus the named intermediates of head and decoder."""
-        query, support = self.encode(batch)
+        query, support = self._memory_format(*self.encode(batch))
         guidance = self.head(query, support, binary_mask(batch[B.SUPPORT_MASKS]))
         out = dict(guidance)
         out["query_taps"], out["support_taps"] = query, support
         out.update(self.decoder(guidance))
         return out
+
+    def _memory_format(self, query: dict, support: dict) -> tuple[dict, dict]:
+        """``channels_last``: the taps enter head and decoder in channels-last layout (whose convolutions then stay
+        in it); support taps (B, K, C, h, w) are converted per shot. Off by default: on CPU the channels-last
+        kernels round differently, and published CPU results must stay bit-identical."""
+        if not self.channels_last:
+            return query, support
+        cl = torch.channels_last
+        query = {k: v.contiguous(memory_format=cl) if v.dim() == 4 else v for k, v in query.items()}
+        support = {
+            k: v.flatten(0, 1).contiguous(memory_format=cl).unflatten(0, v.shape[:2]) if v.dim() == 5 else v
+            for k, v in support.items()
+        }
+        return query, support
+
+    # ------------------------------------------------------------------ device set-up (GPU path)
+    def prepare_for_device(self) -> None:
+        """Once, when a Trainer starts: ``channels_last`` converts head and decoder weights; ``encoder_bf16`` casts
+        the frozen encoder to bf16 under bf16 mixed precision on CUDA (instead of autocast re-casting every weight
+        on every forward); ``compile`` compiles head and decoder (and the encoder, which only runs in eval) in
+        place with torch.compile (``nn.Module.compile``: parameter names and checkpoints unchanged)."""
+        if self._device_prepared:
+            return
+        self._device_prepared = True
+        if self.channels_last:
+            self.head.to(memory_format=torch.channels_last)
+            self.decoder.to(memory_format=torch.channels_last)
+        trainer = self._trainer
+        precision = str(getattr(trainer, "precision", "")) if trainer is not None else ""
+        if self.encoder_bf16 and precision.startswith("bf16") and self.device.type == "cuda":
+            self.encoder.to(torch.bfloat16)
+        if self.compile_parts:
+            for part in (self.head, self.decoder, self.encoder):
+                part.compile()
+
+    def on_fit_start(self) -> None:
+        self.prepare_for_device()
+
+    def on_test_start(self) -> None:
+        self.prepare_for_device()
 
     @torch.no_grad()
     def predict(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -251,6 +298,7 @@ class FewShotSegmenter(L.LightningModule):
 
     def on_validation_start(self) -> None:
         self.raise_if_nonfinite()
+        self.prepare_for_device()
 
     # ------------------------------------------------------------------ one batched decoder pass
     def _batched_forward(self, batch: Mapping[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, dict]]:
@@ -259,7 +307,7 @@ class FewShotSegmenter(L.LightningModule):
         concatenated batch. Same losses as the separate passes up to float rounding, but not bit-identical (and
         dropout draws one mask for the whole batch), hence opt-in. Returns the main outputs and the auxiliary
         losses' terms computed from their share of the pass."""
-        query, support = self.encode(batch)
+        query, support = self._memory_format(*self.encode(batch))
         guidance = self.head(query, support, binary_mask(batch[B.SUPPORT_MASKS]))
         out = dict(guidance)
         out["query_taps"], out["support_taps"] = query, support
@@ -376,6 +424,11 @@ class FewShotSegmenter(L.LightningModule):
     # ------------------------------------------------------------------ exact resume
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self.raise_if_nonfinite()  # never write weights trained past an unchecked non-finite loss
+        if self.encoder_bf16:  # checkpoints keep fp32 tensors (the bf16-rounded frozen weights, as the run used)
+            sd = checkpoint.get("state_dict", {})
+            for k, v in sd.items():
+                if k.startswith("encoder.") and isinstance(v, torch.Tensor) and v.dtype == torch.bfloat16:
+                    sd[k] = v.float()
         checkpoint["fsseg_rng"] = {
             "torch": torch.get_rng_state(),
             "numpy": np.random.get_state()[1].tolist(),
