@@ -364,3 +364,69 @@ def test_compile_runs_a_training_step_on_cpu():
         loss.backward()
         losses.append(loss.detach())
     assert torch.isfinite(losses[1]) and torch.allclose(losses[0], losses[1], rtol=1e-4)
+
+
+# ------------------------------------------------------------------ evaluation batch size (paper recipes: 8)
+def test_evaluation_metrics_do_not_depend_on_the_eval_batch_size(synth_root, tmp_path):
+    """The paper recipes evaluate with batch 8: per-class intersection/union sums (and the original-label
+    scoring of padded batches) give the same metrics as batch 1, bit for bit."""
+    import lightning as L
+    from hydra.utils import instantiate
+
+    from fsseg.models.segmenter import metrics_from_trainer
+    from fsseg_testing import tiny_overrides
+
+    results = {}
+    for eval_batch in (1, 8):
+        cfg = compose(tiny_overrides(synth_root, tmp_path / "cache", **{"data.eval_batch_size": eval_batch}))
+        assert cfg.model.eval_resolution == "original"
+        dm = instantiate(cfg.data)
+        dm.prepare_data()
+        dm.setup("test")
+        torch.manual_seed(0)
+        model = instantiate(cfg.model, num_eval_classes=dm.num_novel_classes)
+        trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer.test(model, datamodule=dm, verbose=False)
+        results[eval_batch] = metrics_from_trainer(trainer, "test")
+    one, eight = results[1], results[8]
+    assert one["episodes"] == eight["episodes"] == 12
+    for key in ("miou", "fbiou", "fp_rate", "fn_rate", "class_iou"):
+        assert one[key] == eight[key], key
+
+
+def test_paper_recipes_evaluate_in_batches():
+    from pathlib import Path
+
+    import yaml
+
+    recipes = sorted(Path(__file__).resolve().parents[2].glob("conf/experiment/*_pascal.yaml"))
+    recipes += sorted(Path(__file__).resolve().parents[2].glob("conf/experiment/*_coco.yaml"))
+    assert len(recipes) >= 20
+    for path in recipes:
+        data = yaml.safe_load(path.read_text()).get("data", {})
+        assert data.get("eval_batch_size", 8) == 8, path.name
+
+
+def test_dataloaders_pin_memory_only_on_cuda_and_keep_workers(synth_root, tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from hydra.utils import instantiate
+
+    from fsseg_testing import tiny_overrides
+
+    cfg = compose(tiny_overrides(synth_root, tmp_path / "cache", **{"data.num_workers": 1}))
+    dm = instantiate(cfg.data)
+    dm.prepare_data()
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    assert loader.persistent_workers and not loader.pin_memory  # no trainer / CPU: never pinned
+    dm.trainer = SimpleNamespace(root_device=torch.device("cuda", 0))
+    assert dm.train_dataloader().pin_memory and dm.val_dataloader().pin_memory
+    assert dm.val_dataloader().persistent_workers
+    cfg0 = compose(tiny_overrides(synth_root, tmp_path / "cache", **{"data.num_workers": 0}))
+    dm0 = instantiate(cfg0.data)
+    dm0.prepare_data()
+    dm0.setup("fit")
+    assert not dm0.val_dataloader().persistent_workers  # only with workers
