@@ -422,7 +422,7 @@ def test_dataloaders_pin_memory_only_on_cuda_and_keep_workers(synth_root, tmp_pa
     dm.setup("fit")
     loader = dm.train_dataloader()
     assert loader.persistent_workers and not loader.pin_memory  # no trainer / CPU: never pinned
-    dm.trainer = SimpleNamespace(root_device=torch.device("cuda", 0))
+    dm.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cuda", 0)))
     assert dm.train_dataloader().pin_memory and dm.val_dataloader().pin_memory
     assert dm.val_dataloader().persistent_workers
     cfg0 = compose(tiny_overrides(synth_root, tmp_path / "cache", **{"data.num_workers": 0}))

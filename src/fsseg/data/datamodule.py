@@ -304,8 +304,9 @@ class EpisodeDataModule(L.LightningDataModule):
     def _pin_memory(self) -> bool:
         """Page-locked batches (fast, asynchronous host-to-device copies) only when the attached Trainer runs on
         CUDA; never on CPU (pinning would only cost)."""
-        trainer = getattr(self, "trainer", None)
-        return trainer is not None and trainer.root_device.type == "cuda"
+        strategy = getattr(getattr(self, "trainer", None), "strategy", None)
+        device = getattr(strategy, "root_device", None)
+        return device is not None and device.type == "cuda"
 
     def val_dataloader(self) -> DataLoader:
         if self.val_dataset is None:
