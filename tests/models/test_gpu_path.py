@@ -10,6 +10,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from fsseg_testing import StubEncoder, compose
 
 import fsseg.models.kmeans as kmeans_mod
 from fsseg.data import batch as B
@@ -21,7 +22,7 @@ from fsseg.models.losses import CrossEntropy, DeepSupervision
 from fsseg.models.ops import full_precision, max_cosine_prior
 from fsseg.models.pfenet import FeatureEnrichmentModule, PriorPrototypeHead
 from fsseg.models.segmenter import FewShotSegmenter, NonFiniteLossError
-from fsseg_testing import StubEncoder, compose
+
 
 def bf16():
     return torch.autocast("cpu", dtype=torch.bfloat16)
@@ -371,10 +372,10 @@ def test_evaluation_metrics_do_not_depend_on_the_eval_batch_size(synth_root, tmp
     """The paper recipes evaluate with batch 8: per-class intersection/union sums (and the original-label
     scoring of padded batches) give the same metrics as batch 1, bit for bit."""
     import lightning as L
+    from fsseg_testing import tiny_overrides
     from hydra.utils import instantiate
 
     from fsseg.models.segmenter import metrics_from_trainer
-    from fsseg_testing import tiny_overrides
 
     results = {}
     for eval_batch in (1, 8):
@@ -412,9 +413,8 @@ def test_paper_recipes_evaluate_in_batches():
 def test_dataloaders_pin_memory_only_on_cuda_and_keep_workers(synth_root, tmp_path, monkeypatch):
     from types import SimpleNamespace
 
-    from hydra.utils import instantiate
-
     from fsseg_testing import tiny_overrides
+    from hydra.utils import instantiate
 
     cfg = compose(tiny_overrides(synth_root, tmp_path / "cache", **{"data.num_workers": 1}))
     dm = instantiate(cfg.data)

@@ -17,7 +17,16 @@ import time
 
 import torch
 
-from fsseg.bench.apanet import Setting, bench_main, compare, header, make_batch, make_encoder, make_step, ratio_line
+from fsseg.bench.apanet import (
+    Setting,
+    bench_main,
+    compare,
+    header,
+    make_batch,
+    make_encoder,
+    make_step,
+    ratio_line,
+)
 from fsseg.data import batch as B
 from fsseg.models.celp import LatentContrast
 from fsseg.models.losses import CrossEntropy, DeepSupervision

@@ -27,14 +27,14 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-import fsseg.models.encoders as encoders
 from fsseg.bench._timing import count_flops, describe, interleaved, peak_fraction
 from fsseg.cli.common import config_dir
 from fsseg.data import batch as B
+from fsseg.models import encoders
 
 
 def fake_batch(b: int, k: int, size: int, gen: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
-    mask = lambda *s: (torch.rand(*s, generator=gen) > 0.6).long()  # noqa: E731
+    mask = lambda *s: (torch.rand(*s, generator=gen) > 0.6).long()
     batch = {
         B.QUERY_IMG: torch.randn(b, 3, size, size, generator=gen),
         B.SUPPORT_IMGS: torch.randn(b, k, 3, size, size, generator=gen),
