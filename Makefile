@@ -8,12 +8,13 @@ DATA ?= data
 SYNTH := $(DATA)/synth
 DEMO_OUT ?= outputs/demo
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 export NO_ALBUMENTATIONS_UPDATE := 1
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= disabled
 
 .DEFAULT_GOAL := help
-.PHONY: help venv test test-full demo synth bench clean
+.PHONY: help venv test test-full demo synth bench bench-methods clean
 DEMO_FOLD ?= 0
 
 help: ## Show this help
@@ -47,8 +48,12 @@ demo: $(STAMP) ## The main job: embedded benchmark -> train PFENet 1-shot fold 0
 	$(VENV)/bin/fsseg-references $(DEMO_OUT)/pfenet_fold$(DEMO_FOLD) && \
 	echo "demo finished in $$(( $$(date +%s) - start )) s; run directory: $(DEMO_OUT)/pfenet_fold$(DEMO_FOLD)"
 
-bench: $(STAMP) ## Print PFENet training/evaluation throughput on this machine (embedded size and 473 / ResNet-50)
+bench: $(STAMP) ## PFENet training/evaluation throughput + FLOPs, encoder truncation before/after ratio (embedded, 473 / ResNet-50)
 	$(VENV)/bin/fsseg-bench pfenet
+
+bench-methods: $(STAMP) ## APANet/CELP step time ratio beside FLOP ratio vs PFENet, encoder included (embedded, 473 / ResNet-50; slow on CPU)
+	$(VENV)/bin/fsseg-bench apanet --batched $(BENCH_ARGS)
+	$(VENV)/bin/fsseg-bench celp --batched $(BENCH_ARGS)
 
 clean: ## Remove caches and outputs (keeps the venv and data)
 	rm -rf outputs .pytest_cache

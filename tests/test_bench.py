@@ -11,8 +11,33 @@ import pytest
 def test_overhead_benchmarks_print_a_ratio(name, ratio, capsys):
     from fsseg.cli.bench import available, main
 
-    assert name in available()
+    assert name in available() and "_timing" not in available()
     main([name, "--only", "embedded-features", "--repeats", "1", "--threads", "1"])
     out = capsys.readouterr().out
-    match = re.search(rf"{ratio} = (\d+\.\d\d)x", out)
+    match = re.search(rf"{ratio} = (\d+\.\d\d)x time \| (\d+\.\d\d)x FLOPs", out)
     assert match and float(match.group(1)) > 0.5, out
+    # the branch adds a second decoder pass: more FLOPs than PFENet's step, and less than 3x
+    assert 1.0 < float(match.group(2)) < 3.0, out
+
+
+def test_pfenet_bench_prints_the_truncation_ratio_and_flops(monkeypatch, capsys):
+    import fsseg.bench.pfenet as bench
+
+    tiny = (["encoder=efficientnet_lite0", "encoder.weights=none", "decoder.bins=[1.0,0.5]"], 32, 1)
+    monkeypatch.setattr(bench, "SETTINGS", {"embedded": tiny})
+    bench.main(["--repeats", "1", "--threads", "1"])
+    out = capsys.readouterr().out
+    match = re.search(r"before/after = (\d+\.\d\d)x time, (\d+\.\d\d)x FLOPs", out)
+    assert match, out
+    assert float(match.group(2)) > 1.0, out  # the full encoder runs two more stages: strictly more FLOPs
+    assert "fraction of the bf16 peak: unmeasured (no GPU)" in out
+    assert re.search(r"train step .* GFLOP .* episodes/s", out), out
+
+
+def test_flop_counter_counts_a_known_matmul():
+    import torch
+
+    from fsseg.bench._timing import count_flops
+
+    a, b = torch.randn(8, 16), torch.randn(16, 4)
+    assert count_flops(lambda: a @ b) == 2 * 8 * 16 * 4

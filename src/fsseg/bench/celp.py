@@ -17,7 +17,16 @@ import time
 
 import torch
 
-from fsseg.bench.apanet import Setting, bench_main, header, interleaved, make_batch, make_encoder, make_step
+from fsseg.bench.apanet import (
+    Setting,
+    bench_main,
+    compare,
+    header,
+    make_batch,
+    make_encoder,
+    make_step,
+    ratio_line,
+)
 from fsseg.data import batch as B
 from fsseg.models.celp import LatentContrast
 from fsseg.models.losses import CrossEntropy, DeepSupervision
@@ -25,7 +34,7 @@ from fsseg.models.pfenet import FeatureEnrichmentModule, PriorPrototypeHead
 from fsseg.models.segmenter import FewShotSegmenter
 
 
-def make_model(setting: Setting, encoder: torch.nn.Module, celp: bool) -> FewShotSegmenter:
+def make_model(setting: Setting, encoder: torch.nn.Module, celp: bool, batched: bool = False) -> FewShotSegmenter:
     aux: dict[str, torch.nn.Module] = {"deep_supervision": DeepSupervision(1.0)}
     if celp:
         aux["latent_contrast"] = LatentContrast(weight=0.1, seed=0)
@@ -36,6 +45,7 @@ def make_model(setting: Setting, encoder: torch.nn.Module, celp: bool) -> FewSho
         decoder=FeatureEnrichmentModule(dim=256, bins=setting.bins),
         main_loss=CrossEntropy(),
         aux_losses=aux,
+        batched_aux_decoder=batched,
     )
 
 
@@ -52,7 +62,10 @@ def run(setting: Setting, args: argparse.Namespace) -> None:
     encoder = make_encoder(setting, args.shots)
     batch = celp_batch(setting, args.shots)
     pfenet, celp = make_model(setting, encoder, False), make_model(setting, encoder, True)
-    (p_min, p_med), (c_min, c_med) = interleaved({"pfenet": make_step(pfenet, batch), "celp": make_step(celp, batch)}, args.repeats)
+    steps = {"pfenet": make_step(pfenet, batch), "celp": make_step(celp, batch)}
+    if args.batched:
+        steps["batched"] = make_step(make_model(setting, encoder, True, batched=True), batch)
+    times, flops = compare(steps, args.repeats)
     branch = celp.aux_losses["latent_contrast"]
     with torch.no_grad():
         out = celp(batch)
@@ -61,12 +74,12 @@ def run(setting: Setting, args: argparse.Namespace) -> None:
             t0 = time.perf_counter()
             branch.contrast_guidance(out, batch)
             own.append(time.perf_counter() - t0)
-    print(
-        f"{header(setting, args.shots)}\n"
-        f"    step PFENet {1e3 * p_min:8.1f} ms (median {1e3 * p_med:8.1f}) | PFENet+CELP {1e3 * c_min:8.1f} ms "
-        f"(median {1e3 * c_med:8.1f}) | CELP/PFENet = {c_min / p_min:.2f}x (median {c_med / p_med:.2f}x)\n"
-        f"    branch without its decoder pass {1e3 * min(own):7.1f} ms ({min(own) / p_min:.1%} of a PFENet step)"
-    )
+    print(header(setting, args.shots))
+    print(ratio_line("CELP/PFENet", times, flops, "celp"))
+    if args.batched:
+        print(ratio_line("CELP batched decoder/PFENet", times, flops, "batched")
+              + f"; batched/two-pass time {times['batched'] / times['celp']:.2f}x")  # fmt: skip
+    print(f"    branch without its decoder pass {1e3 * min(own):7.1f} ms ({min(own) / times['pfenet']:.1%} of a PFENet step)")
 
 
 def main(argv: list[str] | None = None) -> None:

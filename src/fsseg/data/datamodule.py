@@ -295,13 +295,22 @@ class EpisodeDataModule(L.LightningDataModule):
             ds, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
             collate_fn=collate_episodes, drop_last=len(ds) > self.batch_size,
             worker_init_fn=functools.partial(seed_worker, self.seed), persistent_workers=self.num_workers > 0,
+            pin_memory=self._pin_memory(),
         )  # fmt: skip
 
     def _eval_loader(self, ds: EvalEpisodes) -> DataLoader:
         return DataLoader(
             ds, batch_size=self.eval_batch_size, sampler=ShardedEvalSampler(len(ds)), num_workers=self.num_workers,
             collate_fn=collate_episodes, worker_init_fn=functools.partial(seed_worker, self.eval_seed),
+            persistent_workers=self.num_workers > 0, pin_memory=self._pin_memory(),
         )  # fmt: skip
+
+    def _pin_memory(self) -> bool:
+        """Page-locked batches (fast, asynchronous host-to-device copies) only when the attached Trainer runs on
+        CUDA; never on CPU (pinning would only cost)."""
+        strategy = getattr(getattr(self, "trainer", None), "strategy", None)
+        device = getattr(strategy, "root_device", None)
+        return device is not None and device.type == "cuda"
 
     def val_dataloader(self) -> DataLoader:
         if self.val_dataset is None:

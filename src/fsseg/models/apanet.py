@@ -82,7 +82,16 @@ from fsseg.data.batch import IGNORE_INDEX, QUERY_MASK, SUPPORT_MASKS
 from fsseg.errors import ConfigError
 from fsseg.models.kmeans import cosine_kmeans, grid_partition
 from fsseg.models.losses import AuxLoss
-from fsseg.models.ops import MAP_EPS, SeededModule, mask_to_feature, minmax_normalise, resize, upsample_logits
+from fsseg.models.ops import (
+    MAP_EPS,
+    SeededModule,
+    full_precision,
+    mask_to_feature,
+    minmax_normalise,
+    resize,
+    to_device,
+    upsample_logits,
+)
 from fsseg.resolvers import register_resolvers
 
 PARTITIONS = ("kmeans", "spp")
@@ -191,6 +200,8 @@ class ClassAgnosticBranch(SeededModule, AuxLoss):
         seed: seed of the branch's generator (k-means seeds, random negative prototype); configs pass ${seed}.
         high_tap: encoder tap clustered (layer4: "high").
         check_main_loss_weight: raise ConfigError at the first step if model.main_loss_weight != 1 - lambda_.
+        kmeans_early_stop: stop k-means at a fixed point (a host sync per round; same labels as all rounds);
+            null = on CPU only, so a CUDA step has no host sync (fsseg.models.kmeans).
     """
 
     def __init__(
@@ -207,6 +218,7 @@ class ClassAgnosticBranch(SeededModule, AuxLoss):
         seed: int = 0,
         high_tap: str = "high",
         check_main_loss_weight: bool = True,
+        kmeans_early_stop: bool | None = None,
     ) -> None:
         if isinstance(lambda_, bool) or not isinstance(lambda_, (int, float)) or not 0.0 <= float(lambda_) <= 1.0:
             raise ConfigError(
@@ -224,6 +236,9 @@ class ClassAgnosticBranch(SeededModule, AuxLoss):
         self.deep_supervision = bool(deep_supervision)
         self.high_tap = str(high_tap)
         self.check_main_loss_weight = bool(check_main_loss_weight)
+        if kmeans_early_stop not in (None, True, False):
+            raise ConfigError(f"aux.class_agnostic.kmeans_early_stop must be true, false or null; got {kmeans_early_stop!r}")
+        self.kmeans_early_stop = kmeans_early_stop
         if self.n == 0 and self.lambda_ > 0:
             raise ConfigError(
                 f"aux.class_agnostic.n=0 is PFENet's baseline (APANet Table IV) and needs lambda_=0 "
@@ -270,7 +285,7 @@ class ClassAgnosticBranch(SeededModule, AuxLoss):
 
     # ---------------------------------------------------------------- forward
     def _uniform(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
-        return torch.rand(shape, generator=self.generator, dtype=torch.float64).to(device)
+        return to_device(torch.rand(shape, generator=self.generator, dtype=torch.float64), device)
 
     def forward(self, outputs: Mapping[str, Any], batch: Mapping[str, torch.Tensor], model: nn.Module) -> dict:
         query = outputs["query_feat"]
@@ -280,12 +295,25 @@ class ClassAgnosticBranch(SeededModule, AuxLoss):
             return {k: zero for k in names}
         self._check_weights(model)
         guidance, target = self.class_agnostic_guidance(outputs, batch)
-        dec = model.decoder(guidance)
+        return self.terms_from_decoder(model.decoder(guidance), target)
+
+    def decoder_request(self, outputs: Mapping[str, Any], batch: Mapping[str, torch.Tensor], model: nn.Module):
+        """For ``model.batched_aux_decoder``: (the class-agnostic pass's decoder input, a function from that pass's
+        decoder output to this loss's terms), or None when the branch is off (then ``forward`` gives the zeros)."""
+        if not self.active:
+            return None
+        self._check_weights(model)
+        guidance, target = self.class_agnostic_guidance(outputs, batch)
+        return guidance, lambda dec: self.terms_from_decoder(dec, target)
+
+    def terms_from_decoder(self, dec: Mapping[str, Any], target: torch.Tensor) -> dict[str, torch.Tensor]:
         terms = {"ce": safe_cross_entropy(dec["logits"], target)}
         if self.deep_supervision:
             inner = list(dec.get("inner_logits", []))
             terms["deep_supervision"] = (
-                torch.stack([safe_cross_entropy(x, target) for x in inner]).mean() if len(inner) else zero
+                torch.stack([safe_cross_entropy(x, target) for x in inner]).mean()
+                if len(inner)
+                else dec["logits"].new_zeros(())
             )
         return terms
 
@@ -301,13 +329,19 @@ class ClassAgnosticBranch(SeededModule, AuxLoss):
         fg = mask_to_feature((label == 1).to(query.dtype), size)  # B, 1, h, w
         bg = mask_to_feature((label == 0).to(query.dtype), size)
         need_high = self.prior == "region" or (self.source == "query" and self.partition == "kmeans" and self.n > 1)
-        high = resize(outputs["query_taps"][self.high_tap], size).to(query.dtype) if need_high else None
+        # the high-level features feed k-means and the region prior: fp32 (not bf16) under mixed precision
+        high_dtype = torch.promote_types(query.dtype, torch.float32)
+        high = resize(outputs["query_taps"][self.high_tap].to(high_dtype), size) if need_high else None
 
         if self.source == "query":
             regions = one_hot_regions(self.partition_labels(high, bg), self.num_regions, query.dtype)
             masks = remove_foreground(regions, bg)  # Eq. 5
             protos, area = region_prototypes(query, masks)  # Eq. 6
-            high_protos = region_prototypes(high, masks)[0] if self.prior == "region" else None
+            if self.prior == "region":
+                with full_precision(high.device):
+                    high_protos = region_prototypes(high, masks.to(high.dtype))[0]
+            else:
+                high_protos = None
         else:  # one prototype from the support background, K shots pooled
             sfeat = outputs["support_feat"]  # B, K, D, h, w
             sbg = mask_to_feature((batch[SUPPORT_MASKS] == 0).to(query.dtype), sfeat.shape[-2:])  # B, K, 1, h, w
@@ -346,7 +380,9 @@ class ClassAgnosticBranch(SeededModule, AuxLoss):
         if self.n == 1:
             labels = torch.zeros(b, h, w, dtype=torch.long, device=background.device)
             return labels if mask is None else torch.where(mask, labels, torch.full_like(labels, -1))
-        return cosine_kmeans(high, self.n, self.kmeans_iters, mask=mask, generator=self.generator).labels
+        return cosine_kmeans(
+            high, self.n, self.kmeans_iters, mask=mask, generator=self.generator, early_stop=self.kmeans_early_stop
+        ).labels
 
     @staticmethod
     def _fill_empty(protos: torch.Tensor, valid: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
@@ -359,14 +395,18 @@ class ClassAgnosticBranch(SeededModule, AuxLoss):
         high: torch.Tensor, high_protos: torch.Tensor, regions: torch.Tensor, fg: torch.Tensor, negative: torch.Tensor
     ) -> torch.Tensor:
         """Cosine of each pixel's high-level feature to the mean high-level feature of the region it is paired
-        with (blended like the prototype map), min-max normalised per image: (B, 1, h, w)."""
-        hn = F.normalize(high, dim=1, eps=1e-7)
-        pn = F.normalize(high_protos, dim=2, eps=1e-7)
-        cos = torch.einsum("bchw,bnc->bnhw", hn, pn)  # B, n, h, w
-        positive = regions * (1.0 - fg)
-        c_neg = cos[torch.arange(cos.shape[0], device=cos.device), negative].unsqueeze(1)  # B, 1, h, w
-        prior = (positive * cos).sum(dim=1, keepdim=True) + (1.0 - positive.sum(dim=1, keepdim=True)) * c_neg
-        return minmax_normalise(prior)
+        with (blended like the prototype map), min-max normalised per image: (B, 1, h, w). fp32 with autocast
+        disabled (a prior, as PFENet's)."""
+        with full_precision(high.device):
+            dt = torch.promote_types(high.dtype, torch.float32)
+            high, high_protos, regions, fg = high.to(dt), high_protos.to(dt), regions.to(dt), fg.to(dt)
+            hn = F.normalize(high, dim=1, eps=1e-7)
+            pn = F.normalize(high_protos, dim=2, eps=1e-7)
+            cos = torch.einsum("bchw,bnc->bnhw", hn, pn)  # B, n, h, w
+            positive = regions * (1.0 - fg)
+            c_neg = cos[torch.arange(cos.shape[0], device=cos.device), negative].unsqueeze(1)  # B, 1, h, w
+            prior = (positive * cos).sum(dim=1, keepdim=True) + (1.0 - positive.sum(dim=1, keepdim=True)) * c_neg
+            return minmax_normalise(prior)
 
 
 __all__ = [

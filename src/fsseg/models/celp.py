@@ -82,10 +82,12 @@ from fsseg.models.losses import AuxLoss, DiceLoss
 from fsseg.models.ops import (
     SeededModule,
     cosine_similarity_map,
+    full_precision,
     mask_to_feature,
     masked_average_pool,
     minmax_normalise,
     resize,
+    to_device,
 )
 
 LOSSES = ("ce", "dice")
@@ -140,15 +142,17 @@ def sample_latent_regions(
     chunk_size: int | None = None,
 ) -> LatentSample:
     """Eqs. 1-4 for the batch: high (B, C, h, w) features, unlabelled (B, h*w) bool, uniforms (B,) in [0, 1)
-    (one per image, drawing i* uniformly from P)."""
-    feat = F.normalize(high.flatten(2).transpose(1, 2).float(), dim=2, eps=1e-7)  # B, N, C
-    counts = similar_counts(feat, unlabelled, delta, chunk_size)  # Eqs. 1-2
-    candidates = (counts >= sigma) & unlabelled  # Eq. 3
-    keep = candidates.any(dim=1)
-    anchor = choose_uniform(candidates, uniforms)
-    a = feat[torch.arange(feat.shape[0], device=feat.device), anchor]  # B, C
-    row = torch.bmm(a.unsqueeze(1), feat.transpose(1, 2)).squeeze(1)  # D(i*, .): B, N
-    foreground = (row > delta) & unlabelled & keep.unsqueeze(1)  # Eq. 4
+    (one per image, drawing i* uniformly from P). The similarities and their threshold at delta run in fp32 with
+    autocast disabled: in bf16 the counts N(i) change on ~18% of the positions near delta."""
+    with full_precision(high.device):
+        feat = F.normalize(high.flatten(2).transpose(1, 2).float(), dim=2, eps=1e-7)  # B, N, C
+        counts = similar_counts(feat, unlabelled, delta, chunk_size)  # Eqs. 1-2
+        candidates = (counts >= sigma) & unlabelled  # Eq. 3
+        keep = candidates.any(dim=1)
+        anchor = choose_uniform(candidates, uniforms)
+        a = feat[torch.arange(feat.shape[0], device=feat.device), anchor]  # B, C
+        row = torch.bmm(a.unsqueeze(1), feat.transpose(1, 2)).squeeze(1)  # D(i*, .): B, N
+        foreground = (row > delta) & unlabelled & keep.unsqueeze(1)  # Eq. 4
     return LatentSample(counts, candidates, anchor, keep, foreground)
 
 
@@ -178,11 +182,13 @@ def latent_prior(
     feat: torch.Tensor, prototype: torch.Tensor, keep_feat: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Eqs. 8-9: min-max normalised cos(v_l, F^m) (B, 1, h, w); ``keep_feat`` (B, 1, h, w) zeroes F^m where it
-    is 0 (Eq. 8's Hadamard product with M' read literally: labelled pixels)."""
-    if keep_feat is not None:
-        feat = feat * keep_feat.to(feat.dtype)
-    b, _, h, w = feat.shape
-    return minmax_normalise(cosine_similarity_map(feat, prototype).view(b, 1, h, w))
+    is 0 (Eq. 8's Hadamard product with M' read literally: labelled pixels). fp32, autocast disabled (a prior)."""
+    with full_precision(feat.device):
+        feat, prototype = feat.float(), prototype.float()
+        if keep_feat is not None:
+            feat = feat * keep_feat.to(feat.dtype)
+        b, _, h, w = feat.shape
+        return minmax_normalise(cosine_similarity_map(feat, prototype).view(b, 1, h, w))
 
 
 # ------------------------------------------------------------------------------------------------ the branch
@@ -259,7 +265,7 @@ class LatentContrast(SeededModule, AuxLoss):
     # ---------------------------------------------------------------- forward
     def _uniforms(self, b: int, device: torch.device) -> torch.Tensor:
         """One uniform number in [0, 1) per image from the module's generator (the anchor draw of Eq. 3)."""
-        return torch.rand(b, generator=self.generator, dtype=torch.float64).to(device)
+        return to_device(torch.rand(b, generator=self.generator, dtype=torch.float64), device)
 
     def forward(self, outputs: Mapping[str, Any], batch: Mapping[str, torch.Tensor], model: nn.Module) -> dict:
         query = outputs["query_feat"]
@@ -267,11 +273,21 @@ class LatentContrast(SeededModule, AuxLoss):
         if self.weight == 0:  # the baseline exactly: no sampling, no random draw, no decoder pass
             return {k: query.new_zeros(()) for k in names}
         guidance, target, keep = self.contrast_guidance(outputs, batch)
-        dec = model.decoder(guidance)
+        return self.terms_from_decoder(model.decoder(guidance), target, keep)
+
+    def decoder_request(self, outputs: Mapping[str, Any], batch: Mapping[str, torch.Tensor], model: nn.Module):
+        """For ``model.batched_aux_decoder``: (the contrast pass's decoder input, a function from that pass's
+        decoder output to this loss's terms), or None when the weight is 0 (then ``forward`` gives the zeros)."""
+        if self.weight == 0:
+            return None
+        guidance, target, keep = self.contrast_guidance(outputs, batch)
+        return guidance, lambda dec: self.terms_from_decoder(dec, target, keep)
+
+    def terms_from_decoder(self, dec: Mapping[str, Any], target: torch.Tensor, keep: torch.Tensor) -> dict:
         terms = {"contrast": self._loss(dec["logits"], target, keep)}
         if self.deep_supervision:
             inner = [self._loss(x, target, keep) for x in dec.get("inner_logits", [])]
-            terms["deep_supervision"] = torch.stack(inner).mean() if inner else query.new_zeros(())
+            terms["deep_supervision"] = torch.stack(inner).mean() if inner else dec["logits"].new_zeros(())
         return terms
 
     def _loss(self, logits: torch.Tensor, target: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

@@ -17,9 +17,13 @@ no scikit-learn, CPU and CUDA alike.
   so a seeded generator gives the same partition on CPU and CUDA and across runs. Without a generator the
   global CPU RNG is used.
 - Iterations: an assignment to the seeds, then up to ``iters`` rounds of (update, assign) - the paper's
-  "10 rounds". The loop stops early only at a fixed point (no label changed in any image of the batch), where
+  "10 rounds". On CPU the loop stops early at a fixed point (no label changed in any image of the batch), where
   further rounds would reproduce the same centres and labels bit for bit, so the result equals that of all
-  ``iters`` rounds (one host-device synchronisation per round on CUDA). Labels are those of the final centres.
+  ``iters`` rounds. On other devices (``early_stop=None``) it always runs the ``iters`` rounds: the fixed-point
+  test is a host-device synchronisation per round, which a CUDA-graph-friendly training step avoids; the result
+  is the same (the rounds after a fixed point repeat it exactly). Labels are those of the final centres.
+- Precision: the whole computation runs in fp32 with autocast disabled (``ops.full_precision``): under bf16
+  autocast a matmul of fp32 inputs would run in bf16 and change the labels of ~5% of the pixels.
 - Ties (equal cosine to several centres, e.g. duplicated seeds or all-zero features): the lowest centre index
   wins (strict comparison, as torch.argmax).
 - Empty clusters: a cluster that receives no valid pixel keeps its previous centre (deterministic; it may
@@ -42,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from fsseg.errors import ConfigError
+from fsseg.models.ops import full_precision, to_device
 
 _NORM_EPS = 1e-12
 
@@ -64,9 +69,9 @@ def _check_clusters(n_clusters: object, iters: object) -> None:
 
 
 def _uniform(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-    """U[0, 1) draws from a CPU generator (or the global CPU RNG), moved to ``device`` (float64)."""
+    """U[0, 1) draws from a CPU generator (or the global CPU RNG), moved to ``device`` (float64) without blocking."""
     u = torch.rand(shape, generator=generator, dtype=torch.float64)
-    return u.to(device)
+    return to_device(u, device)
 
 
 def _sample_index(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -135,15 +140,19 @@ def cosine_kmeans(
     iters: int = 10,
     mask: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    early_stop: bool | None = None,
 ) -> KMeansResult:
     """Cosine k-means of every image's pixels: features (B, C, *spatial), mask (B, *spatial) bool (True = take
-    part) or None. See the module docstring for initialisation, ties and empty clusters."""
+    part) or None. ``early_stop``: stop at a fixed point (a host sync per round); None = on CPU only. See the
+    module docstring for initialisation, ties and empty clusters."""
     _check_clusters(n_clusters, iters)
     if features.dim() < 3:
         raise ValueError(f"cosine_kmeans: features must be (B, C, *spatial); got shape {tuple(features.shape)}")
     b, c = features.shape[:2]
     spatial = features.shape[2:]
-    with torch.no_grad():
+    if early_stop is None:
+        early_stop = features.device.type == "cpu"
+    with torch.no_grad(), full_precision(features.device):
         x = features.detach().float().reshape(b, c, -1).contiguous()  # B, C, N (a view for contiguous float32)
         npix = x.shape[2]
         if mask is None:
@@ -173,7 +182,7 @@ def cosine_kmeans(
                 centres = torch.where((members > 0).unsqueeze(2), new, centres)
                 # assign
                 new_labels = torch.where(valid, _first_argmax(_project(centres, x)), none)
-                converged = torch.equal(new_labels, labels)
+                converged = early_stop and torch.equal(new_labels, labels)
                 labels = new_labels
                 if converged:  # a fixed point: further rounds would reproduce these centres and labels exactly
                     break

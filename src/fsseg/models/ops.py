@@ -5,7 +5,8 @@ Every method builds on these; each lives here once. Shapes: B batch, K shots, C 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +15,34 @@ from torch import nn
 from fsseg.data.batch import IGNORE_INDEX
 
 MAP_EPS = 5e-4  # PFENet/SCCAN masked-average-pooling epsilon (area + 0.0005)
+
+
+@contextlib.contextmanager
+def full_precision(device: torch.device | str) -> Iterator[None]:
+    """A region where autocast is OFF on ``device``'s type (``.float()`` alone does not stop autocast: a matmul
+    of fp32 inputs still runs in bf16 under ``torch.autocast``) and, on CUDA, fp32 matmuls are full fp32 even
+    where ``torch.set_float32_matmul_precision("high")`` (TF32) is set. Used around the computations that must
+    stay fp32 under bf16 mixed precision: cosine k-means, CELP's similarity threshold at delta, the priors.
+    Outside autocast on CPU it changes nothing (fp32 runs are bit-identical). Callers still cast their inputs
+    with ``.float()`` (a bf16 encoder's taps stay bf16 otherwise)."""
+    kind = torch.device(device).type
+    with contextlib.ExitStack() as stack:
+        if kind in ("cpu", "cuda", "xpu", "mps") and torch.amp.is_autocast_available(kind):
+            stack.enter_context(torch.autocast(device_type=kind, enabled=False))
+        previous = torch.get_float32_matmul_precision()
+        if kind == "cuda" and previous != "highest":
+            torch.set_float32_matmul_precision("highest")
+            stack.callback(torch.set_float32_matmul_precision, previous)
+        yield
+
+
+def to_device(x: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A CPU tensor (e.g. numbers drawn from a CPU ``torch.Generator``) on ``device`` without blocking the host:
+    pinned + ``non_blocking`` on CUDA (the values, hence the random stream, are unchanged); a no-op on CPU."""
+    device = torch.device(device)
+    if device.type == "cuda" and x.device.type == "cpu":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
 
 
 def resize(x: torch.Tensor, size: tuple[int, int] | torch.Size, mode: str = "bilinear") -> torch.Tensor:
@@ -79,17 +108,19 @@ def max_cosine_prior(query_high: torch.Tensor, support_high: torch.Tensor, suppo
 def shot_priors(query_high: torch.Tensor, support_high: torch.Tensor, support_mask: torch.Tensor) -> torch.Tensor:
     """`max_cosine_prior` per shot, not averaged: (B, K, 1, h, w) (BAM weights the shots' priors)."""
     b, k, c, h, w = support_high.shape
-    s = (support_high * support_mask).flatten(0, 1)
-    q = query_high.unsqueeze(1).expand(-1, k, -1, -1, -1).flatten(0, 1)
-    prior = cosine_similarity_map(q, s).max(dim=2).values.view(b * k, 1, h, w)
-    return minmax_normalise(prior).view(b, k, 1, h, w)
+    with full_precision(query_high.device):  # fp32 under bf16 autocast too (a prior, issue 13 item 3)
+        s = (support_high.float() * support_mask.float()).flatten(0, 1)  # B*K, C, h, w
+        q = query_high.float().unsqueeze(1).expand(-1, k, -1, -1, -1).flatten(0, 1)
+        prior = cosine_similarity_map(q, s).max(dim=2).values.view(b * k, 1, h, w)
+        return minmax_normalise(prior).view(b, k, 1, h, w)
 
 
 def gram_matrix(feat: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     """Channel-by-channel cosine similarity of a feature map (BAM's Gram matrix): (N, C, h, w) -> (N, C, C)."""
-    f = feat.flatten(2)
-    n = f.norm(dim=2, keepdim=True)
-    return torch.bmm(f, f.transpose(1, 2)) / (torch.bmm(n, n.transpose(1, 2)) + eps)
+    with full_precision(feat.device):  # at least fp32 under bf16 autocast too
+        f = (feat.float() if feat.dtype in (torch.float16, torch.bfloat16) else feat).flatten(2)
+        n = f.norm(dim=2, keepdim=True)
+        return torch.bmm(f, f.transpose(1, 2)) / (torch.bmm(n, n.transpose(1, 2)) + eps)
 
 
 def scene_difference(query_low: torch.Tensor, support_low: torch.Tensor) -> torch.Tensor:

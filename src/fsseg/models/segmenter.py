@@ -160,6 +160,11 @@ class FewShotSegmenter(L.LightningModule):
         support_masking: str = "none",
         ensemble: nn.Module | None = None,
         base_class_ids: Sequence[int] | None = None,
+        finite_check_every: int = 1,
+        batched_aux_decoder: bool = False,
+        compile: bool = False,
+        channels_last: bool = False,
+        encoder_bf16: bool = False,
     ) -> None:
         super().__init__()
         if base_lr <= 0 or lr_multiplier <= 0:
@@ -179,6 +184,23 @@ class FewShotSegmenter(L.LightningModule):
         if support_masking not in ("none", "deepest"):
             raise ConfigError(f"model.support_masking must be 'none' or 'deepest'; got {support_masking!r}")
         self.support_masking = support_masking
+        if isinstance(finite_check_every, bool) or not isinstance(finite_check_every, int) or finite_check_every < 1:
+            raise ConfigError(
+                f"model.finite_check_every must be an integer >= 1 (training steps between non-finite loss checks); "
+                f"got {finite_check_every!r}"
+            )
+        flags = {"batched_aux_decoder": batched_aux_decoder, "compile": compile, "channels_last": channels_last,
+                 "encoder_bf16": encoder_bf16}  # fmt: skip
+        for key, value in flags.items():
+            if not isinstance(value, bool):
+                raise ConfigError(f"model.{key} must be true or false; got {value!r}")
+        self.finite_check_every = finite_check_every
+        self.batched_aux_decoder = batched_aux_decoder
+        self.compile_parts = compile
+        self.channels_last = channels_last
+        self.encoder_bf16 = encoder_bf16
+        self._device_prepared = False
+        self._nonfinite: dict[str, Any] | None = None  # device-side flags of the current check window
         self.encoder = encoder
         if support_masking == "deepest":
             _check_deepest_masking(encoder)
@@ -190,6 +212,11 @@ class FewShotSegmenter(L.LightningModule):
         _check_declared_keys(self.head, self.decoder)
         self._head_context = _takes_context(self.head)
         self._decoder_context = _takes_context(self.decoder)
+        if batched_aux_decoder and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.decoder.modules()):
+            raise ConfigError(
+                "model.batched_aux_decoder=true needs a decoder without BatchNorm (batch statistics would mix the "
+                "main and auxiliary passes); set it to false for this decoder"
+            )
         self.main_loss = main_loss
         self.aux_losses = nn.ModuleDict(dict(aux_losses or {}))
         self.main_loss_weight = float(main_loss_weight)
@@ -234,19 +261,69 @@ class FewShotSegmenter(L.LightningModule):
         episode; the query's labels in training only). A decoder or ensemble output may not reuse a name the
         head already produced.
         """
+        out, guidance, context = self._guide(batch)
+        decoded = self.decoder(guidance, context=context) if self._decoder_context else self.decoder(guidance)
+        return self._finish(out, decoded, context)
+
+    def _guide(self, batch: Mapping[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, Any], EpisodeContext]:
+        """Encoder and head: (outputs so far, the head's guidance, the episode context)."""
         context = EpisodeContext.from_batch(batch, training=self.training)
-        query, support = self.encode(batch)
+        query, support = self._memory_format(*self.encode(batch))
         masks = binary_mask(batch[B.SUPPORT_MASKS])
         guidance = self.head(query, support, masks, context=context) if self._head_context else self.head(query, support, masks)
         out = dict(guidance)
         out["query_taps"], out["support_taps"] = query, support
-        decoded = self.decoder(guidance, context=context) if self._decoder_context else self.decoder(guidance)
+        return out, guidance, context
+
+    def _finish(self, out: dict[str, Any], decoded: Mapping[str, Any], context: EpisodeContext) -> dict[str, Any]:
+        """The decoder's outputs joined (no name re-used), then the ensemble, if any."""
         _merge_outputs(out, decoded, type(self.decoder).__name__)
         if self.ensemble is not None:  # it re-defines "logits": the decoder's are kept as it names them
             ensembled = self.ensemble(out, context)
             out.pop("logits")
             _merge_outputs(out, ensembled, type(self.ensemble).__name__)
         return out
+
+    def _memory_format(self, query: dict, support: dict) -> tuple[dict, dict]:
+        """``channels_last``: the taps enter head and decoder in channels-last layout (whose convolutions then stay
+        in it); support taps (B, K, C, h, w) are converted per shot. Off by default: on CPU the channels-last
+        kernels round differently, and published CPU results must stay bit-identical."""
+        if not self.channels_last:
+            return query, support
+        cl = torch.channels_last
+        query = {k: v.contiguous(memory_format=cl) if v.dim() == 4 else v for k, v in query.items()}
+        support = {
+            k: v.flatten(0, 1).contiguous(memory_format=cl).unflatten(0, v.shape[:2]) if v.dim() == 5 else v
+            for k, v in support.items()
+        }
+        return query, support
+
+    # ------------------------------------------------------------------ device set-up (GPU path)
+    def prepare_for_device(self) -> None:
+        """Once, when a Trainer starts: ``channels_last`` converts head and decoder weights; ``encoder_bf16`` casts
+        the frozen encoder to bf16 under bf16 mixed precision on CUDA (instead of autocast re-casting every weight
+        on every forward); ``compile`` compiles head and decoder (and the encoder, which only runs in eval) in
+        place with torch.compile (``nn.Module.compile``: parameter names and checkpoints unchanged)."""
+        if self._device_prepared:
+            return
+        self._device_prepared = True
+        if self.channels_last:
+            self.head.to(memory_format=torch.channels_last)
+            self.decoder.to(memory_format=torch.channels_last)
+        trainer = self._trainer
+        precision = str(getattr(trainer, "precision", "")) if trainer is not None else ""
+        if self.encoder_bf16 and precision.startswith("bf16") and self.device.type == "cuda":
+            self.encoder.to(torch.bfloat16)
+        if self.compile_parts:
+            for part in (self.head, self.decoder, self.encoder):
+                part.compile()
+
+    def on_fit_start(self) -> None:
+        self.prepare_for_device()
+
+    def on_test_start(self) -> None:
+        self._check_autograd_at_eval()
+        self.prepare_for_device()
 
     @torch.no_grad()
     def predict(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -281,24 +358,108 @@ class FewShotSegmenter(L.LightningModule):
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        out = self(batch)
+        if self.batched_aux_decoder:
+            out, aux_terms = self._batched_forward(batch)
+        else:
+            out, aux_terms = self(batch), {}
         main = self.main_loss(out["logits"], batch[B.QUERY_MASK])
         terms = {"main": main}
         loss = self.main_loss_weight * main
         for name, aux in self.aux_losses.items():
-            for term, value in aux(out, batch, self).items():
+            values = aux_terms[name] if name in aux_terms else aux(out, batch, self)
+            for term, value in values.items():
                 terms[f"{name}/{term}"] = value
                 loss = loss + aux.weight * value
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(
-                f"non-finite loss ({loss.item()}) at global step {self.global_step} "
-                f"(terms: { {k: float(v.detach()) for k, v in terms.items()} }); training stopped, last good checkpoint kept"
-            )
+        self._check_finite(loss, terms)
         bs = batch[B.QUERY_IMG].shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        # on the progress bar only with a check every step: Lightning turns progress-bar values into Python floats
+        # (a host sync) after every step
+        self.log("train/loss", loss, prog_bar=self.finite_check_every == 1, batch_size=bs)
         for k, v in terms.items():
             self.log(f"train/{k}", v, batch_size=bs)
         return loss
+
+    # ------------------------------------------------------------------ non-finite losses
+    def _check_finite(self, loss: torch.Tensor, terms: Mapping[str, torch.Tensor]) -> None:
+        """``finite_check_every`` = 1: raise now (a host sync every step). N > 1: record on the device whether this
+        step's loss is finite (and the first bad step's terms); ``raise_if_nonfinite`` reads it every N steps, at
+        epoch end, before validation and before a checkpoint is written - the training step itself never syncs."""
+        if self.finite_check_every == 1:
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"non-finite loss ({loss.item()}) at global step {self.global_step} "
+                    f"(terms: { {k: float(v.detach()) for k, v in terms.items()} }); training stopped, "
+                    "last good checkpoint kept"
+                )
+            return
+        values = torch.stack([loss.detach().float().reshape(()), *(v.detach().float().reshape(()) for v in terms.values())])
+        bad = ~torch.isfinite(values[0])
+        state = self._nonfinite
+        if state is None:
+            state = self._nonfinite = {
+                "first": torch.full((), -1, dtype=torch.long, device=values.device),
+                "values": torch.zeros_like(values),
+                "names": ["loss", *terms],
+                "start": self.global_step,
+                "steps": 0,
+            }
+        newly = bad & (state["first"] < 0)
+        state["first"] = torch.where(newly, self.global_step, state["first"])
+        state["values"] = torch.where(newly, values, state["values"])
+        state["steps"] += 1
+
+    def raise_if_nonfinite(self) -> None:
+        """Read the device-side flags of the current window (one host sync) and raise NonFiniteLossError naming the
+        first bad step, the window and the loss terms at that step; then start a new window."""
+        state, self._nonfinite = self._nonfinite, None
+        if state is None:
+            return
+        first = int(state["first"])
+        if first < 0:
+            return
+        vals = {k: float(v) for k, v in zip(state["names"], state["values"].tolist(), strict=True)}
+        loss = vals.pop("loss")
+        raise NonFiniteLossError(
+            f"non-finite loss ({loss}) at global step {first} (checked every {self.finite_check_every} steps: window "
+            f"of steps {state['start']}-{state['start'] + state['steps'] - 1}; terms: {vals}); training stopped, "
+            "last good checkpoint kept"
+        )
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self._nonfinite is not None and self._nonfinite["steps"] >= self.finite_check_every:
+            self.raise_if_nonfinite()
+
+    def on_train_epoch_end(self) -> None:
+        self.raise_if_nonfinite()
+
+    def on_validation_start(self) -> None:
+        self._check_autograd_at_eval()
+        self.raise_if_nonfinite()
+        self.prepare_for_device()
+
+    # ------------------------------------------------------------------ one batched decoder pass
+    def _batched_forward(self, batch: Mapping[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, dict]]:
+        """``batched_aux_decoder``: the main decoder pass and the auxiliary passes of the losses that offer one
+        (``decoder_request``: APANet's class-agnostic branch, CELP's contrast) as ONE decoder forward over the
+        concatenated batch. Same losses as the separate passes up to float rounding, but not bit-identical (and
+        dropout draws one mask for the whole batch), hence opt-in. Returns the main outputs and the auxiliary
+        losses' terms computed from their share of the pass."""
+        out, guidance, context = self._guide(batch)
+        requests = {}
+        for name, aux in self.aux_losses.items():
+            request = getattr(aux, "decoder_request", None)
+            if request is not None:
+                got = request(out, batch, self)
+                if got is not None:
+                    requests[name] = got
+        if not requests:
+            return self._finish(out, self.decoder(guidance), context), {}
+        parts = [guidance, *(g for g, _ in requests.values())]
+        dec = self.decoder(merge_guidance(parts))
+        pieces = split_decoder_output(dec, len(parts))
+        self._finish(out, pieces[0], context)
+        terms = {name: finish(piece) for (name, (_, finish)), piece in zip(requests.items(), pieces[1:], strict=True)}
+        return out, terms
 
     # ------------------------------------------------------------------ evaluation
     def score_logits(self, batch: Mapping[str, torch.Tensor], logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -352,12 +513,6 @@ class FewShotSegmenter(L.LightningModule):
                 f"{needs} compute gradients at evaluation (e.g. CAMs), which inference mode forbids: set "
                 f"trainer.inference_mode=false"
             )
-
-    def on_validation_start(self) -> None:
-        self._check_autograd_at_eval()
-
-    def on_test_start(self) -> None:
-        self._check_autograd_at_eval()
 
     def validation_step(self, batch, batch_idx):
         self._eval_step(batch, self.val_iou)
@@ -425,6 +580,12 @@ class FewShotSegmenter(L.LightningModule):
 
     # ------------------------------------------------------------------ exact resume
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self.raise_if_nonfinite()  # never write weights trained past an unchecked non-finite loss
+        if self.encoder_bf16:  # checkpoints keep fp32 tensors (the bf16-rounded frozen weights, as the run used)
+            sd = checkpoint.get("state_dict", {})
+            for k, v in sd.items():
+                if k.startswith("encoder.") and isinstance(v, torch.Tensor) and v.dtype == torch.bfloat16:
+                    sd[k] = v.float()
         checkpoint["fsseg_rng"] = {
             "torch": torch.get_rng_state(),
             "numpy": np.random.get_state()[1].tolist(),
@@ -445,6 +606,38 @@ class FewShotSegmenter(L.LightningModule):
         if hasattr(self.encoder, "train"):
             self.encoder.train(mode)  # a frozen encoder keeps itself in eval (its own override)
         return self
+
+
+def merge_guidance(parts: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+    """Decoder inputs of several passes concatenated along the batch: every key that is a tensor in all parts
+    with the same shape after the first dimension. A (B, D, 1, 1) prototype beside a (B, D, h, w) prototype map is
+    expanded to the map's size (FEM pools a map per scale; the pooled constant map is the vector up to rounding).
+    Keys that cannot be concatenated are left out (the decoder must not need them)."""
+    merged: dict[str, torch.Tensor] = {}
+    for key in parts[0]:
+        values = [p.get(key) for p in parts]
+        if not all(isinstance(v, torch.Tensor) and v.dim() >= 1 for v in values):
+            continue
+        if key == "prototype" and len({tuple(v.shape[2:]) for v in values}) > 1:
+            size = max((tuple(v.shape[2:]) for v in values), key=lambda s: s[0] * s[1] if len(s) == 2 else 0)
+            values = [v.expand(*v.shape[:2], *size) if tuple(v.shape[2:]) == (1, 1) else v for v in values]
+        if len({tuple(v.shape[1:]) for v in values}) == 1:
+            merged[key] = torch.cat(values, dim=0)
+    return merged
+
+
+def split_decoder_output(dec: Mapping[str, Any], n: int) -> list[dict[str, Any]]:
+    """The decoder output of a merged pass cut back into ``n`` equal batch shares (tensors and lists of tensors)."""
+    pieces: list[dict[str, Any]] = [{} for _ in range(n)]
+    for key, value in dec.items():
+        if isinstance(value, torch.Tensor):
+            for piece, chunk in zip(pieces, value.chunk(n, dim=0), strict=True):
+                piece[key] = chunk
+        elif isinstance(value, (list, tuple)) and all(isinstance(v, torch.Tensor) for v in value):
+            chunks = [v.chunk(n, dim=0) for v in value]
+            for i, piece in enumerate(pieces):
+                piece[key] = [c[i] for c in chunks]
+    return pieces
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:
