@@ -105,7 +105,11 @@ class FewShotSegmenter(L.LightningModule):
 
     # ------------------------------------------------------------------ forward
     def encode(self, batch: Mapping[str, torch.Tensor]) -> tuple[dict, dict]:
-        """One frozen-encoder pass over the query and all supports; support taps shaped (B, K, C, h, w)."""
+        """One frozen-encoder pass over the query and all supports; support taps shaped (B, K, C, h, w).
+        A cached training batch (``data.feature_cache``) holds the taps already: the encoder is skipped."""
+        cached = B.cached_taps(batch)
+        if cached is not None:
+            return tuple({name: f.float() for name, f in taps.items()} for taps in cached)
         q, s = batch[B.QUERY_IMG], batch[B.SUPPORT_IMGS]
         b, k = s.shape[:2]
         feats = self.encoder(torch.cat([q, s.flatten(0, 1)], dim=0))
@@ -168,7 +172,7 @@ class FewShotSegmenter(L.LightningModule):
                 f"non-finite loss ({loss.item()}) at global step {self.global_step} "
                 f"(terms: { {k: float(v.detach()) for k, v in terms.items()} }); training stopped, last good checkpoint kept"
             )
-        bs = batch[B.QUERY_IMG].shape[0]
+        bs = batch[B.QUERY_MASK].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         for k, v in terms.items():
             self.log(f"train/{k}", v, batch_size=bs)
