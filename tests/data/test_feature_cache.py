@@ -57,7 +57,8 @@ def test_round_trip_equals_the_encoders_output_for_the_cached_view(voc_root, tmp
     cache = build(voc_root, tmp_path, encoder, views=3)
     src, tf = PascalVOC(voc_root), transform()
     assert cache.num_images == 12 and cache.views == 3
-    assert cache.tap_shapes == {"mid": (152, 6, 6), "high": (112, 6, 6)}
+    # high = index 3 = the first 112 channels of mid = cat(index 3, index 2): stored once
+    assert cache.tap_shapes == {"mid": (152, 6, 6)} and cache.aliases == {"high": ("mid", 0, 112)}
     for item, view in [(0, 0), (5, 2), (11, 1)]:
         img, label = fc.render_view(src, "train", tf, 0, item, view)
         with torch.no_grad():
@@ -108,19 +109,19 @@ def test_key_change_rebuilds_and_same_key_reuses(voc_root, tmp_path, encoder, ca
     count = Counter(encoder)
     try:
         a = build(voc_root, tmp_path, encoder, views=2)
-        assert count.images == 1 + 12 * 2  # shape probe + every view
+        assert count.images == 2 + 12 * 2  # layout probe (2 images) + every view
         count.images = 0
         again = build(voc_root, tmp_path, encoder, views=2)
-        assert again.path == a.path and count.images == 1  # reused: only the shape probe
+        assert again.path == a.path and count.images == 2  # reused: only the layout probe
         count.images = 0
         b = build(voc_root, tmp_path, encoder, views=3)
-        assert b.path != a.path and count.images == 1 + 12 * 3
+        assert b.path != a.path and count.images == 2 + 12 * 3
         count.images = 0
         c = build(voc_root, tmp_path, encoder, views=2, tf=transform(blur_p=0.25))  # another augmentation
-        assert c.path not in (a.path, b.path) and count.images == 1 + 12 * 2
+        assert c.path not in (a.path, b.path) and count.images == 2 + 12 * 2
         count.images = 0
         d = build(voc_root, tmp_path, encoder, views=2, seed=1)
-        assert d.path not in (a.path, c.path) and count.images == 1 + 12 * 2
+        assert d.path not in (a.path, c.path) and count.images == 2 + 12 * 2
         # a folder whose recorded key differs (copied, edited) is rebuilt, and says so
         rec = json.loads((a.path / "complete.json").read_text())
         rec["key_dict"]["views"] = 5
@@ -128,7 +129,7 @@ def test_key_change_rebuilds_and_same_key_reuses(voc_root, tmp_path, encoder, ca
         count.images = 0
         with caplog.at_level(logging.WARNING, logger="fsseg.data.feature_cache"):
             build(voc_root, tmp_path, encoder, views=2)
-        assert count.images == 1 + 12 * 2
+        assert count.images == 2 + 12 * 2
         assert "another key (differs in: views)" in caplog.text and "rebuilding" in caplog.text
     finally:
         count.close()
@@ -169,7 +170,7 @@ def test_interrupted_build_resumes_and_gives_identical_files(voc_root, tmp_path,
             part = fc.prepare(src, "train", tf, encoder, cfg, tmp_path / "part", progress=False)
     finally:
         count.close()
-    assert count.images == 1 + 8 * 2  # resumed: only the 8 images left
+    assert count.images == 2 + 8 * 2  # resumed: only the 8 images left
     assert "resuming an interrupted build at image 4 of 12" in caplog.text
     assert (part.path / "complete.json").exists() and part.path.name == full.path.name
     for name in [fc.LABEL_FILE, *(fc.FeatureCache.tap_file(t) for t in full.tap_shapes)]:

@@ -188,7 +188,9 @@ class FeatureCache:
         self.layout = dict(layout)
         self.num_images = int(layout["num_images"])
         self.views = int(layout["views"])
-        self.tap_shapes = {t: tuple(s) for t, s in layout["taps"].items()}  # (C, h, w)
+        self.tap_shapes = {t: tuple(s) for t, s in layout["taps"].items()}  # stored taps: (C, h, w)
+        # taps equal to a channel slice of a stored tap (efficientnet-lite0: high = mid[:, :112]): not stored
+        self.aliases = {t: (str(a[0]), int(a[1]), int(a[2])) for t, a in layout.get("aliases", {}).items()}
         self.label_shape = tuple(layout["label"])  # (S, S)
         self._maps: dict[str, np.memmap] | None = None
 
@@ -225,7 +227,10 @@ class FeatureCache:
 
     def taps(self, items: np.ndarray, views: np.ndarray) -> dict[str, torch.Tensor]:
         """float16 taps {name: (len, C, h, w)} of (item, view) pairs (copies)."""
-        return {t: torch.from_numpy(np.asarray(self.maps[t][items, views])) for t in self.tap_shapes}
+        out = {t: torch.from_numpy(np.asarray(self.maps[t][items, views])) for t in self.tap_shapes}
+        for t, (src, c0, c1) in self.aliases.items():
+            out[t] = out[src][:, c0:c1]
+        return out
 
     def size_problem(self) -> str | None:
         """Why the files do not match the layout (missing, wrong size), or None."""
@@ -262,10 +267,37 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def _tap_shapes(encoder: nn.Module, size: int, device: torch.device) -> dict[str, tuple[int, ...]]:
+def _tap_layout(encoder: nn.Module, size: int, device: torch.device) -> tuple[dict[str, list[int]], dict[str, list]]:
+    """(stored taps {name: [C, h, w]}, aliases {name: [stored tap, c0, c1]}). A tap is an alias when the
+    encoder's tap definition makes it a channel slice of another tap (its feature indices a contiguous run of
+    the other's, at the same size) and one probe forward confirms it bit for bit."""
+    g = torch.Generator().manual_seed(0)  # a local generator: the global RNG stays untouched
     with torch.no_grad():
-        out = encoder(torch.zeros(1, 3, size, size, device=device))
-    return {t: tuple(int(d) for d in f.shape[1:]) for t, f in out.items()}
+        out = encoder(torch.randn(2, 3, size, size, generator=g).to(device))
+    taps: dict = getattr(encoder, "taps", {}) or {}
+    chans: dict = getattr(encoder, "feature_channels", {}) or {}
+    stored: dict[str, list[int]] = {}
+    aliases: dict[str, list] = {}
+    for name in sorted(out, key=lambda t: (-out[t].shape[1], t)):
+        found = None
+        for src in stored:
+            idx_s, idx_t = list(taps.get(src, [])), list(taps.get(name, []))
+            if not idx_t or out[src].shape[-2:] != out[name].shape[-2:] or any(i not in chans for i in idx_s):
+                continue
+            for p in range(len(idx_s) - len(idx_t) + 1):
+                if idx_s[p : p + len(idx_t)] == idx_t:
+                    c0 = sum(chans[i] for i in idx_s[:p])
+                    c1 = c0 + out[name].shape[1]
+                    if torch.equal(out[src][:, c0:c1], out[name]):
+                        found = [src, c0, c1]
+                        break
+            if found:
+                break
+        if found:
+            aliases[name] = found
+        else:
+            stored[name] = [int(d) for d in out[name].shape[1:]]
+    return stored, aliases
 
 
 def _device(module: nn.Module) -> torch.device:
@@ -319,8 +351,8 @@ def prepare(
     was_training = encoder.training
     encoder.eval()
     try:
-        shapes = _tap_shapes(encoder, transform.size, device)
-        layout = {"num_images": n, "views": cfg.views, "taps": {t: list(s) for t, s in shapes.items()},
+        stored, aliases = _tap_layout(encoder, transform.size, device)
+        layout = {"num_images": n, "views": cfg.views, "taps": stored, "aliases": aliases,
                   "label": [transform.size, transform.size]}  # fmt: skip
         cache = FeatureCache(path, layout)
         with _locked(path):
