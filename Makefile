@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= disabled
 
 .DEFAULT_GOAL := help
-.PHONY: help venv test test-full demo synth bench clean
+.PHONY: help venv test test-full demo synth bench bench-cache clean
 DEMO_FOLD ?= 0
 
 help: ## Show this help
@@ -49,6 +49,9 @@ demo: $(STAMP) ## The main job: embedded benchmark -> train PFENet 1-shot fold 0
 
 bench: $(STAMP) ## Print PFENet training/evaluation throughput on this machine (embedded size and 473 / ResNet-50)
 	$(VENV)/bin/fsseg-bench pfenet
+
+bench-cache: synth ## PFENet training step at the embedded size: full / truncated encoder / cached features, data side included
+	$(VENV)/bin/fsseg-bench cache --data $(SYNTH) --views 2
 
 clean: ## Remove caches and outputs (keeps the venv and data)
 	rm -rf outputs .pytest_cache

@@ -5,7 +5,7 @@ Opt-in with ``data.feature_cache`` (off by default: ``null``)::
     fsseg-train experiment=pfenet_effl0_synth_cached                      # views=4
     fsseg-train experiment=pfenet_effl0_synth 'data.feature_cache={views: 2}'
 
-What is stored, under ``<cache_dir>/features/<dataset>_<encoder>_<size>px_v<V>_<key>/``:
+What is stored, under ``<cache_dir>/features/<reader>-<root folder>_<encoder>_<size>px_v<V>_<key>/``:
 
 - for every image i of the training split (all of them, so one cache serves every fold) and every view
   v < V: the view's encoder taps (``taps_<name>.f16``, float16, shape (N, V, C, h, w)) and its augmented
@@ -345,7 +345,8 @@ def prepare(
     key = stable_key(key_dict, 16)
     enc_name = str(getattr(encoder, "name", type(encoder).__name__)).replace("/", "_")
     folder = Path(cfg.dir) if cfg.dir else Path(root) / "features"
-    path = folder / f"{source.name}_{enc_name}_{transform.size}px_v{cfg.views}_{key}"
+    dataset = f"{source.name}-{Path(source.root).name}"  # reader and folder: pascal-synth, pascal-VOC2012 ...
+    path = folder / f"{dataset}_{enc_name}_{transform.size}px_v{cfg.views}_{key}"
     n = len(source.item_names(split))
     device = _device(encoder)
     was_training = encoder.training
