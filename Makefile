@@ -14,7 +14,7 @@ export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= disabled
 
 .DEFAULT_GOAL := help
-.PHONY: help venv test test-full demo synth bench bench-methods clean
+.PHONY: help venv test test-full demo synth bench bench-methods bench-cache clean
 DEMO_FOLD ?= 0
 
 help: ## Show this help
@@ -54,6 +54,9 @@ bench: $(STAMP) ## PFENet training/evaluation throughput + FLOPs, encoder trunca
 bench-methods: $(STAMP) ## APANet/CELP step time ratio beside FLOP ratio vs PFENet, encoder included (embedded, 473 / ResNet-50; slow on CPU)
 	$(VENV)/bin/fsseg-bench apanet --batched $(BENCH_ARGS)
 	$(VENV)/bin/fsseg-bench celp --batched $(BENCH_ARGS)
+
+bench-cache: synth ## PFENet training step at the embedded size: full / truncated encoder / cached features, data side included
+	$(VENV)/bin/fsseg-bench cache --data $(SYNTH) --views 2
 
 clean: ## Remove caches and outputs (keeps the venv and data)
 	rm -rf outputs .pytest_cache

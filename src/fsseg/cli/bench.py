@@ -5,6 +5,7 @@
     fsseg-bench kmeans       # batched cosine k-means vs a per-image scikit-learn loop
     fsseg-bench apanet       # APANet training-step time relative to PFENet
     fsseg-bench celp         # PFENet+CELP training-step time relative to PFENet
+    fsseg-bench cache        # PFENet training step: full vs truncated encoder vs cached features (data.feature_cache)
 
 Each name is a module fsseg.bench.<name> with a main(argv) function.
 """

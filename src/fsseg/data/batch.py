@@ -35,3 +35,19 @@ CONTENT_SIZE = "content_size"
 EPISODE_IDX = "episode_idx"
 
 IGNORE_INDEX = 255
+
+# Cached training (data.feature_cache; fsseg.data.feature_cache): the batch holds the encoder's taps instead of
+# the images, one key per tap name; the model's encode step then skips the encoder. Training only.
+#   QUERY_TAP + name    float16 (B, C, h, w)
+#   SUPPORT_TAP + name  float16 (B, K, C, h, w)
+QUERY_TAP = "query_tap/"
+SUPPORT_TAP = "support_tap/"
+
+
+def cached_taps(batch) -> tuple[dict, dict] | None:
+    """(query taps, support taps) held by a cached training batch, or None for an image batch."""
+    query = {k[len(QUERY_TAP):]: v for k, v in batch.items() if k.startswith(QUERY_TAP)}
+    if not query:
+        return None
+    support = {k[len(SUPPORT_TAP):]: v for k, v in batch.items() if k.startswith(SUPPORT_TAP)}
+    return query, support

@@ -19,6 +19,10 @@
   Like the reference implementations, there is no separate held-out validation split: validation episodes
   come from the evaluation split (other seed, usually fewer episodes), so model selection on them sees the
   test images. Manifests are saved under ``cache_dir/manifests`` and reused (hash verified).
+- ``feature_cache`` (default None: off): train on cached frozen features of V pre-augmented views per
+  training image (:mod:`fsseg.data.feature_cache`). The cache needs the model's encoder: ``prepare_feature_cache
+  (model)`` builds or opens it and swaps the training dataset for ``CachedTrainEpisodes``;
+  ``train_dataloader()`` calls it with the trainer's model when nobody did. Validation and test never use it.
 - Dataloaders: train (``EpisodeSampler``: seeded shuffle, one episode per qualifying training image per epoch
   unless ``train_episodes_per_epoch``; ``drop_last`` when the epoch holds more than one batch), val and test
   (manifest order, no shuffle). All use ``collate_episodes``.
@@ -35,7 +39,9 @@ from pathlib import Path
 import lightning as L
 from torch.utils.data import DataLoader
 
+from fsseg.data import feature_cache as fc
 from fsseg.data.episodes import (
+    CachedTrainEpisodes,
     EpisodeSampler,
     EvalEpisodes,
     ShardedEvalSampler,
@@ -86,6 +92,7 @@ class EpisodeDataModule(L.LightningDataModule):
         seed: int = 0,
         rotate_p: float = 0.5,
         eval_size_divisor: int = 8,
+        feature_cache: dict | None = None,
     ) -> None:
         super().__init__()
         for attr in ("num_folds", "splits", "fold_classes", "items", "load"):
@@ -149,6 +156,8 @@ class EpisodeDataModule(L.LightningDataModule):
             hflip_p=hflip_p, rotate_p=rotate_p,
         )  # fmt: skip
         self.eval_transform = EvalTransform(self.eval_size, mean, std, size_divisor=eval_size_divisor)
+        self.feature_cache_cfg = fc.parse_config(feature_cache)
+        self.feature_cache: fc.FeatureCache | None = None
         self.train_index: FoldIndex | None = None
         self.eval_index: FoldIndex | None = None
         self.train_dataset: TrainEpisodes | None = None
@@ -195,6 +204,34 @@ class EpisodeDataModule(L.LightningDataModule):
                 self.source, self.train_index, self.shots, self.train_transform, seed=self.seed,
                 length=self.train_episodes_per_epoch,
             )  # fmt: skip
+
+    def prepare_feature_cache(self, model) -> fc.FeatureCache | None:
+        """With ``feature_cache`` on: build (or resume, or open) the cache with ``model.encoder`` and train on it
+        (``CachedTrainEpisodes``); a no-op when off. Refuses models with parts that read training images."""
+        if self.feature_cache_cfg is None:
+            return None
+        if self.feature_cache is not None:
+            return self.feature_cache
+        if getattr(model, "support_masking", "none") != "none":
+            raise ConfigError(
+                "data.feature_cache caches the encoder's plain forward; model.support_masking="
+                f"{model.support_masking} masks the supports inside the encoder: set data.feature_cache=null"
+            )
+        readers = fc.image_consumers(model)
+        if readers:
+            raise ConfigError(
+                f"data.feature_cache: the model's part(s) {readers} read the training images (needs_images), "
+                f"which a cached batch does not hold; set data.feature_cache=null"
+            )
+        self.setup("fit")
+        self.feature_cache = fc.prepare(
+            self.source, "train", self.train_transform, model.encoder, self.feature_cache_cfg, self.cache_dir
+        )
+        self.train_dataset = CachedTrainEpisodes(
+            self.source, self.train_index, self.shots, self.train_transform, self.feature_cache, seed=self.seed,
+            length=self.train_episodes_per_epoch,
+        )  # fmt: skip
+        return self.feature_cache
 
     def _query_subset(self, novel_index: FoldIndex) -> FoldIndex:
         """The novel-class index of the evaluation split with its queries restricted to the images that hold a
@@ -289,6 +326,14 @@ class EpisodeDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.train_dataset is None:
             self.setup("fit")
+        if self.feature_cache_cfg is not None and self.feature_cache is None:
+            model = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
+            if model is None:
+                raise ConfigError(
+                    "data.feature_cache needs the model's encoder: call datamodule.prepare_feature_cache(model) "
+                    "before train_dataloader(), or train through a Trainer"
+                )
+            self.prepare_feature_cache(model)
         ds = self.train_dataset
         sampler = EpisodeSampler(len(self.train_index.items), len(ds), seed=self.seed)
         return DataLoader(

@@ -155,6 +155,44 @@ class TrainEpisodes(Dataset):
         }
 
 
+class CachedTrainEpisodes(TrainEpisodes):
+    """``TrainEpisodes`` read from a feature cache (``data.feature_cache``; :mod:`fsseg.data.feature_cache`).
+
+    The episode (query, class, supports) is drawn exactly as ``TrainEpisodes.draw`` does; then the query and
+    each support pick one of the cache's V views, uniformly, from the episode's generator. The sample holds
+    the views' taps (``QUERY_TAP`` / ``SUPPORT_TAP`` keys, float16) instead of images, and the masks derived
+    from the views' stored labels. The memory maps open lazily in each process (DataLoader workers).
+    """
+
+    def __init__(self, source: Source, index: FoldIndex, shots: int, transform: TrainTransform, cache,
+                 seed: int = 0, length: int | None = None) -> None:  # fmt: skip
+        super().__init__(source, index, shots, transform, seed=seed, length=length)
+        n = len(source.item_names(self.split))
+        if cache.num_images != n:
+            raise DataError(f"feature cache {cache.path} holds {cache.num_images} images; {index.source} "
+                            f"{self.split} has {n}")  # fmt: skip
+        self.cache = cache
+
+    def __getitem__(self, code: int) -> dict[str, torch.Tensor]:
+        q, c, sup, rng = self.draw(code)
+        views = rng.integers(self.cache.views, size=1 + self.shots)
+        items = np.asarray([q, *sup], dtype=np.int64)
+        labels = self.cache.labels(items, views)  # uint8 (1 + K, S, S), 255 = ignore / padding
+        masks = mask_tensor(binary_mask(labels, c, B.IGNORE_INDEX))
+        taps = self.cache.taps(items, views)
+        out = {
+            B.QUERY_MASK: masks[0],
+            B.SUPPORT_MASKS: masks[1:],
+            B.CLASS_ID: torch.tensor(c, dtype=torch.int64),
+            B.CLASS_IDX: torch.tensor(self._class_idx[c], dtype=torch.int64),
+            B.QUERY_BASE_LABEL: mask_tensor(base_label(labels[0], self.base_ids, B.IGNORE_INDEX)),
+        }
+        for t, f in taps.items():
+            out[B.QUERY_TAP + t] = f[0]
+            out[B.SUPPORT_TAP + t] = f[1:]
+        return out
+
+
 class EvalEpisodes(Dataset):
     """Evaluation episodes of a manifest; ``class_ids``: the split's (novel) class list, for ``CLASS_IDX``."""
 

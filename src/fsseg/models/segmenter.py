@@ -239,7 +239,11 @@ class FewShotSegmenter(L.LightningModule):
         ``support_masking=deepest`` (the supports' deepest tapped stage runs on its input x mask: PFENet/BAM's
         ``layer4(layer3 * mask)``) or with batch-statistics BatchNorm in training (``encoder.bn=train``: the
         reference normalises the query batch and each shot's batch separately).
+        A cached training batch (``data.feature_cache``) holds the taps already: the encoder is skipped.
         """
+        cached = B.cached_taps(batch)
+        if cached is not None:
+            return tuple({name: f.float() for name, f in taps.items()} for taps in cached)
         q, s = batch[B.QUERY_IMG], batch[B.SUPPORT_IMGS]
         b, k = s.shape[:2]
         batch_stats = self.training and getattr(self.encoder, "bn", "frozen") == "train"
@@ -371,7 +375,7 @@ class FewShotSegmenter(L.LightningModule):
                 terms[f"{name}/{term}"] = value
                 loss = loss + aux.weight * value
         self._check_finite(loss, terms)
-        bs = batch[B.QUERY_IMG].shape[0]
+        bs = batch[B.QUERY_MASK].shape[0]  # cached batches hold taps, not images
         # on the progress bar only with a check every step: Lightning turns progress-bar values into Python floats
         # (a host sync) after every step
         self.log("train/loss", loss, prog_bar=self.finite_check_every == 1, batch_size=bs)
