@@ -66,7 +66,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - truncated zip, unpickling error, EOF...
-        raise RunError(f"checkpoint {path} is unreadable ({type(err).__name__}: {str(err).split(". ")[0][:120]})") from err
+        raise RunError(f"checkpoint {path} is unreadable ({type(err).__name__}: {str(err).split('. ')[0][:120]})") from err
     if not isinstance(ckpt, dict):
         raise RunError(f"checkpoint {path} holds a {type(ckpt).__name__}, expected a checkpoint dict")
     return ckpt
