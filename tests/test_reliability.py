@@ -258,3 +258,14 @@ def test_kill_9_once_then_finish_equals_the_uninterrupted_run(synth_root, tmp_pa
 @pytest.mark.slow
 def test_kill_9_five_times_then_finish_equals_the_uninterrupted_run(synth_root, tmp_path):
     _kill_and_finish(synth_root, tmp_path, kills=5)
+
+
+def test_finished_sweep_runs_stay_finished_across_the_new_classes_and_train_flag():
+    from fsseg.sweeps import without_defaults
+
+    old = {"seed": 0, "callbacks": {"last": {"_target_": "lightning.pytorch.callbacks.ModelCheckpoint", "filename": "last"}},
+           "logger": {"csv": {"_target_": "lightning.pytorch.loggers.CSVLogger", "name": "csv"}}}  # fmt: skip
+    new = {"seed": 0, "train": True, "callbacks": {"last": {"_target_": "fsseg.callbacks.RunCheckpoint", "filename": "last"}},
+           "logger": {"csv": {"_target_": "fsseg.callbacks.RunCSVLogger", "name": "csv"}}}  # fmt: skip
+    assert without_defaults(old) == without_defaults(new)
+    assert without_defaults({**old, "train": False}) != without_defaults(new)  # evaluation only is another run

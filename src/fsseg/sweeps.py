@@ -749,10 +749,10 @@ def without_defaults(node: Any, top: bool = True) -> Any:
 
 
 def config_digest(cfg: Mapping) -> str:
-    import hashlib
+    from fsseg.io import sha256_bytes
 
     body = without_defaults(_comparable(cfg))
-    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+    return sha256_bytes(json.dumps(body, sort_keys=True, default=str).encode())
 
 
 _NOT_COMPUTED = ("run_dir", "sweep_name", "logger")  # where a run lives, which table it serves, how it is logged
@@ -778,10 +778,10 @@ def computed_config(cfg: Mapping, not_computed: Sequence[str] = _NOT_COMPUTED) -
 def run_identity(cfg: Mapping) -> str:
     """Digest of :func:`computed_config`. Runs are deterministic, so two runs with one identity give the same
     metrics (fsseg-sweep re-uses a finished run of another table instead of training it again)."""
-    import hashlib
+    from fsseg.io import sha256_bytes
 
     body = computed_config(cfg)
-    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+    return sha256_bytes(json.dumps(body, sort_keys=True, default=str).encode())
 
 
 def finished_runs(out: str | os.PathLike) -> dict[str, Path]:

@@ -30,12 +30,19 @@ def report_errors(prog: str) -> Iterator[None]:
     except FsSegError as err:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        record = logging.LogRecord("fsseg", logging.ERROR, __file__, 0, "%s", (str(err),), None)
-        for handler in logging.getLogger().handlers:  # the log files only: the console gets the line below
-            if isinstance(handler, logging.FileHandler):
-                handler.handle(record)
-                handler.flush()
+        _to_log_files(logging.LogRecord("fsseg", logging.ERROR, __file__, 0, "%s", (str(err),), None))
         raise SystemExit(f"{prog}: error: {err}") from None
+    except Exception as err:  # a bug: Hydra prints the traceback; the run's log keeps it too
+        _to_log_files(logging.LogRecord("fsseg", logging.ERROR, __file__, 0, "%s", (repr(err),), sys.exc_info()))
+        raise
+
+
+def _to_log_files(record: logging.LogRecord) -> None:
+    """Write a record to the log files only (train.log): the console gets the error from the caller."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+            handler.flush()
 
 
 def single_log_lines() -> None:

@@ -288,7 +288,11 @@ class Source(ABC):
 
     def label_stamp(self, split: str) -> str:
         """sha256 over (size, mtime_ns) of every label file of the split, in item order (-1 for a missing one:
-        the scan then names it). One stat per file: ~60 ms for PASCAL's 12k labels (docs/notes.md)."""
+        the scan then names it). One stat per file (docs/notes.md has the cost for PASCAL's 12k labels), once per
+        reader instance and split: a run's setup asks for it several times (tables, fold indexes, manifests)."""
+        stamps = self.__dict__.setdefault("_label_stamps", {})
+        if split in stamps:
+            return stamps[split]
         parts = []
         for _, lab in self.items(split):
             try:
@@ -296,7 +300,8 @@ class Source(ABC):
                 parts.append(f"{st.st_size}:{st.st_mtime_ns}")
             except OSError:
                 parts.append("-1")
-        return sha256_bytes("\n".join(parts).encode())
+        stamps[split] = sha256_bytes("\n".join(parts).encode())
+        return stamps[split]
 
 
 # ----------------------------------------------------------------------------------------------- PASCAL VOC
@@ -636,6 +641,7 @@ class COCO(Source):
             self._json.clear()
 
     def _build_masks(self, split: str, data: dict[str, Any], todo: list[int], tqdm) -> None:
+        self.__dict__.pop("_label_stamps", None)  # the masks (labels) change: stamp them again
         from pycocotools import mask as mask_utils
 
         cat_to_class = {cid: k + 1 for k, (cid, _) in enumerate(self._split_index(split)["categories"])}
