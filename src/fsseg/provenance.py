@@ -251,7 +251,7 @@ def write_run_record(
             stacklevel=2,
         )
 
-    _write_text_atomic(run_dir / CONFIG_FILE, config_yaml)
+    write_atomic(run_dir / CONFIG_FILE, config_yaml)
     write_json_atomic(run_dir / PROVENANCE_FILE, collect(extra={"seeds": seeds, "manifest": manifest}))
     write_json_atomic(
         metrics_path,
