@@ -124,13 +124,13 @@ def test_write_run_record_contents(tmp_path):
 
 def test_metrics_json_is_written_last(tmp_path, monkeypatch):
     order = []
-    real = pv._write_atomic
+    real = pv.write_atomic
 
-    def spy(path, write):
+    def spy(path, data):
         order.append(path.name)
-        real(path, write)
+        real(path, data)
 
-    monkeypatch.setattr(pv, "_write_atomic", spy)
+    monkeypatch.setattr(pv, "write_atomic", spy)
     pv.write_run_record(tmp_path, CONFIG, {"seed": 0}, MANIFEST, _metrics())
     assert order == ["config.yaml", "provenance.json", "metrics.json"]
 

@@ -11,6 +11,7 @@ import torch
 
 from fsseg_testing import compose, tiny_overrides
 from fsseg.cli.train import run
+from fsseg.errors import RunError
 
 
 def _run(synth_root, tmp_path, name, callbacks=None, **extra):
@@ -106,7 +107,7 @@ def test_non_finite_loss_stops_with_step_and_keeps_checkpoint(synth_root, tmp_pa
                     pl_module.decoder.cls[-1].bias.fill_(float("nan"))
 
     run_dir = tmp_path / "nan"
-    with pytest.raises(SystemExit, match=r"non-finite loss .* at global step 2"):
+    with pytest.raises(RunError, match=r"non-finite loss .* at global step 2"):
         run(cfg, run_dir, extra_callbacks=[PoisonSecondEpoch()])
     last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())

@@ -20,7 +20,10 @@ import torch
 
 from fsseg.data import batch as B
 
-__all__ = ["QualitativePanels", "LogRunConfig", "resolved_hydra_config"]
+__all__ = [
+    "QualitativePanels", "LogRunConfig", "resolved_hydra_config", "RunCheckpoint", "EpochSummary",
+    "AtomicCheckpointIO", "RunCSVLogger",
+]
 
 _KEYS = (B.SUPPORT_IMGS, B.SUPPORT_MASKS, B.QUERY_IMG, B.QUERY_MASK, B.CLASS_ID)
 
@@ -121,3 +124,144 @@ class LogRunConfig(L.Callback):
         for logger in trainer.loggers:
             logger.log_hyperparams(cfg)
         self._logged = True
+
+
+# ------------------------------------------------------------------------------------- run-directory files
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO  # noqa: E402
+from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
+from lightning.pytorch.loggers import CSVLogger  # noqa: E402
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter  # noqa: E402
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's torch checkpoint IO saving through :func:`fsseg.io.write_atomic`: a kill or a full disk
+    never leaves a partial ``.ckpt`` under its final name (fsseg-train passes it as a trainer plugin)."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        import io
+
+        from fsseg.io import write_atomic
+
+        if storage_options is not None:
+            raise TypeError("AtomicCheckpointIO.save_checkpoint takes no storage_options")
+        buf = io.BytesIO()
+        torch.save(checkpoint, buf)
+        write_atomic(path, buf.getvalue())
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint whose saved state names its files relative to its folder, so a copied or moved run
+    directory resumes with its own checkpoints (Lightning's stores absolute paths: a copy would test, and on a
+    new best delete, the original's best.ckpt; a move would forget best_model_score)."""
+
+    _PATH_KEYS = ("best_model_path", "kth_best_model_path", "last_model_path")
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        for k in self._PATH_KEYS:
+            state[k] = Path(state[k]).name if state.get(k) else state.get(k)
+        state["best_k_models"] = {Path(p).name: v for p, v in (state.get("best_k_models") or {}).items()}
+        state["dirpath"] = "."  # relative to the run directory's checkpoints/ folder
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        here = Path(self.dirpath) if self.dirpath else None
+        if state_dict.get("dirpath") == "." and here is not None:  # written by state_dict() above: rebase
+            state = dict(state_dict, dirpath=self.dirpath)
+            for k in self._PATH_KEYS:
+                state[k] = str(here / state[k]) if state.get(k) else state.get(k)
+            state["best_k_models"] = {str(here / p): v for p, v in (state.get("best_k_models") or {}).items()}
+            state_dict = state
+        super().load_state_dict(state_dict)
+
+
+class EpochSummary(L.Callback):
+    """One log line per epoch with its metrics (train loss, validation mIoU...) when there is no progress bar
+    (every sweep profile), so a log shows how a run went."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._start = 0.0
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        import time
+
+        self._start = time.monotonic()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # after validation
+        if trainer.progress_bar_callback is not None or not trainer.is_global_zero:
+            return
+        import logging
+        import time
+
+        values = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+        keep = [k for k in sorted(values) if k == "train/loss" or (k.startswith("val/") and k.count("/") == 1)]
+        shown = "  ".join(f"{k} {values[k]:.4f}" for k in keep if not k.endswith("episodes"))
+        logging.getLogger("fsseg.train").info(
+            "epoch %d/%s  step %d  %s  (%.0f s)", trainer.current_epoch + 1, trainer.max_epochs,
+            trainer.global_step, shown, time.monotonic() - self._start,
+        )  # fmt: skip
+
+
+class _AppendingWriter(ExperimentWriter):
+    """CSV writer that keeps the rows already in metrics.csv (a resumed run) and rewrites the file atomically.
+    The rows a killed attempt logged after its last checkpoint (steps >= the first step logged now) are
+    dropped, so a resumed run's CSV has each step once."""
+
+    def __init__(self, log_dir: str) -> None:
+        import csv
+
+        self.metrics: list[dict[str, float]] = []
+        self.metrics_keys: list[str] = []
+        self.hparams: dict[str, Any] = {}
+        self.log_dir = log_dir
+        self.metrics_file_path = str(Path(log_dir) / self.NAME_METRICS_FILE)
+        Path(log_dir).mkdir(parents=True, exist_ok=True)
+        self._rows: list[dict[str, Any]] = []
+        self._trimmed = False
+        if Path(self.metrics_file_path).is_file():
+            with open(self.metrics_file_path, newline="") as f:
+                reader = csv.DictReader(f)
+                self.metrics_keys = list(reader.fieldnames or [])
+                self._rows = list(reader)
+
+    def log_hparams(self, params: dict[str, Any]) -> None:
+        import yaml
+
+        from fsseg.io import write_text_atomic
+        from fsseg.provenance import to_jsonable
+
+        self.hparams.update(params)
+        write_text_atomic(Path(self.log_dir) / self.NAME_HPARAMS_FILE, yaml.safe_dump(to_jsonable(self.hparams)))
+
+    def save(self) -> None:
+        import csv
+        import io
+
+        from fsseg.io import write_text_atomic
+
+        if not self.metrics:
+            return
+        if not self._trimmed:
+            first = min(int(m["step"]) for m in self.metrics)
+            self._rows = [r for r in self._rows if not (str(r.get("step", "")).isdigit() and int(r["step"]) >= first)]
+            self._trimmed = True
+        self._rows += self.metrics
+        self.metrics = []
+        self.metrics_keys = sorted(set(self.metrics_keys).union(*self._rows))
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=self.metrics_keys)
+        writer.writeheader()
+        writer.writerows(self._rows)
+        write_text_atomic(self.metrics_file_path, buf.getvalue())
+
+
+class RunCSVLogger(CSVLogger):
+    """Lightning's CSVLogger (``<run dir>/csv/metrics.csv``) that a resumed run appends to instead of
+    deleting, writing through :func:`fsseg.io.write_atomic` (conf/logger/csv.yaml)."""
+
+    @property
+    def experiment(self) -> _AppendingWriter:
+        if self._experiment is None:
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment

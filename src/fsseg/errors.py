@@ -15,3 +15,11 @@ class ConfigError(FsSegError, ValueError):
 
 class WeightsError(FsSegError, RuntimeError):
     """Pretrained weights could not be found or loaded."""
+
+
+class OutputError(FsSegError, OSError):
+    """A result file cannot be written: full disk, read-only or unwritable output folder."""
+
+
+class RunError(FsSegError, RuntimeError):
+    """A run cannot go on as asked: nothing to train, non-finite weights, a resume that does not match."""

@@ -17,6 +17,7 @@ JSON conversion: tensors and numpy values become plain numbers/lists, paths beco
 from __future__ import annotations
 
 import datetime as _dt
+import io
 import importlib.metadata as _metadata
 import json
 import math
@@ -25,13 +26,13 @@ import platform
 import socket
 import subprocess
 import sys
-import tempfile
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from fsseg.errors import DataError
+from fsseg.io import write_atomic, write_text_atomic
 
 __all__ = ["collect", "write_json_atomic", "write_run_record", "read_metrics", "to_jsonable"]
 
@@ -188,38 +189,6 @@ def to_jsonable(obj: Any) -> Any:
     return obj
 
 
-def _write_atomic(path: Path, write: Any) -> None:
-    """Call ``write(file)`` on a temp file next to ``path``, then rename it over ``path``.
-
-    On any exception the temp file is removed and ``path`` is left as it was (absent or the old content).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    try:  # make the rename durable; best effort (not possible on every OS / file system)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
-
-
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     """Write ``obj`` as JSON to ``path`` atomically (temp file in the same directory + ``os.replace``).
 
@@ -232,11 +201,12 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
         json.dump(data, f, indent=2, allow_nan=False)
         f.write("\n")
 
-    _write_atomic(Path(path), write)
+    buf = io.StringIO()
+    write(buf)
+    write_atomic(path, buf.getvalue())
 
 
-def _write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    _write_atomic(Path(path), lambda f: f.write(text))
+_write_text_atomic = write_text_atomic  # the name the table/sweep/bias CLIs import
 
 
 # --------------------------------------------------------------- run record
@@ -281,7 +251,7 @@ def write_run_record(
             stacklevel=2,
         )
 
-    _write_text_atomic(run_dir / CONFIG_FILE, config_yaml)
+    write_atomic(run_dir / CONFIG_FILE, config_yaml)
     write_json_atomic(run_dir / PROVENANCE_FILE, collect(extra={"seeds": seeds, "manifest": manifest}))
     write_json_atomic(
         metrics_path,

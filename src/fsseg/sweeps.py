@@ -719,39 +719,48 @@ def _constructor_defaults(target: str) -> dict[str, Any]:
     return {n: _plain(q.default) for n, q in sig.parameters.items() if q.default is not inspect.Parameter.empty}
 
 
-def without_defaults(node: Any) -> Any:
+# classes that replaced another without changing what a run computes (same checkpoints, same CSV rows)
+_EQUIVALENT_TARGETS = {
+    "fsseg.callbacks.RunCheckpoint": "lightning.pytorch.callbacks.ModelCheckpoint",
+    "fsseg.callbacks.RunCSVLogger": "lightning.pytorch.loggers.CSVLogger",
+}
+# top-level train.yaml options added after runs were recorded, at their default
+_TOP_LEVEL_DEFAULTS = {"train": True}
+
+
+def without_defaults(node: Any, top: bool = True) -> Any:
     """The config with every key dropped whose value equals its ``_target_``'s constructor default, so that a
     config that spells a default out and one that leaves it to the constructor compare equal: adding an option
     with its default to conf/ leaves finished sweep runs finished."""
     if isinstance(node, Mapping):
-        out = {k: without_defaults(v) for k, v in node.items()}
+        out = {k: without_defaults(v, top=False) for k, v in node.items()}
+        if top:
+            out = {k: v for k, v in out.items() if not (k in _TOP_LEVEL_DEFAULTS and v == _TOP_LEVEL_DEFAULTS[k])}
         target = node.get("_target_")
         if isinstance(target, str):
+            out["_target_"] = _EQUIVALENT_TARGETS.get(target, target)
             for k, d in _constructor_defaults(target).items():
                 if k in out and _plain(out[k]) == d:
                     del out[k]
         return out
     if isinstance(node, (list, tuple)):
-        return [without_defaults(x) for x in node]
+        return [without_defaults(x, top=False) for x in node]
     return node
 
 
 def config_digest(cfg: Mapping) -> str:
-    import hashlib
+    from fsseg.io import sha256_bytes
 
     body = without_defaults(_comparable(cfg))
-    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+    return sha256_bytes(json.dumps(body, sort_keys=True, default=str).encode())
 
 
 _NOT_COMPUTED = ("run_dir", "sweep_name", "logger")  # where a run lives, which table it serves, how it is logged
 
 
-def run_identity(cfg: Mapping) -> str:
-    """Digest of what a run computes, wherever it lives: its config without ``_NOT_COMPUTED`` and with its own
-    directory replaced by a placeholder. Runs are deterministic, so two runs with one identity give the same
-    metrics (fsseg-sweep re-uses a finished run of another table instead of training it again)."""
-    import hashlib
-
+def computed_config(cfg: Mapping, not_computed: Sequence[str] = _NOT_COMPUTED) -> dict:
+    """What a run computes, wherever it lives: its config without ``not_computed`` and without options at their
+    defaults, its own directory replaced by a placeholder (fsseg-train compares it when resuming)."""
     own = str(cfg.get("run_dir") or "\0")
 
     def norm(v: Any) -> Any:
@@ -763,8 +772,16 @@ def run_identity(cfg: Mapping) -> str:
             return [norm(x) for x in v]
         return v
 
-    body = norm(without_defaults({k: v for k, v in cfg.items() if k not in _NOT_COMPUTED}))
-    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+    return norm(without_defaults({k: v for k, v in cfg.items() if k not in not_computed}))
+
+
+def run_identity(cfg: Mapping) -> str:
+    """Digest of :func:`computed_config`. Runs are deterministic, so two runs with one identity give the same
+    metrics (fsseg-sweep re-uses a finished run of another table instead of training it again)."""
+    from fsseg.io import sha256_bytes
+
+    body = computed_config(cfg)
+    return sha256_bytes(json.dumps(body, sort_keys=True, default=str).encode())
 
 
 def finished_runs(out: str | os.PathLike) -> dict[str, Path]:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import netrc
 import os
 import socket
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -13,6 +16,46 @@ from fsseg.errors import ConfigError
 from fsseg.resolvers import register_resolvers
 
 register_resolvers()
+
+
+@contextlib.contextmanager
+def report_errors(prog: str) -> Iterator[None]:
+    """fsseg's own errors (ConfigError, DataError, WeightsError, OutputError, RunError) end the command with
+    their message alone on stderr (exit status 1), not behind Hydra's traceback, and are recorded in the run's
+    log file (train.log); HYDRA_FULL_ERROR=1 shows the full traceback instead."""
+    from fsseg.errors import FsSegError
+
+    try:
+        yield
+    except FsSegError as err:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        _to_log_files(logging.LogRecord("fsseg", logging.ERROR, __file__, 0, "%s", (str(err),), None))
+        raise SystemExit(f"{prog}: error: {err}") from None
+    except Exception as err:  # a bug: Hydra prints the traceback; the run's log keeps it too
+        _to_log_files(logging.LogRecord("fsseg", logging.ERROR, __file__, 0, "%s", (repr(err),), sys.exc_info()))
+        raise
+
+
+def _to_log_files(record: logging.LogRecord) -> None:
+    """Write a record to the log files only (train.log): the console gets the error from the caller."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+            handler.flush()
+
+
+def single_log_lines() -> None:
+    """Lightning gives its loggers their own console handler; under Hydra, whose root handlers (console and the
+    run's log file) receive the same records, every Lightning line was printed twice. Drop Lightning's own."""
+    import lightning.pytorch  # noqa: F401 - adds its handlers at import: import first, then remove them
+
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning_fabric", "pytorch_lightning"):
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            if type(handler) is logging.StreamHandler:
+                logger.removeHandler(handler)
+        logger.propagate = True
 
 
 def config_dir() -> str:

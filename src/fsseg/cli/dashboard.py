@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fsseg.errors import ConfigError
+from fsseg.io import write_text_atomic
 from fsseg.sweeps import Sweep, find_sweep, load_sweep
 
 __all__ = ["main", "local_dashboard", "wandb_report", "report_api"]
@@ -95,7 +96,7 @@ def local_dashboard(sweep: Sweep, profile: str | None, out: str | os.PathLike) -
                 break
     parts.append(f"<p>Files: {', '.join(esc(p.name) for p in paths.values())}; runs: runs.csv.</p>")
     dest = root / "dashboard.html"
-    dest.write_text("\n".join(parts) + "\n", encoding="utf-8")
+    write_text_atomic(dest, "\n".join(parts) + "\n")
     return dest
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from fsseg.cli.common import config_dir, environment_defaults
+from fsseg.cli.common import config_dir, environment_defaults, report_errors, single_log_lines
 from fsseg.errors import ConfigError
 
 
@@ -26,6 +26,11 @@ def load_run_config(run_dir: Path, overrides: dict[str, Any] | None = None) -> D
         raise ConfigError(f"run_dir {run_dir} has no config.yaml (is it a finished fsseg-train run directory?)")
     cfg = OmegaConf.load(cfg_path)
     for key, value in (overrides or {}).items():
+        top = str(key).split(".")[0]
+        if top not in cfg:
+            raise ConfigError(
+                f"overrides: unknown key {key!r} (no {top!r} in {cfg_path}); expected one of {sorted(cfg.keys())}"
+            )
         OmegaConf.update(cfg, key, value, force_add=False)
     return cfg
 
@@ -38,12 +43,9 @@ def resolve_checkpoint(run_dir: Path, which: str) -> Path:
 
 
 def load_weights(model, ckpt: Path) -> None:
-    import torch
+    from fsseg.runs import check_finite_checkpoint
 
-    try:
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    except Exception as err:  # corrupt or foreign file
-        raise ConfigError(f"cannot read checkpoint {ckpt}: {err}") from err
+    state = check_finite_checkpoint(ckpt)  # unreadable or non-finite: a RunError naming the file
     state = state.get("state_dict", state)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith("encoder.")]  # a frozen encoder may be rebuilt from weights
@@ -67,7 +69,7 @@ def evaluate(run_cfg: DictConfig, ckpt: Path, trainer_cfg: DictConfig, out_dir: 
     trainer = instantiate(trainer_cfg, logger=False, default_root_dir=str(out_dir), enable_checkpointing=False)
     trainer.test(model, datamodule=datamodule)
     metrics = metrics_from_trainer(trainer, "test")
-    metrics["checkpoint"] = str(ckpt)
+    metrics["checkpoint"] = str(ckpt)  # as given (fsseg-eval may read another folder's checkpoint)
     if trainer.global_rank == 0:
         manifest = datamodule.eval_manifest
         provenance.write_run_record(
@@ -84,18 +86,25 @@ def evaluate(run_cfg: DictConfig, ckpt: Path, trainer_cfg: DictConfig, out_dir: 
 def _hydra_main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
+    single_log_lines()
+    with report_errors("fsseg-eval"):
+        _eval_main(cfg, HydraConfig.get())
+
+
+def _eval_main(cfg: DictConfig, hydra_cfg) -> None:
     run_dir = Path(cfg.run_dir)
     overrides = OmegaConf.to_container(cfg.overrides) if cfg.get("overrides") else {}
     run_cfg = load_run_config(run_dir, overrides)
     ckpt = resolve_checkpoint(run_dir, str(cfg.checkpoint))
-    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    out_dir = Path(hydra_cfg.runtime.output_dir)
     metrics = evaluate(run_cfg, ckpt, cfg.trainer, out_dir)
     print(f"mIoU {100 * metrics['miou']:.2f}  FB-IoU {100 * metrics['fbiou']:.2f}  -> {out_dir}")
 
 
 def main() -> None:
-    environment_defaults()
-    sys.argv = [sys.argv[0], f"--config-dir={config_dir()}", *sys.argv[1:]]
+    with report_errors("fsseg-eval"):
+        environment_defaults()
+        sys.argv = [sys.argv[0], f"--config-dir={config_dir()}", *sys.argv[1:]]
     _hydra_main()
 
 

@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import yaml
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from fsseg.cli.common import config_dir, environment_defaults
+from fsseg.cli.common import config_dir, environment_defaults, report_errors, single_log_lines
+from fsseg.errors import RunError
 
 log = logging.getLogger("fsseg.train")
 
@@ -26,6 +28,8 @@ log = logging.getLogger("fsseg.train")
 def build(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None = None):
     """Instantiate data module, model and trainer; every config check runs here, before any training."""
     import lightning as L
+
+    from fsseg.callbacks import AtomicCheckpointIO, EpochSummary
     from fsseg.cli.common import instantiate
 
     L.seed_everything(int(cfg.seed), workers=True)
@@ -37,7 +41,9 @@ def build(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None = None):
     loggers = build_loggers(cfg)
     if not loggers:  # an lr monitor needs a logger
         callbacks = [c for c in callbacks if type(c).__name__ != "LearningRateMonitor"]
-    trainer = instantiate(cfg.trainer, default_root_dir=str(run_dir), callbacks=callbacks, logger=loggers or False)
+    callbacks.append(EpochSummary())  # one line per epoch when the progress bar is off
+    trainer = instantiate(cfg.trainer, default_root_dir=str(run_dir), callbacks=callbacks, logger=loggers or False,
+                          plugins=[AtomicCheckpointIO()])  # fmt: skip
     return datamodule, model, trainer
 
 
@@ -67,42 +73,51 @@ def build_loggers(cfg: DictConfig) -> list:
     return loggers
 
 
-def _resolve_resume(cfg: DictConfig, run_dir: Path) -> str | None:
-    if cfg.get("resume") in (None, ""):
-        return None
-    if cfg.resume == "auto":
-        last = run_dir / "checkpoints" / "last.ckpt"
-        return str(last) if last.is_file() else None
-    return str(cfg.resume)
-
-
 def run(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None = None) -> dict[str, Any]:
-    """Train then test; returns the metrics written to run_dir/metrics.json."""
-    from fsseg import provenance
+    """Train then test; returns the metrics written to run_dir/metrics.json. Every check (config values, the
+    training budget, resume) runs before any long work; config.yaml is recorded before training starts."""
+    from fsseg import provenance, runs
     from fsseg.models.segmenter import NonFiniteLossError, metrics_from_trainer
 
     run_dir.mkdir(parents=True, exist_ok=True)
     with open_dict(cfg):
         cfg.run_dir = str(run_dir)
+    runs.check_learning_rates(cfg)
+    runs.check_training_steps(cfg)
+    train = bool(cfg.get("train", True))
+    config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+    resume = runs.resume_checkpoint(cfg, run_dir, say=log.warning) if train else None
+    if resume is not None and cfg.get("resume") == "auto":
+        runs.check_same_config(run_dir, yaml.safe_load(config_yaml), Path(resume))
     (run_dir / "metrics.json").unlink(missing_ok=True)  # a re-run is not finished until it writes this again
     datamodule, model, trainer = build(cfg, run_dir, extra_callbacks)
-    try:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=_resolve_resume(cfg, run_dir), weights_only=True)
-    except NonFiniteLossError as err:
-        last = run_dir / "checkpoints" / "last.ckpt"
-        raise SystemExit(f"fsseg-train: {err}. Last good checkpoint: {last if last.exists() else 'none yet'}") from err
+    if trainer.global_rank == 0:
+        runs.record_config(run_dir, config_yaml)  # before training: resume=auto compares with it
+    if train:
+        try:
+            trainer.fit(model, datamodule=datamodule, ckpt_path=resume, weights_only=True)
+        except NonFiniteLossError as err:
+            last = run_dir / "checkpoints" / "last.ckpt"
+            raise RunError(f"{err}. Last good checkpoint: {last if last.exists() else 'none yet'}") from err
+        if trainer.global_step == 0 and not trainer.interrupted:
+            raise RunError("the run trained 0 steps (empty training set or zero batches); no metrics written")
     metrics: dict[str, Any] = {}
     if cfg.get("test_after_fit", True):
-        ckpt = _checkpoint_for_test(trainer, cfg.get("test_checkpoint", "best"))
+        ckpt = _checkpoint_for_test(trainer, cfg.get("test_checkpoint", "best")) if train else None
+        if ckpt is not None:
+            runs.check_finite_checkpoint(ckpt)
+        elif runs.non_finite_tensors(model.state_dict()):
+            raise RunError("the model holds non-finite weights after training; no metrics written")
         datamodule.setup("test")
         trainer.test(model, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
         metrics = metrics_from_trainer(trainer, "test")
-        metrics["checkpoint"] = ckpt
+        metrics["checkpoint"] = runs.relative_to_run(ckpt, run_dir)  # None: the weights as built (train=false)
+        metrics["trained"] = train
     if trainer.global_rank == 0:
         manifest = datamodule.eval_manifest
         provenance.write_run_record(
             run_dir,
-            config_yaml=OmegaConf.to_yaml(cfg, resolve=True),
+            config_yaml=config_yaml,
             seeds={"seed": int(cfg.seed), "eval_seed": int(cfg.data.eval_seed)},
             manifest={"hash": manifest.hash, "path": str(manifest.path), "episodes": len(manifest.episodes)},
             metrics=metrics,
@@ -111,14 +126,18 @@ def run(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None = None) -> 
 
 
 def _checkpoint_for_test(trainer, which: str) -> str | None:
-    """Path of best.ckpt (highest val/miou) or last.ckpt written by this run's checkpoint callbacks."""
+    """Path of best.ckpt (highest val/miou) or last.ckpt of this run's checkpoint callbacks, in their own folder
+    (never a path recorded by a copied or moved run directory); None when none was written."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     paths = {}
     for cb in trainer.checkpoint_callbacks:
         if isinstance(cb, ModelCheckpoint):
             key = "best" if cb.monitor else "last"
-            paths[key] = cb.best_model_path or cb.last_model_path or None
+            recorded = cb.best_model_path or cb.last_model_path
+            if recorded and cb.dirpath:
+                path = Path(cb.dirpath) / Path(recorded).name
+                paths[key] = str(path) if path.is_file() else None
     return paths.get(which) or paths.get("last") or paths.get("best")
 
 
@@ -127,23 +146,26 @@ def _hydra_main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    if cfg.get("prerequisites") == "auto":  # train a missing stage-1 file first (sweeps, multirun)
-        from fsseg.prerequisites import ensure_prerequisites
-        from fsseg.resolvers import stage1_deferred
+    single_log_lines()
+    with report_errors("fsseg-train"):
+        if cfg.get("prerequisites") == "auto":  # train a missing stage-1 file first (sweeps, multirun)
+            from fsseg.prerequisites import ensure_prerequisites
+            from fsseg.resolvers import stage1_deferred
 
-        with stage1_deferred():
-            plain = OmegaConf.to_container(cfg, resolve=False)
-            plain["base_learner_path"] = cfg.get("base_learner_path")
-        ensure_prerequisites(list(HydraConfig.get().overrides.task), plain)
-    metrics = run(cfg, run_dir)
+            with stage1_deferred():
+                plain = OmegaConf.to_container(cfg, resolve=False)
+                plain["base_learner_path"] = cfg.get("base_learner_path")
+            ensure_prerequisites(list(HydraConfig.get().overrides.task), plain)
+        metrics = run(cfg, run_dir)
     if metrics:
         fb = f"  FB-IoU {100 * metrics['fbiou']:.2f}" if "fbiou" in metrics else ""
         print(f"test mIoU {100 * metrics['miou']:.2f}{fb}  -> {run_dir}")
 
 
 def main() -> None:
-    environment_defaults()
-    sys.argv = [sys.argv[0], f"--config-dir={config_dir()}", *sys.argv[1:]]
+    with report_errors("fsseg-train"):
+        environment_defaults()
+        sys.argv = [sys.argv[0], f"--config-dir={config_dir()}", *sys.argv[1:]]
     _hydra_main()
 
 

@@ -46,6 +46,18 @@ def binary_mask(label: np.ndarray, class_id: int, ignore_index: int | None = B.I
     return out
 
 
+def require_class(label: np.ndarray, class_id: int, source: Source, split: str, item: int, role: str) -> None:
+    """DataError naming the label file when an episode's query or support holds no pixel of the episode's class
+    (a label edited after the fold index was built): never a silent empty mask."""
+    if not (label == class_id).any():
+        path = source.items(split)[item][1]
+        raise DataError(
+            f"label {path} ({role} of a class-{class_id} episode) holds no pixel of class {class_id}; the label "
+            "changed after the fold index and episode manifest were built. Run again: the cache key follows the "
+            "labels' sizes and mtimes (a label restored with its old size and mtime needs cache_dir removed)"
+        )
+
+
 def base_label(
     label: np.ndarray, base_ids: Sequence[int], ignore_index: int | None = B.IGNORE_INDEX
 ) -> np.ndarray:
@@ -136,11 +148,13 @@ class TrainEpisodes(Dataset):
         q, c, sup, rng = self.draw(code)
         ign = self.source.ignore_index
         img, label = self.source.load(self.split, q)
+        require_class(label, c, self.source, self.split, q, "query")
         masks = [binary_mask(label, c, ign), base_label(label, self.base_ids, ign)]
         q_img, (q_mask, q_base) = self.transform(img, masks, rng)
         s_imgs, s_masks = [], []
         for s in sup:
             simg, slab = self.source.load(self.split, s)
+            require_class(slab, c, self.source, self.split, s, "support")
             t_img, (t_mask,) = self.transform(simg, [binary_mask(slab, c, ign)], rng)
             s_imgs.append(t_img)
             s_masks.append(t_mask)
@@ -223,11 +237,13 @@ class EvalEpisodes(Dataset):
         q, c, sup = self.episodes[e]
         ign = self.source.ignore_index
         img, label = self.source.load(self.split, q)
+        require_class(label, c, self.source, self.split, q, "query")
         q_bin = binary_mask(label, c, ign)
         q_img, (q_mask, q_base), content = self.transform(img, [q_bin, base_label(label, self.base_ids, ign)])
         s_imgs, s_masks = [], []
         for s in sup:
             simg, slab = self.source.load(self.split, s)
+            require_class(slab, c, self.source, self.split, s, "support")
             t_img, (t_mask,), _ = self.transform(simg, [binary_mask(slab, c, ign)])
             s_imgs.append(t_img)
             s_masks.append(t_mask)

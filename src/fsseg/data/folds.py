@@ -6,8 +6,9 @@ Two cached layers, both under ``cache_dir`` and both keyed by a hash of everythi
    label once (progress bar) and is where files are verified: image header readable (``verify_image``),
    label present, label size == image size, label values within the dataset's class ids. Key: the source's
    ``fingerprint(split)`` (reader, absolute root, class names, item list, list-file content/size/mtime or
-   annotation-file size/mtime, reader parameters). It does not depend on the fold, so all folds share it.
-   Label files are not stat'ed one by one: after editing labels in place, delete ``cache_dir/pixel_tables``.
+   annotation-file size/mtime, reader parameters, and the size + mtime of every label file: a label edited
+   after the first scan changes the key, so the split is scanned again). It does not depend on the fold, so
+   all folds share it. Episodes check again, when they load a label, that it holds their class.
 2. ``build_fold_index(...)`` - from the table: class -> sorted item indices where the class covers at least
    ``min_pixels`` pixels (PFENet: 2*32*32 = 2048), the query candidates (items with >= 1 qualifying class of
    the split's class list) and, in training, the image filter:

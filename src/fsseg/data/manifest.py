@@ -24,7 +24,6 @@ DataError), and logged with every result so two methods are compared on the same
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ import numpy as np
 
 from fsseg.data.folds import FoldIndex
 from fsseg.data.sources import atomic_write_text
+from fsseg.io import sha256_bytes
 from fsseg.errors import ConfigError, DataError
 
 FORMAT = 1
@@ -51,7 +51,7 @@ class Episode:
 def episodes_hash(episodes: Sequence[Episode]) -> str:
     canon = [[e.query, int(e.class_id), list(e.supports)] for e in episodes]
     text = json.dumps(canon, separators=(",", ":"), ensure_ascii=True)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return sha256_bytes(text.encode("utf-8"))
 
 
 class EpisodeManifest:

@@ -26,12 +26,10 @@ no ignore value (``ignore_index = None``).
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
 import os
-import tempfile
 from abc import ABC, abstractmethod
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -43,6 +41,7 @@ from PIL import Image
 
 from fsseg.data.batch import IGNORE_INDEX
 from fsseg.errors import ConfigError, DataError
+from fsseg.io import sha256_bytes, stable_key, write_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -54,35 +53,8 @@ VOC_CLASSES = (
 
 
 # ----------------------------------------------------------------------------------------------- file helpers
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``.
-
-    A reader never sees a half-written file: it sees the old file, no file, or the complete new one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def stable_key(obj: Any, length: int = 16) -> str:
-    """Short sha256 of the canonical JSON of ``obj`` (cache keys)."""
-    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
-    return sha256_bytes(text.encode("utf-8"))[:length]
+atomic_write_bytes = write_atomic  # fsseg.io: temp file in the same folder + fsync + os.replace
+atomic_write_text = write_text_atomic
 
 
 def file_stamp(path: Path, content: bool = True) -> dict[str, Any]:
@@ -212,7 +184,9 @@ class Source(ABC):
     def check_root(self) -> None:
         if not self.root.is_dir():
             raise DataError(
-                f"dataset root {self.root} does not exist or is not a folder ({type(self).__name__})"
+                f"dataset root {self.root} does not exist or is not a folder ({type(self).__name__}; looked at "
+                f"{self.root.absolute()}, from paths.data_dir / FSSEG_DATA or data.source.root). `make synth` "
+                "creates the embedded benchmark in data/synth; run from the repository root or set paths.data_dir"
             )
 
     @property
@@ -301,14 +275,33 @@ class Source(ABC):
             self.items(split)
 
     def fingerprint(self, split: str) -> dict[str, Any]:
-        """What an index built from ``split`` depends on (hashed into cache keys)."""
+        """What an index built from ``split`` depends on (hashed into cache keys): the item list and the size
+        and mtime of every label file, so a label edited after the first scan is scanned again."""
         return {
             "reader": type(self).__name__,
             "root": str(self.root.resolve()),
             "split": split,
             "classes": self.class_names,
             "items": sha256_bytes("\n".join(self.item_names(split)).encode()),
+            "labels": self.label_stamp(split),
         }
+
+    def label_stamp(self, split: str) -> str:
+        """sha256 over (size, mtime_ns) of every label file of the split, in item order (-1 for a missing one:
+        the scan then names it). One stat per file (docs/notes.md has the cost for PASCAL's 12k labels), once per
+        reader instance and split: a run's setup asks for it several times (tables, fold indexes, manifests)."""
+        stamps = self.__dict__.setdefault("_label_stamps", {})
+        if split in stamps:
+            return stamps[split]
+        parts = []
+        for _, lab in self.items(split):
+            try:
+                st = os.stat(lab)
+                parts.append(f"{st.st_size}:{st.st_mtime_ns}")
+            except OSError:
+                parts.append("-1")
+        stamps[split] = sha256_bytes("\n".join(parts).encode())
+        return stamps[split]
 
 
 # ----------------------------------------------------------------------------------------------- PASCAL VOC
@@ -648,6 +641,7 @@ class COCO(Source):
             self._json.clear()
 
     def _build_masks(self, split: str, data: dict[str, Any], todo: list[int], tqdm) -> None:
+        self.__dict__.pop("_label_stamps", None)  # the masks (labels) change: stamp them again
         from pycocotools import mask as mask_utils
 
         cat_to_class = {cid: k + 1 for k, (cid, _) in enumerate(self._split_index(split)["categories"])}

@@ -111,7 +111,7 @@ class ImageListManifest:
 
 _EPISODE_ONLY = {
     "shots", "min_pixels", "train_filter", "eval_classes", "eval_queries", "eval_episodes", "eval_seed",
-    "val_episodes", "train_episodes_per_epoch",
+    "val_episodes", "train_episodes_per_epoch", "feature_cache",
 }  # fmt: skip
 
 

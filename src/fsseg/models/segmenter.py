@@ -10,6 +10,7 @@ A method is a config composing these parts; this module never switches on a meth
 from __future__ import annotations
 
 import inspect
+import math
 import random
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -167,8 +168,10 @@ class FewShotSegmenter(L.LightningModule):
         encoder_bf16: bool = False,
     ) -> None:
         super().__init__()
-        if base_lr <= 0 or lr_multiplier <= 0:
-            raise ConfigError(f"model.base_lr and model.lr_multiplier must be > 0; got {base_lr}, {lr_multiplier}")
+        if not (math.isfinite(base_lr) and base_lr > 0 and math.isfinite(lr_multiplier) and lr_multiplier > 0):
+            raise ConfigError(
+                f"optim.base_lr={base_lr} and optim.lr_multiplier={lr_multiplier}: expected finite numbers > 0"
+            )
         if main_loss_weight < 0:
             raise ConfigError(f"model.main_loss_weight must be >= 0; got {main_loss_weight}")
         if schedule not in ("poly", "constant"):
