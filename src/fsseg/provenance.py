@@ -115,7 +115,8 @@ def collect(extra: dict | None = None, repo_dir: str | os.PathLike | None = None
     """Describe the code, environment and invocation of the current process. Never raises.
 
     Keys: ``git`` ({"sha", "dirty"}; sha "unknown" and dirty null outside a git checkout; dirty counts
-    modified tracked files and untracked files that are not ignored), ``python``, ``platform``,
+    modified tracked files and untracked files that are not ignored), ``code_version`` (the digest of the
+    fsseg package's source, :func:`fsseg.runs.code_version`), ``python``, ``platform``,
     ``hostname``, ``versions`` (fsseg, torch, lightning, timm, torchmetrics, albumentations, hydra,
     omegaconf, numpy; null when not installed), ``cuda`` ({"available", "device_count", "device_name",
     "cuda_version"}), ``argv``, ``executable``, ``cwd``, ``timestamp_utc`` (ISO 8601).
@@ -134,8 +135,11 @@ def collect(extra: dict | None = None, repo_dir: str | os.PathLike | None = None
         cwd = os.getcwd()
     except OSError:
         cwd = None
+    from fsseg.runs import code_version
+
     record: dict[str, Any] = {
         "git": _git_info(repo),
+        "code_version": code_version(),  # what fsseg-train compares to call a run finished (fsseg.runs)
         "python": sys.version.split()[0],
         "python_implementation": platform.python_implementation(),
         "platform": platform.platform(),

@@ -18,9 +18,7 @@ the configuration the sweep would give it now (so a changed budget or override r
 
 from __future__ import annotations
 
-import functools
 import itertools
-import json
 import math
 import os
 import re
@@ -32,16 +30,27 @@ from typing import Any
 import yaml
 
 from fsseg.errors import ConfigError
+from fsseg.runs import (  # re-exported: the sweep machinery's view of a run directory
+    FAILED_FILE,
+    code_matches,
+    config_diff,
+    config_digest,
+    recorded_config,
+    run_identity,
+    run_status,
+    without_defaults,
+)
 
 __all__ = [
     "Sweep", "Row", "Column", "Run", "load_sweep", "find_sweep", "list_sweeps", "sweeps_dir", "slugify",
     "merge_overrides", "format_value", "compose_run_config", "compose_run_configs", "run_status", "missing_methods",
     "PAPER_PROFILE", "MEAN", "FAILED_FILE", "SPEC_FILE", "sweep_name_of", "override_key", "TASKS",
+    "config_diff", "config_digest", "without_defaults", "run_identity", "recorded_config", "finished_runs",
+    "code_matches",
 ]  # fmt: skip
 
 PAPER_PROFILE = "paper"   # directory name of the paper's protocol (no profile)
 MEAN = "Mean"             # the optional mean column's label
-FAILED_FILE = "FAILED"    # run_dir/FAILED: the error of the latest failed attempt
 SPEC_FILE = "sweep.json"  # run_dir/sweep.json: what the sweep asked this run to be (written at launch)
 SEED_KEY = "seed"
 TASKS = ("train",)        # tasks fsseg-sweep runs (fsseg-train); others (e.g. `profile`) are refused by name
@@ -690,131 +699,12 @@ def compose_run_config(overrides: Sequence[str], run_dir: str | os.PathLike, con
     return cfg
 
 
-_VOLATILE = ("run_dir",)  # where the run lives is not part of what it computes
-
-
-def _comparable(cfg: Mapping) -> dict:
-    return {k: v for k, v in cfg.items() if k not in _VOLATILE}
-
-
-def _plain(v: Any) -> Any:
-    if isinstance(v, (list, tuple)):
-        return [_plain(x) for x in v]
-    if isinstance(v, Mapping):
-        return {k: _plain(x) for k, x in v.items()}
-    return v
-
-
-@functools.lru_cache(maxsize=None)
-def _constructor_defaults(target: str) -> dict[str, Any]:
-    """Keyword defaults of the callable a ``_target_`` names ({} when it cannot be imported or inspected)."""
-    import inspect
-
-    try:
-        from hydra.utils import get_object
-
-        sig = inspect.signature(get_object(target))
-    except Exception:  # noqa: BLE001 - an unknown target only means no key is treated as a default
-        return {}
-    return {n: _plain(q.default) for n, q in sig.parameters.items() if q.default is not inspect.Parameter.empty}
-
-
-def without_defaults(node: Any) -> Any:
-    """The config with every key dropped whose value equals its ``_target_``'s constructor default, so that a
-    config that spells a default out and one that leaves it to the constructor compare equal: adding an option
-    with its default to conf/ leaves finished sweep runs finished."""
-    if isinstance(node, Mapping):
-        out = {k: without_defaults(v) for k, v in node.items()}
-        target = node.get("_target_")
-        if isinstance(target, str):
-            for k, d in _constructor_defaults(target).items():
-                if k in out and _plain(out[k]) == d:
-                    del out[k]
-        return out
-    if isinstance(node, (list, tuple)):
-        return [without_defaults(x) for x in node]
-    return node
-
-
-def config_digest(cfg: Mapping) -> str:
-    import hashlib
-
-    body = without_defaults(_comparable(cfg))
-    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
-
-
-_NOT_COMPUTED = ("run_dir", "sweep_name", "logger")  # where a run lives, which table it serves, how it is logged
-
-
-def run_identity(cfg: Mapping) -> str:
-    """Digest of what a run computes, wherever it lives: its config without ``_NOT_COMPUTED`` and with its own
-    directory replaced by a placeholder. Runs are deterministic, so two runs with one identity give the same
-    metrics (fsseg-sweep re-uses a finished run of another table instead of training it again)."""
-    import hashlib
-
-    own = str(cfg.get("run_dir") or "\0")
-
-    def norm(v: Any) -> Any:
-        if isinstance(v, str):
-            return v.replace(own, "<run_dir>")
-        if isinstance(v, Mapping):
-            return {str(k): norm(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [norm(x) for x in v]
-        return v
-
-    body = norm(without_defaults({k: v for k, v in cfg.items() if k not in _NOT_COMPUTED}))
-    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
-
-
 def finished_runs(out: str | os.PathLike) -> dict[str, Path]:
     """``run_identity`` -> directory of every finished sweep run under ``out`` (``<sweep>/<profile>/<row>/<point>``;
-    set-aside ``_stale`` runs excluded); the first in path order wins."""
+    set-aside ``_stale`` runs and runs of another code version excluded); the first in path order wins."""
     found: dict[str, Path] = {}
     for m in sorted(Path(out).glob("*/*/*/*/metrics.json")):
         cfg = recorded_config(m.parent)
-        if cfg is not None and "_stale" not in m.parts:
+        if cfg is not None and "_stale" not in m.parts and code_matches(m.parent):
             found.setdefault(run_identity(cfg), m.parent)
     return found
-
-
-def recorded_config(run_dir: str | os.PathLike) -> dict | None:
-    p = Path(run_dir) / "config.yaml"
-    if not p.is_file():
-        return None
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError:
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def run_status(run_dir: str | os.PathLike, expected: Mapping | None = None) -> str:
-    """``finished`` (metrics.json, and config equals ``expected`` when given), ``stale`` (finished with
-    another config), ``failed`` (FAILED marker, no metrics.json), ``started`` (a directory without either)
-    or ``missing``."""
-    run_dir = Path(run_dir)
-    if (run_dir / "metrics.json").is_file():
-        if expected is None:
-            return "finished"
-        rec = recorded_config(run_dir)
-        same = rec is not None and without_defaults(_comparable(rec)) == without_defaults(_comparable(expected))
-        return "finished" if same else "stale"
-    if (run_dir / FAILED_FILE).is_file():
-        return "failed"
-    return "started" if run_dir.is_dir() else "missing"
-
-
-def config_diff(a: Mapping, b: Mapping, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two nested dicts (for messages)."""
-    out = []
-    for k in sorted(set(a) | set(b), key=str):
-        if prefix == "" and k in _VOLATILE:
-            continue
-        ka = f"{prefix}{k}"
-        va, vb = a.get(k, "<absent>"), b.get(k, "<absent>")
-        if isinstance(va, Mapping) and isinstance(vb, Mapping):
-            out += config_diff(va, vb, ka + ".")
-        elif va != vb:
-            out.append(f"{ka}: {va!r} -> {vb!r}")
-    return out
