@@ -101,3 +101,26 @@ def test_default_multirun_directory_is_the_same_every_time():
         cfg = compose("train", overrides=["experiment=apanet_effl0_synth"], return_hydra_config=True)
     assert "now:" not in cfg.hydra.sweep._get_node("dir")._value()
     assert "resume" in cfg.hydra.job.config.override_dirname.exclude_keys
+
+
+def test_sweep_status_and_reuse_are_keyed_on_code_version(tmp_path):
+    """fsseg-sweep's view: a finished run of other code is stale (re-run, with the reason), and is not re-used by
+    another table; a run recorded before code versions were is judged by its config alone."""
+    from fsseg.provenance import write_json_atomic
+    from fsseg.runs import why_stale
+    from fsseg.sweeps import compose_run_config, finished_runs
+
+    run_dir = tmp_path / "out" / "t" / "paper" / "row" / "seed-0"
+    cfg = compose_run_config(["experiment=pfenet_effl0_synth"], run_dir, CONF)
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg))
+    write_json_atomic(run_dir / "metrics.json", {"metrics": {"miou": 0.5}})
+    assert run_status(run_dir, cfg) == "finished" and list(finished_runs(tmp_path / "out").values()) == [run_dir]
+    write_json_atomic(run_dir / "provenance.json", {"code_version": code_version()})
+    assert run_status(run_dir, cfg) == "finished"
+    write_json_atomic(run_dir / "provenance.json", {"code_version": "sha256:0123456789abcdef"})
+    assert run_status(run_dir, cfg) == "stale" and finished_runs(tmp_path / "out") == {}
+    assert why_stale(run_dir, cfg) == f"code changed (sha256:0123456789abcdef -> {code_version()})"
+    assert run_status(run_dir, {**cfg, "resume": "auto"}) == "stale"  # resume alone does not matter ...
+    write_json_atomic(run_dir / "provenance.json", {"code_version": code_version()})
+    assert run_status(run_dir, {**cfg, "resume": "auto"}) == "finished"  # ... as the stale verdict was the code's

@@ -46,8 +46,8 @@ def test_sweep_file_parses_and_composes(path):
     sweep = load_sweep(path)
     assert sweep.name == sweep_name_of(path, SWEEPS), f"{path}: name must be {sweep_name_of(path, SWEEPS)}"
     labels = set(sweep.column_labels) | {"Mean", "value"}
-    for row in [*sweep.rows, *sweep.reference]:
-        for values in [*row.paper.values(), *row.paper_std.values()]:
+    for row in sweep.rows:
+        for values in row.paper.values():
             assert set(values) <= labels, (row.label, set(values) - labels)
             assert all(v is None or isinstance(v, float) for v in values.values())
     missing = missing_methods(sweep, CONF)
@@ -148,7 +148,7 @@ def test_bad_sweep_files_are_named(tmp_path, changes, message):
 
 
 def test_profile_rows_and_shared_runs(tmp_path):
-    doc = _doc(rows=[{"label": "miou", "overrides": ["seed=0"]}, {"label": "fbiou", "overrides": ["seed=0"], "metric": "fbiou"}],
+    doc = _doc(rows=[{"label": "miou", "overrides": ["seed=0"]}, {"label": "fbiou", "overrides": ["seed=0"]}],
                grid={"data.fold": [0, 1]},
                profiles={"tiny": {"base": ["experiment=pfenet_effl0_synth"], "grid": {"data.fold": [0]},
                                   "rows": [{"label": "fbiou", "overrides": ["head.reduce_dim=32"]}]}})  # fmt: skip

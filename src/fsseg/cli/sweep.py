@@ -306,8 +306,7 @@ class MultirunLauncher:
         vals = {k: list(dict.fromkeys(p.run.point[k] for p in batch)) for k in keys}
         fixed = [o for o in batch[0].overrides if override_key(o) not in keys]
         sweep_args = [f"{k}={','.join(format_value(v) for v in vs)}" for k, vs in vals.items()]
-        prefix = run0.column.slug + "_" if run0.column is not None and run0.column.is_group else ""
-        subdir = prefix + "_".join(f"{k}-${{{k}}}" for k in keys) if keys else (prefix.rstrip("_") or "default")
+        subdir = "_".join(f"{k}-${{{k}}}" for k in keys) if keys else "default"
         return [
             *train_command(), "-m", *fixed, *sweep_args, f"hydra/launcher={self.launcher}",
             f"hydra.sweep.dir={format_value(str(run0.run_dir.parent.resolve()))}", f"hydra.sweep.subdir={subdir}",
@@ -470,11 +469,6 @@ def run_sweep(
             f"{sweep.name} ({sweep.path}) needs method(s) not implemented yet: {', '.join(missing)} "
             f"(no {', '.join(f'conf/method/{m}.yaml' for m in missing)})"
         )
-    from fsseg.sweeps import TASKS
-
-    if sweep.task not in TASKS:
-        raise ConfigError(f"{sweep.name} ({sweep.path}) has task {sweep.task!r}; fsseg-sweep runs {list(TASKS)} only "
-                          "(the table can still be rendered from run directories made otherwise: fsseg-table)")  # fmt: skip
     planned = plan(sweep, profile, out, list(extra), conf, apply=not dry_run, reuse=reuse)
     outcome = Outcome(planned)
     todo = [p for p in planned if p.status == "pending"]
