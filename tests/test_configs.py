@@ -1,19 +1,32 @@
-"""Every experiment file composes and instantiates; bad config values fail before training, naming the option."""
+"""Every experiment alias and every method x encoder x recipe composition the sweeps name composes and
+instantiates; bad config values fail before training, naming the option."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+from fsseg_testing import CONF, compose
 from hydra.errors import MissingConfigException
 from omegaconf.errors import InterpolationResolutionError
 
 from fsseg.cli.common import instantiate
 from fsseg.errors import ConfigError
-from fsseg_testing import CONF, compose
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 METHODS = sorted(p.stem for p in (CONF / "method").glob("*.yaml"))
+RECIPES = sorted(p.stem for p in (CONF / "recipe").glob("*.yaml"))
+# The paper recipe of each method family on each dataset (what the per-combination experiment files held).
+PAPER_RECIPE = {
+    ("pfenet", "pascal"): "pascal", ("apanet", "pascal"): "pascal", ("scnet", "pascal"): "pascal",
+    ("celp", "pascal"): "celp_pascal", ("cyctr", "pascal"): "cyctr_pascal", ("celp_cyctr", "pascal"): "cyctr_pascal",
+    ("pfenet", "coco"): "coco", ("apanet", "coco"): "apanet_coco", ("scnet", "coco"): "apanet_coco",
+    ("celp", "coco"): "celp_coco", ("cyctr", "coco"): "cyctr_coco", ("celp_cyctr", "coco"): "celp_cyctr_coco",
+}  # fmt: skip
+COMPOSITIONS = [
+    (m, e, r) for (m, d), r in PAPER_RECIPE.items()
+    for e in (("resnet50", "resnet101") if "cyctr" in m else ("vgg16_bn", "resnet50", "resnet101"))
+]  # fmt: skip
 
 
 def test_there_are_experiments_and_methods():
@@ -29,6 +42,22 @@ def test_experiment_composes_and_instantiates(name):
     model = instantiate(cfg.model, num_eval_classes=data.num_novel_classes if Path(cfg.data.source.root).exists() else 5)
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) > 0
     assert not any(p.requires_grad for p in model.encoder.parameters())
+
+
+def test_recipes_replace_the_per_combination_files():
+    assert len(COMPOSITIONS) == 32 and {r for _, _, r in COMPOSITIONS} | {"synth", "cyctr_synth"} == set(RECIPES)
+    assert all(name.endswith("_effl0_synth") for name in EXPERIMENTS)  # aliases of method=<m> recipe=<synth recipe>
+
+
+@pytest.mark.parametrize(("method", "encoder", "recipe"), COMPOSITIONS, ids=["-".join(c) for c in COMPOSITIONS])
+def test_paper_composition_composes_and_instantiates(method, encoder, recipe):
+    cfg = compose([f"method={method}", f"encoder={encoder}", f"recipe={recipe}", "encoder.weights=none",
+                   "hydra.run.dir=/tmp/x", "run_dir=/tmp/x"])  # fmt: skip
+    assert cfg.method_name == method and list(cfg.tags) == [method, recipe.rsplit("_", 1)[-1]]
+    data = instantiate(cfg.data)
+    assert type(data.source).__name__ == ("PascalVOC" if "pascal" in recipe else "COCO")
+    model = instantiate(cfg.model, num_eval_classes=5 if "pascal" in recipe else 20)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) > 0
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -66,14 +95,27 @@ def test_unknown_method_is_named():
 
 
 @pytest.mark.parametrize(
-    ("name", "masking", "bn"),
+    ("overrides", "masking", "bn"),
     [
-        ("pfenet_resnet50_pascal", "deepest", "train"),  # PFENet's code: model.train() on the no-grad backbone
-        ("apanet_vgg16_bn_coco", "deepest", "train"),
-        ("celp_resnet101_pascal", "deepest", "frozen"),  # CELP's train_mode() puts layer0-4 in eval
-        ("pfenet_effl0_synth", "none", "frozen"),  # the embedded recipe keeps the one-pass path
+        ("method=pfenet encoder=resnet50 recipe=pascal", "deepest", "train"),  # PFENet's code: model.train() on the no-grad backbone
+        ("method=apanet encoder=vgg16_bn recipe=apanet_coco", "deepest", "train"),
+        ("method=celp encoder=resnet101 recipe=celp_pascal", "deepest", "frozen"),  # CELP's train_mode() puts layer0-4 in eval
+        ("experiment=pfenet_effl0_synth", "none", "frozen"),  # the embedded recipe keeps the one-pass path
     ],
 )
-def test_paper_recipes_default_to_the_reference_behaviours(name, masking, bn):
-    cfg = compose([f"experiment={name}", "encoder.weights=none", "hydra.run.dir=/tmp/x", "run_dir=/tmp/x"])
+def test_paper_recipes_default_to_the_reference_behaviours(overrides, masking, bn):
+    cfg = compose([*overrides.split(), "encoder.weights=none", "hydra.run.dir=/tmp/x", "run_dir=/tmp/x"])
     assert (cfg.model.support_masking, cfg.encoder.bn) == (masking, bn)
+
+
+README_RUNS = [line.split("fsseg-train", 1)[1].split("#")[0].replace("\\", "").split()
+               for line in (CONF.parent / "README.md").read_text().splitlines() if "/bin/fsseg-train " in line]  # fmt: skip
+
+
+@pytest.mark.parametrize("args", README_RUNS, ids=[" ".join(a)[:60] for a in README_RUNS])
+def test_readme_commands_compose_and_instantiate(args):
+    """Every fsseg-train command of the README composes and builds (a sweep: its first value of each key)."""
+    overrides = [a.split(",")[0] for a in args if a != "-m" and not a.startswith(("hydra", "encoder.weights"))]
+    cfg = compose([*overrides, "encoder.weights=none", "hydra.run.dir=/tmp/x", "run_dir=/tmp/x"])
+    model = instantiate(cfg.model, num_eval_classes=5)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) > 0

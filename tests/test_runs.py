@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from fsseg_testing import CONF, tiny_overrides
+
 from fsseg.runs import FAILED_FILE, code_version, guard_run, package_digest, run_status
 
 
@@ -55,7 +55,7 @@ def _multirun(synth_root, tmp_path, sweep_dir) -> str:
     args = [*tiny_overrides(synth_root, tmp_path / "cache"), "seed=0,1", f"hydra.sweep.dir={sweep_dir}",
             "hydra.sweep.subdir=seed-${seed}", "resume=auto"]  # fmt: skip
     env = {**os.environ, "FSSEG_CONF": str(CONF)}
-    proc = subprocess.run([str(exe), "-m", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run([str(exe), "-m", *args], cwd=tmp_path, env=env, check=False, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout + proc.stderr
 

@@ -12,10 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
-from hydra.utils import instantiate as hydra_instantiate
 import yaml
-
 from fsseg_testing import CONF, REPO, compose, tiny_overrides
+from hydra.utils import instantiate as hydra_instantiate
+
 from fsseg.errors import ConfigError
 from fsseg.sweeps import (
     compose_run_configs,
@@ -280,11 +280,11 @@ def test_slurm_launcher_config_composes():
         return {k: OmegaConf.select(cfg, f"hydra.launcher.{k}") for k in node}
 
     compose([])  # registers fsseg's resolvers
-    one = launcher("hydra/launcher=slurm", "experiment=apanet_resnet50_pascal")
+    one = launcher("hydra/launcher=slurm", "method=apanet", "encoder=resnet50", "recipe=pascal")
     assert one["_target_"].endswith("SlurmLauncher")
     assert (one["gpus_per_node"], one["tasks_per_node"], one["nodes"]) == (1, 1, 1)
     assert one["max_num_timeout"] > 0 and one["name"] == "fsseg-apanet"
-    many = launcher("hydra/launcher=slurm", "experiment=apanet_resnet50_pascal", "trainer=ddp", "trainer.devices=4",
+    many = launcher("hydra/launcher=slurm", "method=apanet", "encoder=resnet50", "recipe=pascal", "trainer=ddp", "trainer.devices=4",
                     "+trainer.num_nodes=2", "hydra.launcher.partition=gpu", "+sweep_name=apanet-table4")  # fmt: skip
     assert (many["gpus_per_node"], many["tasks_per_node"], many["nodes"]) == (4, 4, 2)
     assert many["partition"] == "gpu" and many["name"] == "fsseg-apanet-table4"
@@ -309,18 +309,18 @@ def test_slurm_commands_for_table4(tmp_path):
 def test_make_targets_exist():
     text = (REPO / "Makefile").read_text()
     assert "reproduce-%:" in text and "list-tables:" in text and "tables:" in text
-    out = subprocess.run(["make", "-n", "reproduce-apanet-table4", "PROFILE=embedded"], cwd=REPO, capture_output=True,
+    out = subprocess.run(["make", "-n", "reproduce-apanet-table4", "PROFILE=embedded"], cwd=REPO, check=False, capture_output=True,
                          text=True, env={**os.environ, "MAKEFLAGS": ""})  # fmt: skip
     assert "fsseg-sweep apanet-table4 --profile embedded" in out.stdout, out.stdout + out.stderr
-    out = subprocess.run(["make", "-n", "compare-apanet", "compare-celp"], cwd=REPO, capture_output=True, text=True,
+    out = subprocess.run(["make", "-n", "compare-apanet", "compare-celp"], cwd=REPO, check=False, capture_output=True, text=True,
                          env={**os.environ, "MAKEFLAGS": ""})  # fmt: skip
     for line in ("apanet-table4 --profile folds", "celp-table1 --profile folds", "celp-table5 --profile folds"):
         assert f"fsseg-sweep {line}" in out.stdout, out.stdout + out.stderr
-    out = subprocess.run(["make", "-n", "bias-apanet"], cwd=REPO, capture_output=True, text=True,
+    out = subprocess.run(["make", "-n", "bias-apanet"], cwd=REPO, check=False, capture_output=True, text=True,
                          env={**os.environ, "MAKEFLAGS": ""})  # fmt: skip
     rows = [r.label for r in load_sweep(find_sweep("apanet-table4")).rows_run("folds")]
     assert f'fsseg-bias apanet-table4 --profile folds --rows "{rows[0]}" "{rows[3]}"' in out.stdout, out.stdout
-    out = subprocess.run(["make", "-n", "bias-celp"], cwd=REPO, capture_output=True, text=True,
+    out = subprocess.run(["make", "-n", "bias-celp"], cwd=REPO, check=False, capture_output=True, text=True,
                          env={**os.environ, "MAKEFLAGS": ""})  # fmt: skip
     assert "fsseg-bias celp-table1 --profile folds" in out.stdout, out.stdout
 

@@ -66,7 +66,7 @@ def rendered(tmp_path):
 def test_markdown_layout_ci_paper_and_difference(rendered):
     from scipy import stats
 
-    sweep, out, paths = rendered
+    _, out, paths = rendered
     assert paths["md"] == out / "demo-table2" / "paper" / "table.md"
     md = paths["md"].read_text()
     assert "| reduce dim | Fold-0 | Fold-0 paper | Δ | Fold-1 | Fold-1 paper | Δ | Mean | Mean paper | Δ |" in md

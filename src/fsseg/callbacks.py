@@ -20,7 +20,7 @@ import torch
 
 from fsseg.data import batch as B
 
-__all__ = ["QualitativePanels", "LogRunConfig", "resolved_hydra_config"]
+__all__ = ["LogRunConfig", "QualitativePanels", "resolved_hydra_config"]
 
 _KEYS = (B.SUPPORT_IMGS, B.SUPPORT_MASKS, B.QUERY_IMG, B.QUERY_MASK, B.CLASS_ID)
 

@@ -33,7 +33,7 @@ from typing import Any
 
 from fsseg.errors import DataError
 
-__all__ = ["collect", "write_json_atomic", "write_run_record", "read_metrics", "to_jsonable"]
+__all__ = ["collect", "read_metrics", "to_jsonable", "write_json_atomic", "write_run_record"]
 
 CONFIG_FILE = "config.yaml"
 PROVENANCE_FILE = "provenance.json"
@@ -92,7 +92,7 @@ def _git_info(repo_dir: Path) -> dict[str, Any]:
 def _version(dist: str) -> str | None:
     try:
         return _metadata.version(dist)
-    except Exception:  # PackageNotFoundError, or a broken distribution's metadata
+    except Exception:  # noqa: BLE001 - PackageNotFoundError, or a broken distribution's metadata
         return None
 
 
@@ -106,7 +106,7 @@ def _cuda_info() -> dict[str, Any]:
             info["available"] = True
             info["device_count"] = torch.cuda.device_count()
             info["device_name"] = torch.cuda.get_device_name(0)
-    except Exception as exc:  # a broken driver must not stop a run from recording itself
+    except Exception as exc:  # noqa: BLE001 - a broken driver must not stop a run from recording itself
         info["error"] = f"{type(exc).__name__}: {exc}"
     return info
 
@@ -268,7 +268,7 @@ def write_run_record(
     if missing:
         raise ValueError(f"write_run_record: manifest lacks key(s) {missing}; got keys {sorted(manifest)}")
     if not isinstance(config_yaml, str):
-        raise ValueError(
+        raise ValueError(  # noqa: TRY004 - documented as ValueError, like the missing-keys check
             f"write_run_record: config_yaml must be YAML text (str), got {type(config_yaml).__name__}"
         )
     run_dir = Path(run_dir)

@@ -37,9 +37,19 @@ from typing import Any
 import yaml
 
 __all__ = [
-    "FAILED_FILE", "code_version", "package_digest", "recorded_config", "recorded_code_version", "run_status",
-    "without_defaults", "config_digest", "run_identity", "config_diff", "set_aside", "skip_if_finished",
+    "FAILED_FILE",
+    "code_version",
+    "config_diff",
+    "config_digest",
     "guard_run",
+    "package_digest",
+    "recorded_code_version",
+    "recorded_config",
+    "run_identity",
+    "run_status",
+    "set_aside",
+    "skip_if_finished",
+    "without_defaults",
 ]  # fmt: skip
 
 FAILED_FILE = "FAILED"  # run_dir/FAILED: the error of the latest failed attempt
@@ -97,8 +107,9 @@ def recorded_git_sha(run_dir: str | os.PathLike) -> str | None:
 
 # --------------------------------------------------------------------------- comparing configs
 _VOLATILE = ("run_dir",)  # where the run lives is not part of what it computes
-_NOT_COMPARED = ("run_dir", "resume")  # nor is resuming: a resumed run equals an uninterrupted one (tested)
-_NOT_COMPUTED = ("run_dir", "resume", "sweep_name", "logger")  # ... which table it serves, how it is logged
+# nor are resuming (a resumed run equals an uninterrupted one, tested) and tags (labels for the dashboard)
+_NOT_COMPARED = ("run_dir", "resume", "tags")
+_NOT_COMPUTED = (*_NOT_COMPARED, "sweep_name", "logger")  # ... which table it serves, how it is logged
 
 
 def _plain(v: Any) -> Any:

@@ -22,7 +22,7 @@ from fsseg.data import batch as B
 
 
 def fake_batch(b: int, k: int, size: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
-    mask = lambda *s: (torch.rand(*s, generator=gen) > 0.6).long()  # noqa: E731
+    mask = lambda *s: (torch.rand(*s, generator=gen) > 0.6).long()
     return {
         B.QUERY_IMG: torch.randn(b, 3, size, size, generator=gen),
         B.SUPPORT_IMGS: torch.randn(b, k, 3, size, size, generator=gen),

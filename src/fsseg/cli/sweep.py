@@ -411,7 +411,7 @@ class MultirunLauncher:
                 raise
 
 
-def LocalLauncher(jobs: int = 1, gpus: Sequence[str] | None = None) -> MultirunLauncher:  # noqa: N802
+def LocalLauncher(jobs: int = 1, gpus: Sequence[str] | None = None) -> MultirunLauncher:
     """The local path: Hydra's basic launcher, ``jobs`` multiruns at once, one device each."""
     return MultirunLauncher("basic", jobs=jobs, gpus=gpus)
 
@@ -497,7 +497,7 @@ def run_sweep(
     else:
         runner = MultirunLauncher(launcher, launcher_overrides)
 
-    def _sigterm(signum, frame):  # noqa: ARG001
+    def _sigterm(signum, frame):
         raise KeyboardInterrupt
 
     old = signal.signal(signal.SIGTERM, _sigterm) if threading.current_thread() is threading.main_thread() else None

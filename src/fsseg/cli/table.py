@@ -36,7 +36,7 @@ from fsseg.errors import ConfigError
 from fsseg.runs import recorded_git_sha
 from fsseg.sweeps import FAILED_FILE, MEAN, Row, Run, Sweep, find_sweep, list_sweeps, load_sweep
 
-__all__ = ["collect", "build_table", "render", "main"]
+__all__ = ["build_table", "collect", "main", "render"]
 
 METRIC_NAMES = {"miou": "mIoU", "fbiou": "FB-IoU", "fp_rate": "FP rate", "fn_rate": "FN rate"}
 
@@ -258,7 +258,9 @@ def _manifests(sweep: Sweep, profile: str | None, results: list[RunResult]) -> l
 def markdown(sweep: Sweep, profile: str | None, results: list[RunResult], tables: list[dict]) -> str:
     prof = results[0].run.profile if results else (profile or "paper")
     grid = sweep.effective_grid(profile)
-    out = [f"# {sweep.name}: {sweep.title}", ""]
+    out = [f"# {sweep.name}: {sweep.title}", "",
+           f"Command: `fsseg-sweep {sweep.name}" + (f" --profile {prof}`" if prof != "paper" else "`")
+           + f" (`make reproduce-{sweep.name}" + (f" PROFILE={prof}`)" if prof != "paper" else "`)") + ".", ""]
     src = f"Source: {sweep.source}. " if sweep.source else ""
     if prof == "paper":
         out.append(f"{src}Profile: the paper's protocol ({', '.join(sweep.base)}).")
@@ -298,12 +300,12 @@ def markdown(sweep: Sweep, profile: str | None, results: list[RunResult], tables
         name = METRIC_NAMES.get(tables[0]["metric"], tables[0]["metric"])
         bases = {p["baseline"] for p in pairs}
         if len(bases) == 1:
-            out += [f"Paired differences against {next(iter(bases))}: {name} of the row minus that row's at each grid "
-                    "point where both finished; mean ± 95% CI over the points (Student t).", "",
+            out += [(f"Paired differences against {next(iter(bases))}: {name} of the row minus that row's at each grid "
+                    "point where both finished; mean ± 95% CI over the points (Student t)."), "",
                     "| row | Δ | points | row ahead |", "|---|---:|---:|---:|"]  # fmt: skip
         else:
-            out += [f"Paired differences: {name} of the row minus its baseline's at each grid point where both "
-                    "finished; mean ± 95% CI over the points (Student t).", "",
+            out += [(f"Paired differences: {name} of the row minus its baseline's at each grid point where both "
+                    "finished; mean ± 95% CI over the points (Student t)."), "",
                     "| row | baseline | Δ | points | row ahead |", "|---|---|---:|---:|---:|"]  # fmt: skip
         for p in pairs:
             ci = "" if p["ci95"] is None else f" ± {_num(p['ci95'])}"

@@ -29,6 +29,7 @@ log = logging.getLogger("fsseg.train")
 def build(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None = None):
     """Instantiate data module, model and trainer; every config check runs here, before any training."""
     import lightning as L
+
     from fsseg.cli.common import instantiate
 
     L.seed_everything(int(cfg.seed), workers=True)

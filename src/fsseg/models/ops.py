@@ -73,7 +73,7 @@ def max_cosine_prior(query_high: torch.Tensor, support_high: torch.Tensor, suppo
     query_high (B, C, h, w); support_high (B, K, C, h, w); support_mask (B, K, 1, h, w) soft.
     Returns (B, 1, h, w): the K per-shot priors averaged.
     """
-    b, k, c, h, w = support_high.shape
+    b, k, _c, h, w = support_high.shape
     s = (support_high * support_mask).flatten(0, 1)  # B*K, C, h, w
     q = query_high.unsqueeze(1).expand(-1, k, -1, -1, -1).flatten(0, 1)
     sim = cosine_similarity_map(q, s)  # B*K, hw, hw
