@@ -233,3 +233,20 @@ def test_dashboard_online_builds_the_wandb_report(rendered, monkeypatch, capsys)
     assert "demo-table2" in str(runset.filters) and runset.project == "fsseg"
     assert len(grid.panels) == 4
     assert (out / "demo-table2" / "paper" / "dashboard.html").is_file()  # the local comparison is written too
+
+
+def test_table_names_its_command_and_the_git_shas_of_its_cells(tmp_path):
+    """A rendered table says which command made it and which commit(s) each finished run's code came from."""
+    from fsseg.cli.table import render
+
+    sweep = load_sweep(_sweep(tmp_path))
+    out = tmp_path / "out"
+    runs = sweep.expand("small", out)
+    for run, sha in zip(runs, ["a" * 40, "b" * 40]):
+        _finish(run.run_dir, 0.3)
+        write_json_atomic(run.run_dir / "provenance.json", {"git": {"sha": sha, "dirty": False}})
+    md = render(sweep, "small", out)["md"].read_text()
+    assert "Command: `fsseg-sweep demo-table2 --profile small` (`make reproduce-demo-table2 PROFILE=small`)." in md
+    assert "Code: git `aaaaaaaaaaaa` (1 run), git `bbbbbbbbbbbb` (1 run)." in md
+    runs_csv = list(csv.DictReader(io.StringIO((out / "demo-table2" / "small" / "runs.csv").read_text())))
+    assert [r["git_sha"] for r in runs_csv] == ["a" * 40, "b" * 40]
