@@ -90,7 +90,8 @@ def test_apanet_table4_expansion():
         "out/apanet-table4/embedded/n-1/data.fold-0_seed-0",
     ]
     assert "apanet_lambda=0" in emb[0].overrides and "aux.class_agnostic.n=0" in emb[0].overrides
-    assert emb[0].overrides[0] == "experiment=apanet_effl0_synth"  # the profile's base replaces the paper's
+    assert emb[0].overrides[:2] == ("method=apanet", "recipe=synth")  # the profile's base replaces the paper's
+    assert "encoder=resnet50" in paper[0].overrides and "encoder=resnet50" not in emb[0].overrides
     assert emb[0].row.paper[None] == {"Fold-0": 61.7, "Fold-1": 69.5, "Fold-2": 55.4, "Fold-3": 56.3, "Mean": 60.8}
     assert [c.label for c in sweep.columns("embedded")] == ["Fold-0"] and not sweep.all_columns_run("embedded")
 
