@@ -586,8 +586,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--profile", default="", help="a profile of the sweep file (e.g. embedded); empty = the paper's protocol")
     ap.add_argument("--out", default=os.environ.get("FSSEG_SWEEP_OUT", "outputs/sweeps"), help="output root (default outputs/sweeps)")
     ap.add_argument("--launcher", choices=LAUNCHERS, default="local",
-                    help="local: one fsseg-train process per run; slurm / submitit_local: Hydra multirun via submitit")
-    ap.add_argument("--jobs", type=int, default=1, help="local launcher: runs at once (one GPU each where GPUs exist)")
+                    help="local: fsseg-train -m with Hydra's basic launcher; slurm / submitit_local: via hydra-submitit-launcher")
+    ap.add_argument("--jobs", type=int, default=1, help="local launcher: multiruns at once, one run each and one GPU each")
     ap.add_argument("--dry-run", action="store_true", help="print the plan; run nothing")
     ap.add_argument("--no-table", action="store_true", help="do not render the table at the end")
     ap.add_argument("--no-reuse", action="store_true",
