@@ -77,7 +77,7 @@ BASE_LEARNERS ?= outputs/base_learners/synth_effl0
 base-learners: $(STAMP) ## BAM stage 1 on the embedded benchmark: the base learner of each fold (skipped where its file exists)
 	@for f in 0 1 2 3; do \
 	  test -f $(BASE_LEARNERS)/fold$$f.pt && { echo "base learner fold $$f: $(BASE_LEARNERS)/fold$$f.pt exists"; continue; }; \
-	  $(VENV)/bin/fsseg-train task=base experiment=bam_effl0_synth data.fold=$$f trainer.enable_progress_bar=false \
+	  $(VENV)/bin/fsseg-train task=base method=bam recipe=bam_synth data.fold=$$f trainer.enable_progress_bar=false \
 	    hydra.run.dir=$(BASE_LEARNERS)/runs/fold$$f || exit 1; \
 	done
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -50,7 +51,7 @@ def tiny_overrides(synth_root: Path, cache: Path, **extra) -> list[str]:
 class StubEncoder(nn.Module):
     """Frozen two-conv encoder at stride 1: taps "mid" and "high" at the input size (masks need no resizing)."""
 
-    tap_channels = {"mid": 6, "high": 5}
+    tap_channels: ClassVar[dict[str, int]] = {"mid": 6, "high": 5}
 
     def __init__(self) -> None:
         super().__init__()

@@ -1,37 +1,51 @@
-"""Every experiment file composes and instantiates; bad config values fail before training, naming the option."""
+"""Every experiment alias and every method x encoder x recipe composition the sweeps name composes and
+instantiates; bad config values fail before training, naming the option."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+from fsseg_testing import CONF, compose
 from hydra.errors import MissingConfigException
 from omegaconf.errors import InterpolationResolutionError
 
 from fsseg.cli.common import instantiate
 from fsseg.errors import ConfigError
-from fsseg_testing import CONF, compose
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 METHODS = sorted(p.stem for p in (CONF / "method").glob("*.yaml"))
+RECIPES = sorted(p.stem for p in (CONF / "recipe").glob("*.yaml"))
+# The paper recipe of each method family on each dataset (what the per-combination experiment files held).
+PAPER_RECIPE = {
+    ("pfenet", "pascal"): "pascal", ("apanet", "pascal"): "pascal", ("scnet", "pascal"): "pascal",
+    ("celp", "pascal"): "celp_pascal", ("cyctr", "pascal"): "cyctr_pascal", ("celp_cyctr", "pascal"): "cyctr_pascal",
+    ("pfenet", "coco"): "coco", ("apanet", "coco"): "apanet_coco", ("scnet", "coco"): "apanet_coco",
+    ("celp", "coco"): "celp_coco", ("cyctr", "coco"): "cyctr_coco", ("celp_cyctr", "coco"): "celp_cyctr_coco",
+    ("bam", "pascal"): "bam_pascal", ("bam", "coco"): "bam_coco",
+}  # fmt: skip
+COMPOSITIONS = [
+    (m, e, r) for (m, d), r in PAPER_RECIPE.items()
+    for e in (("resnet50", "resnet101") if "cyctr" in m else ("vgg16_bn", "resnet50", "resnet101"))
+]  # fmt: skip
 
 
 def test_there_are_experiments_and_methods():
     assert "pfenet_effl0_synth" in EXPERIMENTS and {"pfenet", "apanet", "scnet"} <= set(METHODS)
 
 
-def _stage1_file(name: str, tmp_path: Path) -> list[str]:
-    """BAM-based experiments read a stage-1 base learner: give them one with the right shapes."""
+def _stage1_file(overrides: list[str], tmp_path: Path) -> list[str]:
+    """BAM-based compositions read a stage-1 base learner: give them one with the right shapes."""
     import torch
 
     from fsseg.models.bam import BaseLearner
     from fsseg.models.base_learner import write_artifact
 
-    cfg = compose([f"experiment={name}", "encoder.weights=none"])
+    cfg = compose([*overrides, "encoder.weights=none"])
     if "base_learner_path" not in cfg:
         return []
     encoder = instantiate(cfg.encoder)
-    n_base = 60 if "coco" in name else 15
+    n_base = 60 if "coco" in str(cfg.data.source._target_).lower() else 15
     learner = BaseLearner(encoder.tap_channels["base"], n_base, list(range(1, n_base + 1)))
     meta = {"fold": 0, "encoder": encoder.name, "tap": "base", "in_dim": learner.in_dim,
             "base_class_ids": list(range(1, n_base + 1)), "bins": [1, 2, 3, 6]}  # fmt: skip
@@ -43,7 +57,7 @@ def _stage1_file(name: str, tmp_path: Path) -> list[str]:
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_experiment_composes_and_instantiates(name, tmp_path):
-    extra = _stage1_file(name, tmp_path)
+    extra = _stage1_file([f"experiment={name}"], tmp_path)
     cfg = compose([f"experiment={name}", "encoder.weights=none", "hydra.run.dir=/tmp/x", "run_dir=/tmp/x", *extra])
     assert cfg.method_name in name
     data = instantiate(cfg.data)  # constructors do not touch the disk
@@ -51,6 +65,22 @@ def test_experiment_composes_and_instantiates(name, tmp_path):
     model = instantiate(cfg.model, num_eval_classes=data.num_novel_classes if Path(cfg.data.source.root).exists() else 5)
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) > 0
     assert not any(p.requires_grad for p in model.encoder.parameters())
+
+
+def test_recipes_replace_the_per_combination_files():
+    assert len(COMPOSITIONS) == 38 and {r for _, _, r in COMPOSITIONS} | {"synth", "cyctr_synth", "bam_synth"} == set(RECIPES)
+    assert all("_effl0_synth" in name for name in EXPERIMENTS)  # aliases of method=<m> recipe=<synth recipe>
+
+
+@pytest.mark.parametrize(("method", "encoder", "recipe"), COMPOSITIONS, ids=["-".join(c) for c in COMPOSITIONS])
+def test_paper_composition_composes_and_instantiates(method, encoder, recipe, tmp_path):
+    over = [f"method={method}", f"encoder={encoder}", f"recipe={recipe}"]
+    cfg = compose([*over, "encoder.weights=none", "hydra.run.dir=/tmp/x", "run_dir=/tmp/x", *_stage1_file(over, tmp_path)])
+    assert cfg.method_name == method and list(cfg.tags) == [method, recipe.rsplit("_", 1)[-1]]
+    data = instantiate(cfg.data)
+    assert type(data.source).__name__ == ("PascalVOC" if "pascal" in recipe else "COCO")
+    model = instantiate(cfg.model, num_eval_classes=5 if "pascal" in recipe else 20)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) > 0
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -88,14 +118,29 @@ def test_unknown_method_is_named():
 
 
 @pytest.mark.parametrize(
-    ("name", "masking", "bn"),
+    ("overrides", "masking", "bn"),
     [
-        ("pfenet_resnet50_pascal", "deepest", "train"),  # PFENet's code: model.train() on the no-grad backbone
-        ("apanet_vgg16_bn_coco", "deepest", "train"),
-        ("celp_resnet101_pascal", "deepest", "frozen"),  # CELP's train_mode() puts layer0-4 in eval
-        ("pfenet_effl0_synth", "none", "frozen"),  # the embedded recipe keeps the one-pass path
+        ("method=pfenet encoder=resnet50 recipe=pascal", "deepest", "train"),  # PFENet's code: model.train() on the no-grad backbone
+        ("method=apanet encoder=vgg16_bn recipe=apanet_coco", "deepest", "train"),
+        ("method=celp encoder=resnet101 recipe=celp_pascal", "deepest", "frozen"),  # CELP's train_mode() puts layer0-4 in eval
+        ("experiment=pfenet_effl0_synth", "none", "frozen"),  # the embedded recipe keeps the one-pass path
     ],
 )
-def test_paper_recipes_default_to_the_reference_behaviours(name, masking, bn):
-    cfg = compose([f"experiment={name}", "encoder.weights=none", "hydra.run.dir=/tmp/x", "run_dir=/tmp/x"])
+def test_paper_recipes_default_to_the_reference_behaviours(overrides, masking, bn):
+    cfg = compose([*overrides.split(), "encoder.weights=none", "hydra.run.dir=/tmp/x", "run_dir=/tmp/x"])
     assert (cfg.model.support_masking, cfg.encoder.bn) == (masking, bn)
+
+
+README_RUNS = [line.split("fsseg-train", 1)[1].split("#")[0].replace("\\", "").split()
+               for line in (CONF.parent / "README.md").read_text().splitlines() if "/bin/fsseg-train " in line]  # fmt: skip
+
+
+@pytest.mark.parametrize("args", README_RUNS, ids=[" ".join(a)[:60] for a in README_RUNS])
+def test_readme_commands_compose_and_instantiate(args, tmp_path):
+    """Every fsseg-train command of the README composes and builds (a sweep: its first value of each key)."""
+    overrides = [a.split(",")[0] for a in args if a != "-m" and not a.startswith(("hydra", "encoder.weights"))]
+    stage1 = [] if "task=base" in overrides else _stage1_file(overrides, tmp_path)  # stage 2 reads a stage-1 file
+    cfg = compose([*overrides, "encoder.weights=none", "hydra.run.dir=/tmp/x", "run_dir=/tmp/x", *stage1])
+    extra = {"base_class_ids": list(range(6, 21)), "fold": 0, "dataset": "synth"} if "task=base" in overrides else {"num_eval_classes": 5}
+    model = instantiate(cfg.model, **extra)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) > 0

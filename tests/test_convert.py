@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fsseg_testing import compose
 from torch import nn
 
-from fsseg_testing import compose
 from fsseg.cli.common import instantiate
 from fsseg.cli.convert import convert
 from fsseg.convert import ConvertError, convert_state_dict
@@ -71,7 +71,7 @@ def _bam_model(tmp_path, name: str, seed: int):
     meta = {"fold": 0, "encoder": "resnet18", "tap": "base", "in_dim": 512, "base_class_ids": list(range(6, 21)),
             "bins": [1, 2, 3, 6], "dataset": "pascal"}  # fmt: skip
     path = write_artifact(tmp_path / f"{name}.pt", {f"head.{k}": v for k, v in learner.state_dict().items()}, meta)
-    cfg = compose(["experiment=bam_resnet50_pascal", *SMALL, "encoder.weights=none", f"base_learner_path={path}"])
+    cfg = compose(["method=bam", "encoder=resnet50", "recipe=bam_pascal", *SMALL, "encoder.weights=none", f"base_learner_path={path}"])
     model = instantiate(cfg.model, num_eval_classes=5).eval()
     _randomise_bn(model)
     return model
@@ -102,8 +102,8 @@ def test_bam_full_model_and_its_base_learner(tmp_path):
     torch.save({"state_dict": _old_style(ref.state_dict())}, src)
 
     out = tmp_path / "bam.ckpt"
-    stage1_auto = tmp_path / "outputs" / "base_learners" / "pascal_resnet50" / "fold0.pt"
-    convert("bam", src, str(out), ["experiment=bam_resnet50_pascal", *SMALL, f"paths.output_dir={tmp_path / 'outputs'}"])
+    stage1_auto = tmp_path / "outputs" / "base_learners" / "pascal_resnet18" / "fold0.pt"
+    convert("bam", src, str(out), ["method=bam", "encoder=resnet50", "recipe=bam_pascal", *SMALL, f"paths.output_dir={tmp_path / 'outputs'}"])
     assert stage1_auto.is_file()  # the base learner inside became the fold's stage-1 file
     converted = _bam_model(tmp_path, "other", seed=1)
     converted.load_state_dict(torch.load(out, weights_only=True)["state_dict"], strict=True)
@@ -113,7 +113,7 @@ def test_bam_full_model_and_its_base_learner(tmp_path):
 
 
 def test_pfenet_full_model(tmp_path):
-    cfg = compose(["experiment=pfenet_resnet50_pascal", *SMALL, "encoder.weights=none", "decoder.bins=[8,4,2,1]"])
+    cfg = compose(["method=pfenet", "encoder=resnet50", "recipe=pascal", *SMALL, "encoder.weights=none", "decoder.bins=[8,4,2,1]"])
     torch.manual_seed(0)
     original = instantiate(cfg.model, num_eval_classes=5).eval()
     _randomise_bn(original)
@@ -127,7 +127,7 @@ def test_pfenet_full_model(tmp_path):
     src = tmp_path / "pfenet.pth"
     torch.save({"state_dict": _old_style(ref.state_dict())}, src)
     out = tmp_path / "pfenet.ckpt"
-    convert("pfenet", src, str(out), ["experiment=pfenet_resnet50_pascal", *SMALL, "decoder.bins=[8,4,2,1]"])
+    convert("pfenet", src, str(out), ["method=pfenet", "encoder=resnet50", "recipe=pascal", *SMALL, "decoder.bins=[8,4,2,1]"])
     torch.manual_seed(1)
     converted = instantiate(cfg.model, num_eval_classes=5).eval()
     converted.load_state_dict(torch.load(out, weights_only=True)["state_dict"], strict=True)

@@ -7,9 +7,9 @@ import json
 
 import lightning as L
 import pytest
+from fsseg_testing import compose, tiny_overrides
 from torch import nn
 
-from fsseg_testing import compose, tiny_overrides
 from fsseg.cli.train import run
 from fsseg.errors import ConfigError
 

@@ -13,7 +13,7 @@ from fsseg.errors import ConfigError
 
 
 def test_figures_match_hand_computation():
-    t = lambda *v: torch.tensor(v, dtype=torch.bool)  # noqa: E731
+    t = lambda *v: torch.tensor(v, dtype=torch.bool)
     foreground = torch.stack([t(1, 1, 0, 0, 0, 0), t(0, 0, 0, 0, 0, 0)])
     novel = torch.stack([t(0, 1, 1, 0, 0, 0), t(0, 0, 0, 0, 1, 1)])
     unlabelled = torch.stack([t(1, 1, 1, 1, 0, 0), t(1, 1, 1, 1, 1, 0)])  # image 1's last novel pixel is labelled

@@ -236,8 +236,8 @@ def numpy_reference(preds, targets, classes, num_classes, ignore=255):
         fn += int(((p == 0) & (tg == 1)).sum())
         scored += int(keep.sum())
     class_iou = np.full(num_classes, np.nan)
-    for c in inter:
-        class_iou[c] = inter[c] / union[c] if union[c] else 0.0
+    for c, i in inter.items():
+        class_iou[c] = i / union[c] if union[c] else 0.0
     return {
         "miou": float(np.nanmean(class_iou)),
         "fbiou": float(np.mean(fb_i / fb_u)),

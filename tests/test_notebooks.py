@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from fsseg_testing import REPO, compose, tiny_overrides
 
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))

@@ -20,8 +20,8 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-
 from fsseg_testing import REPO, compose, tiny_overrides
+
 from fsseg.cli.evaluate import evaluate, load_run_config
 from fsseg.cli.train import run
 from fsseg.errors import ConfigError, OutputError, RunError
@@ -64,7 +64,7 @@ def _cli(*args, cwd, env=None, timeout=600):
     exe = Path(sys.executable).parent
     env = {**os.environ, "FSSEG_CONF": str(REPO / "conf"), **(env or {})}
     return subprocess.run([str(exe / args[0]), *args[1:]], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)  # fmt: skip
+                          timeout=timeout, check=False)  # fmt: skip
 
 
 # ------------------------------------------------------------------------- 2. runs that trained nothing
@@ -143,7 +143,7 @@ def test_resume_keeps_the_csv_rows(synth_root, tmp_path):
     assert first and {r["epoch"] for r in first if r.get("val/miou")} == {"0"}
     run(_cfg(synth_root, tmp_path, **TWO, logger="csv", **{"trainer.log_every_n_steps": 1}), part)
     rows = list(csv.DictReader((part / "csv" / "metrics.csv").open()))
-    key = lambda r: (r["step"], r["epoch"], r.get("train/loss", ""), r.get("val/miou", ""))  # noqa: E731
+    key = lambda r: (r["step"], r["epoch"], r.get("train/loss", ""), r.get("val/miou", ""))
     assert [key(r) for r in rows[: len(first)]] == [key(r) for r in first]  # the first attempt's rows kept
     assert {r["epoch"] for r in rows if r.get("val/miou")} == {"0", "1"} and any(r.get("test/miou") for r in rows)
     assert len({key(r) for r in rows}) == len(rows)  # no step logged twice
@@ -247,7 +247,7 @@ def _kill_and_finish(synth_root, tmp_path, kills: int) -> None:
     b = json.loads((run_dir / "metrics.json").read_text())
     assert a["metrics"] == b["metrics"] and a["manifest_hash"] == b["manifest_hash"]
     rows = [list(csv.DictReader((d / "csv" / "metrics.csv").open())) for d in (ref, run_dir)]
-    drop_time = lambda r: {k: v for k, v in r.items() if "time" not in k}  # noqa: E731
+    drop_time = lambda r: {k: v for k, v in r.items() if "time" not in k}
     assert [drop_time(r) for r in rows[0]] == [drop_time(r) for r in rows[1]]  # every step once, same values
 
 

@@ -25,7 +25,6 @@ def _sweep(tmp_path: Path, **changes) -> Path:
             {"label": "k = 1", "overrides": ["head.reduce_dim=16"], "paper": {"Fold-0": 60.0, "Fold-1": 70.0, "Mean": 65.0}},
             {"label": "k = 2", "overrides": ["head.reduce_dim=32"], "paper": {"Fold-0": 61.0, "Fold-1": None, "Mean": None}},
         ],
-        "reference": [{"label": "Other net", "paper": {"Fold-0": 50.0, "Fold-1": 55.0, "Mean": 52.5}}],
         "plot": {"x": "head.reduce_dim", "label": "reduce dim"},
         "profiles": {"small": {"grid": {"data.fold": [0], "seed": [0]}}},
     }  # fmt: skip
@@ -67,7 +66,7 @@ def rendered(tmp_path):
 def test_markdown_layout_ci_paper_and_difference(rendered):
     from scipy import stats
 
-    sweep, out, paths = rendered
+    _, out, paths = rendered
     assert paths["md"] == out / "demo-table2" / "paper" / "table.md"
     md = paths["md"].read_text()
     assert "| reduce dim | Fold-0 | Fold-0 paper | Δ | Fold-1 | Fold-1 paper | Δ | Mean | Mean paper | Δ |" in md
@@ -80,7 +79,7 @@ def test_markdown_layout_ci_paper_and_difference(rendered):
     # the failed run: the cell keeps the two finished seeds and says one failed; Mean only over complete seeds
     assert "56.0 ± " in md and "(1 failed)" in md
     assert "Failed runs:" in md and "RuntimeError: CUDA out of memory" in md
-    assert "| Other net *(paper only)* |" in md and sum(vals) / 3 == 42.0
+    assert sum(vals) / 3 == 42.0
     # manifests: one line per fold and seed, hash and episode count
     assert "- data.fold=0, seed=0: `0000000000000000` (300 episodes)" in md
     assert "- data.fold=1, seed=2: `0101010101010101` (300 episodes)" in md
@@ -108,7 +107,7 @@ def test_paired_names_each_rows_baseline(tmp_path):
 
     rows = [{"label": lab, "overrides": [f"head.reduce_dim={d}"]} for lab, d in
             (("A", 16), ("A+x", 24), ("B", 32), ("B+x", 48))]  # fmt: skip
-    sweep = load_sweep(_sweep(tmp_path, rows=rows, reference=[], plot=None, paired={"A+x": "A", "B+x": "B"}))
+    sweep = load_sweep(_sweep(tmp_path, rows=rows, plot=None, paired={"A+x": "A", "B+x": "B"}))
     assert [(r.label, b.label) for r, b in sweep.pairs()] == [("A+x", "A"), ("B+x", "B")]
     vals = {"A": [0.40, 0.42, 0.44], "A+x": [0.41, 0.45, 0.44], "B": [0.60, 0.60, 0.62], "B+x": [0.58, 0.59, 0.61]}
     out = tmp_path / "out"
@@ -165,32 +164,6 @@ def test_profile_subset_and_pending(tmp_path):
     assert "Profile: **small**" in md and "no Mean column is shown" in md
     assert "| k = 1 | 30.0 | 60.0 | -30.0 |" in md and "| k = 2 | … | 61.0 | — |" in md
     assert "1 not finished" in md
-
-
-def test_average_over_groups_and_row_metrics(tmp_path):
-    """columns.groups with their own metric, columns.average_over (folds averaged inside a cell), rows with their
-    own metric (fbiou), and shared runs (rows with identical overrides) - as the other paper tables use them."""
-    from fsseg.cli.table import render
-
-    path = _sweep(
-        tmp_path,
-        grid={"data.fold": [0, 1], "seed": [0]},
-        columns={"groups": [{"label": "1-shot mIoU", "overrides": ["data.shots=1"], "metric": "miou"},
-                            {"label": "1-shot FP", "overrides": ["data.shots=1"], "metric": "fp_rate"}],
-                 "average_over": ["data.fold"]},
-        rows=[{"label": "a", "overrides": [], "paper": {"1-shot mIoU": 50.0, "1-shot FP": 0.1}}],
-        reference=[], plot=None, profiles={},
-    )  # fmt: skip
-    sweep = load_sweep(path)
-    out = tmp_path / "out"
-    runs = sweep.expand(None, out)
-    assert [r.shared for r in runs] == [False, False, True, True]
-    for run in runs:
-        if not run.shared:
-            _finish(run.run_dir, 0.4 + 0.1 * run.point["data.fold"], fp_rate=0.05 + 0.01 * run.point["data.fold"])
-    md = render(sweep, None, out)["md"].read_text()
-    assert "| a | 45.0 | 50.0 | -5.0 | 0.0550 | 0.1000 | -0.0450 |" in md, md
-    assert "averaged over data.fold [0, 1]" in md
 
 
 def test_table_cli_and_all(tmp_path, rendered, monkeypatch, capsys):
@@ -260,3 +233,20 @@ def test_dashboard_online_builds_the_wandb_report(rendered, monkeypatch, capsys)
     assert "demo-table2" in str(runset.filters) and runset.project == "fsseg"
     assert len(grid.panels) == 4
     assert (out / "demo-table2" / "paper" / "dashboard.html").is_file()  # the local comparison is written too
+
+
+def test_table_names_its_command_and_the_git_shas_of_its_cells(tmp_path):
+    """A rendered table says which command made it and which commit(s) each finished run's code came from."""
+    from fsseg.cli.table import render
+
+    sweep = load_sweep(_sweep(tmp_path))
+    out = tmp_path / "out"
+    runs = sweep.expand("small", out)
+    for run, sha in zip(runs, ["a" * 40, "b" * 40]):
+        _finish(run.run_dir, 0.3)
+        write_json_atomic(run.run_dir / "provenance.json", {"git": {"sha": sha, "dirty": False}})
+    md = render(sweep, "small", out)["md"].read_text()
+    assert "Command: `fsseg-sweep demo-table2 --profile small` (`make reproduce-demo-table2 PROFILE=small`)." in md
+    assert "Code: git `aaaaaaaaaaaa` (1 run), git `bbbbbbbbbbbb` (1 run)." in md
+    runs_csv = list(csv.DictReader(io.StringIO((out / "demo-table2" / "small" / "runs.csv").read_text())))
+    assert [r["git_sha"] for r in runs_csv] == ["a" * 40, "b" * 40]

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from fsseg_testing import REPO, compose, tiny_overrides
 
 
@@ -85,7 +84,7 @@ def test_offline_run_without_network_has_group_tags_config_and_panels(synth_root
                           **{"+sweep_name": "demo-table9", "data.fold": 1, "seed": 3, "callbacks.panels.limit": 2})  # fmt: skip
     cmd = [str(Path(sys.executable).parent / "fsseg-train"), *over, f"hydra.run.dir={run_dir}"]
     start = time.monotonic()
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, check=False, capture_output=True, text=True, timeout=120)
     elapsed = time.monotonic() - start
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert elapsed < 90, f"took {elapsed:.0f} s: wandb waited for the network"

@@ -39,7 +39,7 @@ def apply() -> str:
         return "skipped"
     import torch
 
-    so = os.path.join(list(spec.submodule_search_locations)[0], "_C.so")
+    so = os.path.join(next(iter(spec.submodule_search_locations)), "_C.so")
     try:
         torch.ops.load_library(so)
         return "native"
@@ -67,10 +67,10 @@ def _find_without_hook(name: str):
 
 
 class _Hook(importlib.abc.MetaPathFinder):
-    def find_spec(self, fullname, path=None, target=None):  # noqa: D401 - importlib protocol
+    def find_spec(self, fullname, path=None, target=None):
         if fullname == "torchvision" and not _applied:
             apply()
-        return None  # let the regular finders import it
+        # let the regular finders import it
 
 
 def install() -> None:

@@ -21,8 +21,13 @@ import torch
 from fsseg.data import batch as B
 
 __all__ = [
-    "QualitativePanels", "LogRunConfig", "resolved_hydra_config", "RunCheckpoint", "EpochSummary",
-    "AtomicCheckpointIO", "RunCSVLogger",
+    "AtomicCheckpointIO",
+    "EpochSummary",
+    "LogRunConfig",
+    "QualitativePanels",
+    "RunCSVLogger",
+    "RunCheckpoint",
+    "resolved_hydra_config",
 ]
 
 _KEYS = (B.SUPPORT_IMGS, B.SUPPORT_MASKS, B.QUERY_IMG, B.QUERY_MASK, B.CLASS_ID)
@@ -127,10 +132,10 @@ class LogRunConfig(L.Callback):
 
 
 # ------------------------------------------------------------------------------------- run-directory files
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO  # noqa: E402
-from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
-from lightning.pytorch.loggers import CSVLogger  # noqa: E402
-from lightning.pytorch.loggers.csv_logs import ExperimentWriter  # noqa: E402
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

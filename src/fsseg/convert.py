@@ -167,12 +167,12 @@ def read_reference(path: str | Path) -> dict[str, Tensor]:
         raise ConvertError(f"{path}: no such file")
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - torch raises many types for corrupt files
+    except Exception as err:
         raise ConvertError(f"{path} is not a readable PyTorch checkpoint ({type(err).__name__}: {str(err)[:200]})") from err
     state = blob.get("state_dict", blob) if isinstance(blob, Mapping) else None
     if not isinstance(state, Mapping) or not state or not all(isinstance(v, Tensor) for v in state.values()):
         raise ConvertError(f"{path} holds no state dict (a mapping of names to tensors, possibly under 'state_dict')")
-    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    return {k.removeprefix("module."): v for k, v in state.items()}
 
 
 def convert_state_dict(

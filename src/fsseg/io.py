@@ -22,7 +22,7 @@ from typing import Any
 
 from fsseg.errors import OutputError
 
-__all__ = ["write_atomic", "write_text_atomic", "sha256_bytes", "stable_key"]
+__all__ = ["sha256_bytes", "stable_key", "write_atomic", "write_text_atomic"]
 
 # errors that mean "this folder cannot take the file", as opposed to a bug
 _OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}

@@ -17,8 +17,8 @@ JSON conversion: tensors and numpy values become plain numbers/lists, paths beco
 from __future__ import annotations
 
 import datetime as _dt
-import io
 import importlib.metadata as _metadata
+import io
 import json
 import math
 import os
@@ -34,7 +34,7 @@ from typing import Any
 from fsseg.errors import DataError
 from fsseg.io import write_atomic, write_text_atomic
 
-__all__ = ["collect", "write_json_atomic", "write_run_record", "read_metrics", "to_jsonable"]
+__all__ = ["collect", "read_metrics", "to_jsonable", "write_json_atomic", "write_run_record"]
 
 CONFIG_FILE = "config.yaml"
 PROVENANCE_FILE = "provenance.json"
@@ -93,7 +93,7 @@ def _git_info(repo_dir: Path) -> dict[str, Any]:
 def _version(dist: str) -> str | None:
     try:
         return _metadata.version(dist)
-    except Exception:  # PackageNotFoundError, or a broken distribution's metadata
+    except Exception:  # noqa: BLE001 - PackageNotFoundError, or a broken distribution's metadata
         return None
 
 
@@ -107,7 +107,7 @@ def _cuda_info() -> dict[str, Any]:
             info["available"] = True
             info["device_count"] = torch.cuda.device_count()
             info["device_name"] = torch.cuda.get_device_name(0)
-    except Exception as exc:  # a broken driver must not stop a run from recording itself
+    except Exception as exc:  # noqa: BLE001 - a broken driver must not stop a run from recording itself
         info["error"] = f"{type(exc).__name__}: {exc}"
     return info
 
@@ -116,7 +116,8 @@ def collect(extra: dict | None = None, repo_dir: str | os.PathLike | None = None
     """Describe the code, environment and invocation of the current process. Never raises.
 
     Keys: ``git`` ({"sha", "dirty"}; sha "unknown" and dirty null outside a git checkout; dirty counts
-    modified tracked files and untracked files that are not ignored), ``python``, ``platform``,
+    modified tracked files and untracked files that are not ignored), ``code_version`` (the digest of the
+    fsseg package's source, :func:`fsseg.runs.code_version`), ``python``, ``platform``,
     ``hostname``, ``versions`` (fsseg, torch, lightning, timm, torchmetrics, albumentations, hydra,
     omegaconf, numpy; null when not installed), ``cuda`` ({"available", "device_count", "device_name",
     "cuda_version"}), ``argv``, ``executable``, ``cwd``, ``timestamp_utc`` (ISO 8601).
@@ -135,8 +136,11 @@ def collect(extra: dict | None = None, repo_dir: str | os.PathLike | None = None
         cwd = os.getcwd()
     except OSError:
         cwd = None
+    from fsseg.runs import code_version
+
     record: dict[str, Any] = {
         "git": _git_info(repo),
+        "code_version": code_version(),  # what fsseg-train compares to call a run finished (fsseg.runs)
         "python": sys.version.split()[0],
         "python_implementation": platform.python_implementation(),
         "platform": platform.platform(),
@@ -234,7 +238,7 @@ def write_run_record(
     if missing:
         raise ValueError(f"write_run_record: manifest lacks key(s) {missing}; got keys {sorted(manifest)}")
     if not isinstance(config_yaml, str):
-        raise ValueError(
+        raise ValueError(  # noqa: TRY004 - documented as ValueError, like the missing-keys check
             f"write_run_record: config_yaml must be YAML text (str), got {type(config_yaml).__name__}"
         )
     run_dir = Path(run_dir)

@@ -2,14 +2,14 @@
 
 A sweep file ``sweeps/<paper>/<table>.yaml`` describes one table of a paper: Hydra overrides common to every
 run (``base``), a grid multiplied into every row (``grid``: folds, seeds...), the rows (each with its
-overrides and the paper's numbers) and how columns map to runs (``columns.by`` a grid key, or
-``columns.groups`` with overrides of their own). ``profiles`` give small budgets of the same grid (e.g. the
-embedded benchmark). This module turns that into a list of :class:`Run` with deterministic run directories::
+overrides and the paper's numbers) and which grid key makes the columns (``columns.by``). ``profiles`` give
+small budgets of the same grid (e.g. the embedded benchmark). The format is a schema (:class:`SweepSpec`,
+pydantic); this module turns a file into a list of :class:`Run` with deterministic run directories::
 
     <out>/<name>/<profile or "paper">/<row slug>/<grid slug>
 
-and knows whether a run is finished: ``metrics.json`` present AND the run's recorded ``config.yaml`` equals
-the configuration the sweep would give it now (so a changed budget or override re-runs it).
+A run is finished when fsseg.runs says so: ``metrics.json`` present, and the recorded ``config.yaml`` and
+code version equal what the sweep would run now (so a changed budget, override or code re-runs it).
 
     from fsseg.sweeps import load_sweep, find_sweep
     sweep = load_sweep(find_sweep("apanet-table4"))
@@ -18,10 +18,7 @@ the configuration the sweep would give it now (so a changed budget or override r
 
 from __future__ import annotations
 
-import functools
 import itertools
-import json
-import math
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -30,35 +27,56 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from fsseg.errors import ConfigError
+from fsseg.runs import (  # re-exported: the sweep machinery's view of a run directory
+    FAILED_FILE,
+    code_matches,
+    config_diff,
+    config_digest,
+    recorded_config,
+    run_identity,
+    run_status,
+    without_defaults,
+)
 
 __all__ = [
-    "Sweep", "Row", "Column", "Run", "load_sweep", "find_sweep", "list_sweeps", "sweeps_dir", "slugify",
-    "merge_overrides", "format_value", "compose_run_config", "compose_run_configs", "run_status", "missing_methods",
-    "PAPER_PROFILE", "MEAN", "FAILED_FILE", "SPEC_FILE", "sweep_name_of", "override_key", "TASKS",
+    "FAILED_FILE",
+    "MEAN",
+    "PAPER_PROFILE",
+    "SPEC_FILE",
+    "Column",
+    "Row",
+    "Run",
+    "Sweep",
+    "SweepSpec",
+    "code_matches",
+    "compose_run_config",
+    "compose_run_configs",
+    "config_diff",
+    "config_digest",
+    "find_sweep",
+    "finished_runs",
+    "format_value",
+    "list_sweeps",
+    "load_sweep",
+    "merge_overrides",
+    "missing_methods",
+    "override_key",
+    "recorded_config",
+    "run_identity",
+    "run_status",
+    "slugify",
+    "sweep_name_of",
+    "sweeps_dir",
+    "without_defaults",
 ]  # fmt: skip
 
 PAPER_PROFILE = "paper"   # directory name of the paper's protocol (no profile)
 MEAN = "Mean"             # the optional mean column's label
-FAILED_FILE = "FAILED"    # run_dir/FAILED: the error of the latest failed attempt
 SPEC_FILE = "sweep.json"  # run_dir/sweep.json: what the sweep asked this run to be (written at launch)
 SEED_KEY = "seed"
-TASKS = ("train",)        # tasks fsseg-sweep runs (fsseg-train); others (e.g. `profile`) are refused by name
-
-_NOTE = {"note", "notes"}
-_TOP_KEYS = {
-    "name", "paper", "source", "title", "dataset", "metric", "metrics", "methods", "budget", "base", "grid",
-    "columns", "rows", "plot", "profiles", "reference", "task", "paired", *_NOTE,
-}  # fmt: skip
-_REQUIRED = ("name", "paper", "title", "methods", "base", "columns", "rows")
-_ROW_KEYS = {"label", "overrides", "paper", "paper_std", "metric", "methods", *_NOTE}
-_REFERENCE_KEYS = {"label", "paper", "paper_std", "metric", *_NOTE}
-_COLUMN_KEYS = {"by", "labels", "mean", "groups", "average_over"}
-_GROUP_KEYS = {"label", "overrides", "metric", *_NOTE}
-_PROFILE_KEYS = {"base", "grid", "rows", "budget", "paired", *_NOTE}
-_PROFILE_ROW_KEYS = {"label", "overrides", *_NOTE}
-_PLOT_KEYS = {"x", "label", "logx"}
 _SAFE = re.compile(r"[^A-Za-z0-9.+-]+")
 
 
@@ -117,62 +135,97 @@ def _err(path: Path | str, msg: str) -> ConfigError:
     return ConfigError(f"{path}: {msg}")
 
 
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
+# --------------------------------------------------------------------------- the schema (sweeps/FORMAT.md)
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
-def _check_overrides(path, where: str, overrides: Any) -> list[str]:
-    if overrides is None:
-        return []
-    if isinstance(overrides, str) or not isinstance(overrides, Sequence):
-        raise _err(path, f"{where} must be a list of Hydra overrides, got {overrides!r}")
-    from hydra.core.override_parser.types import ValueType
-    from hydra.errors import OverrideParseException
-
-    out = []
-    for o in overrides:
-        if not isinstance(o, str):
-            raise _err(path, f"{where}: override {o!r} is not a string (write it as 'key=value')")
-        try:
-            parsed = _parser().parse_override(o)
-        except OverrideParseException as exc:
-            raise _err(path, f"{where}: cannot parse override {o!r}: {exc}") from None
-        if parsed.value_type not in (None, ValueType.ELEMENT):
-            raise _err(path, f"{where}: override {o!r} sweeps several values; put the values in `grid:`")
-        if parsed.key_or_group.startswith("hydra"):
-            raise _err(path, f"{where}: override {o!r} sets Hydra's own config; fsseg-sweep sets run directories "
-                             "and launchers itself")  # fmt: skip
-        out.append(o)
-    return out
+Overrides = list[str]
+Notes = str | list[str] | None
 
 
-def _check_grid(path, where: str, grid: Any) -> dict[str, list]:
-    if grid is None:
-        return {}
-    if not isinstance(grid, Mapping):
-        raise _err(path, f"{where} must be a mapping 'key: [values]', got {grid!r}")
-    out = {}
-    for k, vals in grid.items():
-        if not isinstance(k, str) or k.startswith(("hydra", "+", "~")):
-            raise _err(path, f"{where}: bad grid key {k!r}")
-        if not isinstance(vals, list) or not vals:
-            raise _err(path, f"{where}.{k} must be a non-empty list of values, got {vals!r}")
-        if len(set(map(repr, vals))) != len(vals):
-            raise _err(path, f"{where}.{k} lists a value twice: {vals!r}")
-        out[k] = list(vals)
-    return out
+class RowSpec(_Spec):
+    label: str
+    overrides: Overrides = []
+    paper: dict[str, float | None | dict[str, float | None]] = {}  # {column: value} or {metric: {column: value}}
+    notes: Notes = None
+
+
+class ProfileRowSpec(_Spec):
+    label: str
+    overrides: Overrides = []
+
+
+class ColumnsSpec(_Spec):
+    by: str | None = None          # a grid key: one column per value
+    labels: list[str] | None = None
+    mean: bool = False
+
+
+class PlotSpec(_Spec):
+    x: str
+    label: str | None = None
+
+
+class ProfileSpec(_Spec):
+    base: Overrides | None = None  # replaces the table's base
+    overrides: Overrides = []      # applied after every row's overrides (e.g. the embedded recipe)
+    grid: dict[str, list[Any]] = {}
+    rows: list[ProfileRowSpec] | None = None  # only these rows, with these overrides
+    paired: dict[str, str] | None = None
+    budget: str = ""
+    notes: Notes = None
+
+
+class SweepSpec(_Spec):
+    name: str
+    paper: str
+    title: str
+    source: str = ""
+    dataset: str = ""
+    metric: str | None = None
+    metrics: list[str] | None = None
+    methods: list[str]
+    budget: str = ""
+    base: Overrides
+    grid: dict[str, list[Any]] = {}
+    columns: ColumnsSpec
+    rows: list[RowSpec]
+    plot: PlotSpec | None = None
+    paired: dict[str, str] | None = None
+    profiles: dict[str, ProfileSpec] = {}
+    notes: Notes = None
+
+
+def _schema_error(path: Path, exc: ValidationError) -> ConfigError:
+    """The first problems pydantic found, each named by its dotted key."""
+    unknown, lines = [], []
+    for e in exc.errors():
+        loc = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in e["loc"]).replace(".[", "[")
+        if e["type"] == "extra_forbidden":
+            unknown.append(loc)
+        elif e["type"] == "missing":
+            lines.append(f"missing key {loc!r} (see sweeps/FORMAT.md)")
+        elif e["type"] == "dict_type":
+            lines.append(f"{loc} must be a mapping, got {e['input']!r}")
+        elif e["type"] == "list_type":
+            lines.append(f"{loc} must be a list, got {e['input']!r}")
+        elif e["type"] in ("float_type", "float_parsing", "finite_number"):
+            lines.append(f"{loc}: {e['input']!r} is not a number or null (as printed)")
+        else:
+            lines.append(f"{loc}: {e['msg']} (got {e['input']!r})")
+    if unknown:
+        lines.insert(0, f"unknown key(s) {unknown} (see sweeps/FORMAT.md)")
+    return ConfigError(f"{path}: " + "; ".join(dict.fromkeys(lines[:4])))
 
 
 # --------------------------------------------------------------------------- the model
 @dataclass(frozen=True)
 class Column:
-    """One column of the table: a value of the ``columns.by`` grid key, or a group with its own overrides."""
+    """One column of the table: a value of the ``columns.by`` grid key (or the single column of a table)."""
 
     label: str
-    value: Any = None                       # the columns.by value (None for groups)
-    overrides: tuple[str, ...] = ()         # groups only
-    metric: str | None = None               # groups only: the metric this column reports
-    is_group: bool = False                  # a `columns.groups` entry (its own overrides, its own run directories)
+    value: Any = None
 
     @property
     def slug(self) -> str:
@@ -182,28 +235,20 @@ class Column:
 @dataclass(frozen=True)
 class Row:
     """A row of the table. ``paper`` maps a metric name to {column label: value}; a flat ``paper:`` of the file
-    is stored under the key ``None`` ("as printed": the metric of the row / column / the table's first)."""
+    is stored under the key ``None`` (the numbers of the table's first metric, as printed)."""
 
     label: str
     slug: str
     overrides: tuple[str, ...]
     paper: Mapping[str | None, Mapping[str, float | None]]
-    paper_std: Mapping[str | None, Mapping[str, float | None]] = field(default_factory=dict)
-    metric: str | None = None               # the metric this row reports (default: the table's)
-    methods: tuple[str, ...] = ()
     index: int = 0
-    reference: bool = False                 # a paper-only row (`reference:`): rendered, never run
     note: str = ""
 
-    def paper_value(self, metric: str, label: str, first_metric: str, explicit: bool = False,
-                    std: bool = False) -> float | None:  # fmt: skip
-        """The paper's value of a cell reporting ``metric``. A flat ``paper:`` holds the numbers as printed: those
-        of the row's / column's own metric (``explicit``), else of the table's first metric."""
-        src = self.paper_std if std else self.paper
-        if metric in src:
-            return src[metric].get(label)
-        if None in src and (explicit or self.metric is not None or metric == first_metric):
-            return src[None].get(label)
+    def paper_value(self, metric: str, label: str, first_metric: str) -> float | None:
+        if metric in self.paper:
+            return self.paper[metric].get(label)
+        if None in self.paper and metric == first_metric:
+            return self.paper[None].get(label)
         return None
 
 
@@ -214,9 +259,9 @@ class Run:
     sweep: str
     profile: str
     row: Row
-    column: Column | None       # None when the table has a single (unnamed) column
+    column: Column | None       # None when the table has no named column
     point: Mapping[str, Any]    # grid key -> value (the column key and seed included)
-    overrides: tuple[str, ...]  # every override of the run, merged (base, row, group, grid) + sweep_name
+    overrides: tuple[str, ...]  # every override of the run, merged (base, row, profile, grid) + sweep_name
     run_dir: Path
     unit: str                   # the Hydra-multirun unit: runs sharing all overrides but the grid
     grid_slug: str
@@ -228,8 +273,17 @@ class Run:
 
     def describe(self) -> str:
         pt = ", ".join(f"{k}={v}" for k, v in self.point.items())
-        col = f" / {self.column.label}" if self.column and self.column.is_group else ""
-        return f"{self.row.label}{col} [{pt}]" if pt else f"{self.row.label}{col}"
+        return f"{self.row.label} [{pt}]" if pt else self.row.label
+
+
+@dataclass(frozen=True)
+class Profile:
+    base: tuple[str, ...] | None
+    overrides: tuple[str, ...]
+    grid: Mapping[str, list]
+    rows: Mapping[str, tuple[str, ...]] | None
+    paired: Mapping[str, str] | None
+    budget: str = ""
 
 
 @dataclass
@@ -244,17 +298,13 @@ class Sweep:
     rows: list[Row]
     columns_by: str | None
     column_labels: list[str]                 # labels of the paper's columns, in order
-    column_groups: list[Column]
     mean: bool
     metrics: list[str]
-    average_over: list[str] = field(default_factory=list)
     source: str = ""
     dataset: str = ""
     budget: str = ""
-    task: str = "train"
     plot: dict | None = None
-    profiles: dict[str, dict] = field(default_factory=dict)
-    reference: list[Row] = field(default_factory=list)
+    profiles: dict[str, Profile] = field(default_factory=dict)
     note: str = ""
     paired: dict[str, str] = field(default_factory=dict)  # row label -> the row it is paired against
 
@@ -262,28 +312,28 @@ class Sweep:
     def profile_names(self) -> list[str]:
         return list(self.profiles)
 
-    def _profile(self, profile: str | None) -> tuple[str, list[str], dict[str, list], dict[str, list] | None]:
-        """(directory name, base, grid, {row label: overrides} or None = every row with its own overrides)."""
+    def _profile(self, profile: str | None) -> tuple[str, Profile | None]:
         if profile in (None, "", PAPER_PROFILE):
-            return PAPER_PROFILE, list(self.base), dict(self.grid), None
+            return PAPER_PROFILE, None
         if profile not in self.profiles:
             raise ConfigError(
                 f"{self.path}: no profile {profile!r}; profiles: {sorted(self.profiles) or 'none'} "
                 f"(or leave PROFILE empty for the paper's protocol)"
             )
-        p = self.profiles[profile]
-        base = list(p["base"]) if p.get("base") is not None else list(self.base)
-        grid = dict(self.grid)
-        grid.update(p.get("grid") or {})
-        return profile, base, grid, p.get("rows")
+        return profile, self.profiles[profile]
+
+    def profile_base(self, profile: str | None = None) -> list[str]:
+        p = self._profile(profile)[1]
+        return list(p.base) if p is not None and p.base is not None else list(self.base)
 
     def effective_grid(self, profile: str | None = None) -> dict[str, list]:
-        return self._profile(profile)[2]
+        p = self._profile(profile)[1]
+        return {**self.grid, **(p.grid if p is not None else {})}
 
     def rows_run(self, profile: str | None = None) -> list[Row]:
         """The rows this profile runs (a profile with `rows:` runs only those)."""
-        prow = self._profile(profile)[3]
-        return [r for r in self.rows if prow is None or r.label in prow]
+        p = self._profile(profile)[1]
+        return [r for r in self.rows if p is None or p.rows is None or r.label in p.rows]
 
     def pairs(self, profile: str | None = None) -> list[tuple[Row, Row]]:
         """(row, baseline) pairs of the paired differences: the profile's ``paired:`` (else the table's), each
@@ -291,9 +341,8 @@ class Sweep:
         rows = self.rows_run(profile)
         if not rows:
             return []
-        named = self.paired
-        if profile not in (None, "", PAPER_PROFILE) and self.profiles[profile].get("paired") is not None:
-            named = self.profiles[profile]["paired"]
+        p = self._profile(profile)[1]
+        named = p.paired if p is not None and p.paired is not None else self.paired
         if not named:
             return [(r, rows[0]) for r in rows[1:]]
         by_label = {r.label: r for r in rows}
@@ -301,86 +350,67 @@ class Sweep:
 
     def columns(self, profile: str | None = None) -> list[Column]:
         """The columns this profile runs, in the paper's order (a profile may run a subset)."""
-        if self.column_groups:
-            return list(self.column_groups)
         if self.columns_by is None:  # one column, possibly named by `columns.labels`
             return [Column(label=self.column_labels[0])] if self.column_labels else []
-        grid = self.effective_grid(profile)
         paper_vals = self.grid.get(self.columns_by, [])
         cols = []
-        for v in grid[self.columns_by]:
+        for v in self.effective_grid(profile)[self.columns_by]:
             idx = next((i for i, pv in enumerate(paper_vals) if pv == v), None)
-            label = self.column_labels[idx] if idx is not None else f"{self.columns_by}={v}"
-            cols.append(Column(label=label, value=v))
+            cols.append(Column(label=self.column_labels[idx] if idx is not None else f"{self.columns_by}={v}", value=v))
         order = {c: i for i, c in enumerate(self.column_labels)}
         return sorted(cols, key=lambda c: order.get(c.label, len(order)))
 
     def all_columns_run(self, profile: str | None = None) -> bool:
         """True when the profile runs every column the paper reports (its Mean is then comparable)."""
-        if self.column_groups or self.columns_by is None:
-            return True
-        return [c.label for c in self.columns(profile)] == list(self.column_labels)
+        return self.columns_by is None or [c.label for c in self.columns(profile)] == list(self.column_labels)
 
     # ---------------------------------------------------------------- runs
-    def required_methods(self, profile: str | None = None) -> list[str]:
-        """conf/method names the table needs: ``methods:``, rows' ``methods``, and every ``method=`` override."""
+    def required_methods(self) -> list[str]:
+        """conf/method names the table needs: ``methods:`` and every ``method=`` override."""
         found = list(self.methods)
-        for row in self.rows:
-            found += list(row.methods)
         overrides = self.base + [o for r in self.rows for o in r.overrides]
         for p in self.profiles.values():
-            overrides += list(p.get("base") or []) + [o for ov in (p.get("rows") or {}).values() for o in ov]
+            overrides += [*(p.base or ()), *p.overrides, *(o for ov in (p.rows or {}).values() for o in ov)]
         for o in overrides:
             if override_key(o) == "method":
                 found.append(o.split("=", 1)[1].strip())
         return list(dict.fromkeys(found))
 
     def expand(self, profile: str | None = None, out: str | os.PathLike = "outputs/sweeps") -> list[Run]:
-        """Every run of the table under ``profile`` (None = the paper's protocol): rows x columns x grid.
-        Rows whose runs would have identical overrides share them (``Run.shared``: same directory)."""
-        prof, base, grid, prow = self._profile(profile)
+        """Every run of the table under ``profile`` (None = the paper's protocol): rows x grid. Overrides merge
+        in the order base (or the profile's), row (or the profile's row), the profile's ``overrides``, grid
+        point. Rows whose runs would have identical overrides share them (``Run.shared``: same directory)."""
+        prof, p = self._profile(profile)
+        base, grid = self.profile_base(profile), self.effective_grid(profile)
         root = Path(out) / self.name / prof
-        # The grid is expanded with the column key (if any) first, the seed last.
-        keys = list(grid)
+        keys = list(grid)  # the column key (if any) first, the seed last
         if self.columns_by in keys:
             keys.remove(self.columns_by)
             keys.insert(0, self.columns_by)
         if SEED_KEY in keys:
             keys.remove(SEED_KEY)
             keys.append(SEED_KEY)
-        cols_by_value = {repr(c.value): c for c in self.columns(profile)} if not self.column_groups else {}
-        single = self.columns(profile)[0] if self.columns_by is None and not self.column_groups and self.column_labels else None
+        columns = self.columns(profile)
+        by_value = {repr(c.value): c for c in columns}
+        single = columns[0] if self.columns_by is None and columns else None
         runs: list[Run] = []
         seen: dict[tuple, Run] = {}
-        groups: list[Column | None] = list(self.column_groups) or [None]
         for row in self.rows_run(profile):
-            row_over = tuple(prow[row.label]) if prow is not None else row.overrides
-            for group in groups:
-                unit = row.slug if group is None else f"{row.slug}/{group.slug}"
-                for combo in itertools.product(*(grid[k] for k in keys)):
-                    point = dict(zip(keys, combo))
-                    grid_slug = "_".join(f"{k}-{slugify(v)}" for k, v in point.items()) or "default"
-                    if group is not None:
-                        grid_slug = f"{group.slug}_{grid_slug}" if point else group.slug
-                    column = group or single or cols_by_value.get(repr(point.get(self.columns_by)))
-                    overrides = tuple(merge_overrides(
-                        base,
-                        row_over,
-                        group.overrides if group is not None else (),
-                        [f"{k}={format_value(v)}" for k, v in point.items()],
-                        [f"+sweep_name={format_value(self.name)}"],
-                    ))  # fmt: skip
-                    first = seen.get(overrides)
-                    run = Run(sweep=self.name, profile=prof, row=row, column=column, point=point, overrides=overrides,
-                              run_dir=first.run_dir if first else root / row.slug / grid_slug,
-                              unit=first.unit if first else unit, grid_slug=first.grid_slug if first else grid_slug,
-                              shared=first is not None)  # fmt: skip
-                    seen.setdefault(overrides, run)
-                    runs.append(run)
-        dirs = [r.run_dir for r in runs if not r.shared]
-        if len(set(dirs)) != len(dirs):
-            dup = next(d for d in dirs if dirs.count(d) > 1)
-            raise _err(self.path, f"two runs share the run directory {dup}; make row labels / grid values distinct")
+            row_over = p.rows[row.label] if p is not None and p.rows is not None else row.overrides
+            for combo in itertools.product(*(grid[k] for k in keys)):
+                point = dict(zip(keys, combo))
+                grid_slug = "_".join(f"{k}-{slugify(v)}" for k, v in point.items()) or "default"
+                overrides = tuple(merge_overrides(
+                    base, row_over, p.overrides if p is not None else (),
+                    [f"{k}={format_value(v)}" for k, v in point.items()], [f"+sweep_name={format_value(self.name)}"],
+                ))  # fmt: skip
+                first = seen.get(overrides)
+                run = Run(sweep=self.name, profile=prof, row=row, column=single or by_value.get(repr(point.get(self.columns_by))),
+                          point=point, overrides=overrides, run_dir=first.run_dir if first else root / row.slug / grid_slug,
+                          unit=first.unit if first else row.slug, grid_slug=first.grid_slug if first else grid_slug,
+                          shared=first is not None)  # fmt: skip
+                seen.setdefault(overrides, run)
+                runs.append(run)
         return runs
 
     def root(self, profile: str | None = None, out: str | os.PathLike = "outputs/sweeps") -> Path:
@@ -389,36 +419,53 @@ class Sweep:
 
 # --------------------------------------------------------------------------- loading
 def _note(value: Any) -> str:
-    if value is None:
-        return ""
-    return value if isinstance(value, str) else "; ".join(map(str, value)) if isinstance(value, list) else str(value)
+    return "" if value is None else value if isinstance(value, str) else "; ".join(map(str, value))
 
 
-def _parse_paper(path, where: str, paper: Any, labels: list[str], metrics: list[str], key: str = "paper") -> dict:
-    """Normalise a row's ``paper:`` to {metric: {label: value}}; a flat mapping is stored under None."""
-    if paper is None:
-        return {}
-    if not isinstance(paper, Mapping):
-        raise _err(path, f"{where}.{key} must be a mapping 'column label: number or null', got {paper!r}")
-    nested = bool(paper) and all(isinstance(v, Mapping) for v in paper.values()) and all(k not in labels for k in paper)
-    by_metric = {str(k): v for k, v in paper.items()} if nested else {None: paper}
-    out: dict = {}
+def _check_overrides(path: Path, where: str, overrides: Sequence[str]) -> tuple[str, ...]:
+    from hydra.core.override_parser.types import ValueType
+    from hydra.errors import OverrideParseException
+
+    for o in overrides:
+        try:
+            parsed = _parser().parse_override(o)
+        except OverrideParseException as exc:
+            raise _err(path, f"{where}: cannot parse override {o!r}: {exc}") from None
+        if parsed.value_type not in (None, ValueType.ELEMENT):
+            raise _err(path, f"{where}: override {o!r} sweeps several values; put the values in `grid:`")
+        if parsed.key_or_group.startswith("hydra"):
+            raise _err(path, f"{where}: override {o!r} sets Hydra's own config; fsseg-sweep sets run directories "
+                             "and launchers itself")  # fmt: skip
+    return tuple(overrides)
+
+
+def _check_grid(path: Path, where: str, grid: Mapping[str, list]) -> dict[str, list]:
+    for k, vals in grid.items():
+        if k.startswith(("hydra", "+", "~")) or not vals:
+            raise _err(path, f"{where}.{k}: a grid key must be a config key with a non-empty list of values")
+        if len(set(map(repr, vals))) != len(vals):
+            raise _err(path, f"{where}.{k} lists a value twice: {vals!r}")
+    return {k: list(v) for k, v in grid.items()}
+
+
+def _paper(path: Path, where: str, paper: Mapping, labels: list[str], metrics: list[str]) -> dict:
+    """A row's ``paper:`` as {metric: {label: value}}; a flat mapping is stored under None."""
+    nested = bool(paper) and all(isinstance(v, Mapping) for v in paper.values())
+    if not nested and any(isinstance(v, Mapping) for v in paper.values()):
+        raise _err(path, f"{where}.paper: give either {{column: value}} or {{metric: {{column: value}}}}")
+    by_metric = dict(paper) if nested else {None: paper}
     for metric, values in by_metric.items():
-        cur = {}
-        for label, value in values.items():
-            label = str(label)
+        if nested and metric not in metrics:
+            raise _err(path, f"{where}.paper: {metric!r} is not one of the table's metrics {metrics}")
+        for label in values:
             if label not in labels:
-                raise _err(path, f"{where}.{key}: column {label!r} is not one of the table's columns {labels}"
-                                 + (f" (metric {metric})" if nested else ""))  # fmt: skip
-            if value is not None and not _is_number(value):
-                raise _err(path, f"{where}.{key}.{label}: {value!r} is not a number or null (as printed)")
-            cur[label] = None if value is None else float(value)
-        out[metric] = cur
-    return out
+                raise _err(path, f"{where}.paper: column {label!r} is not one of the table's columns {labels}")
+    return by_metric
 
 
 def load_sweep(path: str | os.PathLike) -> Sweep:
-    """Read and validate a sweep file; every problem raises ConfigError naming the file and the key."""
+    """Read a sweep file, check it against the schema (:class:`SweepSpec`) and its cross-references; every
+    problem raises ConfigError naming the file and the key."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -428,185 +475,98 @@ def load_sweep(path: str | os.PathLike) -> Sweep:
         raise _err(path, f"not valid YAML: {exc}") from None
     if not isinstance(data, Mapping):
         raise _err(path, "expected a mapping at the top level (see sweeps/FORMAT.md)")
-    unknown = set(data) - _TOP_KEYS
-    if unknown:
-        raise _err(path, f"unknown key(s) {sorted(unknown)}; allowed: {sorted(_TOP_KEYS)}")
-    missing = [k for k in _REQUIRED if k not in data]
-    if missing:
-        raise _err(path, f"missing key(s) {missing} (see sweeps/FORMAT.md)")
-    name = data["name"]
-    if not isinstance(name, str) or slugify(name) != name:
-        raise _err(path, f"name {name!r} must be a plain slug like 'apanet-table4'")
-    if "metric" in data and "metrics" in data:
+    try:
+        spec = SweepSpec.model_validate(data)
+    except ValidationError as exc:
+        raise _schema_error(path, exc) from None
+    if slugify(spec.name) != spec.name:
+        raise _err(path, f"name {spec.name!r} must be a plain slug like 'apanet-table4'")
+    if spec.metric is not None and spec.metrics is not None:
         raise _err(path, "give either `metric:` or `metrics:`, not both")
-    metrics = data.get("metrics", data.get("metric", "miou"))
-    metrics = [metrics] if isinstance(metrics, str) else metrics
-    if not isinstance(metrics, list) or not metrics or not all(isinstance(m, str) for m in metrics):
-        raise _err(path, f"metric(s) must be a name or a list of names, got {metrics!r}")
-    methods = data["methods"]
-    methods = [methods] if isinstance(methods, str) else methods
-    if not isinstance(methods, list) or not all(isinstance(m, str) for m in methods):
-        raise _err(path, f"methods must be a list of conf/method names, got {methods!r}")
-    task = data.get("task", "train")
-    if not isinstance(task, str):
-        raise _err(path, f"task must be a name, got {task!r}")
-    base = _check_overrides(path, "base", data["base"])
-    grid = _check_grid(path, "grid", data.get("grid"))
+    metrics = spec.metrics or [spec.metric or "miou"]
+    base = list(_check_overrides(path, "base", spec.base))
+    grid = _check_grid(path, "grid", spec.grid)
 
-    cols = data["columns"]
-    if not isinstance(cols, Mapping):
-        raise _err(path, f"columns must be a mapping, got {cols!r}")
-    if set(cols) - _COLUMN_KEYS:
-        raise _err(path, f"columns: unknown key(s) {sorted(set(cols) - _COLUMN_KEYS)}; allowed {sorted(_COLUMN_KEYS)}")
-    by, groups, labels = cols.get("by"), [], []
-    mean = bool(cols.get("mean", False))
-    average_over = cols.get("average_over") or []
-    if not isinstance(average_over, list) or any(k not in grid for k in average_over):
-        raise _err(path, f"columns.average_over must list grid keys ({sorted(grid)}), got {average_over!r}")
-    if "groups" in cols:
-        if by is not None or "labels" in cols:
-            raise _err(path, "columns: give either `by` + `labels` or `groups`, not both")
-        if not isinstance(cols["groups"], list) or not cols["groups"]:
-            raise _err(path, "columns.groups must be a non-empty list of {label, overrides}")
-        for i, g in enumerate(cols["groups"]):
-            if not isinstance(g, Mapping) or "label" not in g or set(g) - _GROUP_KEYS:
-                raise _err(path, f"columns.groups[{i}] must be a mapping with keys {sorted(_GROUP_KEYS)}, got {g!r}")
-            metric = g.get("metric")
-            if metric is not None and not isinstance(metric, str):
-                raise _err(path, f"columns.groups[{i}].metric must be a metric name, got {metric!r}")
-            groups.append(
-                Column(label=str(g["label"]), overrides=tuple(_check_overrides(path, f"columns.groups[{i}].overrides",
-                       g.get("overrides"))), metric=metric, is_group=True)  # fmt: skip
-            )
-        labels = [g.label for g in groups]
-    elif by is not None:
+    by, cols = spec.columns.by, spec.columns
+    if by is not None:
         if by not in grid:
             raise _err(path, f"columns.by {by!r} is not a key of grid {sorted(grid)}")
-        if by in average_over:
-            raise _err(path, f"columns.by {by!r} cannot also be averaged over")
-        labels = [str(x) for x in cols.get("labels") or [f"{by}={v}" for v in grid[by]]]
+        labels = cols.labels or [f"{by}={v}" for v in grid[by]]
         if len(labels) != len(grid[by]):
             raise _err(path, f"columns.labels has {len(labels)} labels but grid.{by} has {len(grid[by])} values")
-    elif "labels" in cols:
-        if len(cols["labels"]) != 1:
+    else:
+        labels = list(cols.labels or [])
+        if len(labels) > 1:
             raise _err(path, "columns.labels without `by` must name exactly one column")
-        labels = [str(cols["labels"][0])]
-    if len(set(labels)) != len(labels):
-        raise _err(path, f"column labels repeat: {labels}")
-    if mean and MEAN in labels:
-        raise _err(path, f"a column is labelled {MEAN!r} and columns.mean is true")
-    free = {by, SEED_KEY, *average_over}
+    if len(set(labels)) != len(labels) or (cols.mean and MEAN in labels):
+        raise _err(path, f"column labels repeat: {labels + [MEAN] * cols.mean}")
     for k, vals in grid.items():
-        if k not in free and len(vals) > 1:
-            raise _err(path, f"grid.{k} has several values but is neither columns.by ({by}), {SEED_KEY!r} nor in "
-                             "columns.average_over: make it the column key, average over it, or one row per value")  # fmt: skip
-    all_labels = labels + ([MEAN] if mean else [])
-    if not all_labels:
-        all_labels = ["value"]
+        if k not in (by, SEED_KEY) and len(vals) > 1:
+            raise _err(path, f"grid.{k} has several values but is neither columns.by ({by}) nor {SEED_KEY!r}: make "
+                             "it the column key, or one row per value")  # fmt: skip
+    all_labels = (labels + [MEAN] * cols.mean) or ["value"]
 
-    def parse_row(i: int, r: Any, kind: str, allowed: set) -> Row:
-        where = f"{kind}[{i}]"
-        if not isinstance(r, Mapping) or "label" not in r:
-            raise _err(path, f"{where} must be a mapping with at least `label`, got {r!r}")
-        if set(r) - allowed:
-            raise _err(path, f"{where}: unknown key(s) {sorted(set(r) - allowed)}; allowed {sorted(allowed)}")
-        metric = r.get("metric")
-        if metric is not None and not isinstance(metric, str):
-            raise _err(path, f"{where}.metric must be a metric name, got {metric!r}")
-        row_methods = r.get("methods") or []
-        row_methods = [row_methods] if isinstance(row_methods, str) else list(row_methods)
-        return Row(
-            label=str(r["label"]), slug=slugify(r["label"]),
-            overrides=tuple(_check_overrides(path, f"{where}.overrides", r.get("overrides"))),
-            paper=_parse_paper(path, where, r.get("paper"), all_labels, metrics),
-            paper_std=_parse_paper(path, where, r.get("paper_std"), all_labels, metrics, key="paper_std"),
-            metric=metric, methods=tuple(row_methods), index=i, reference=kind == "reference",
-            note=_note(r.get("note", r.get("notes"))),
-        )  # fmt: skip
-
-    if not isinstance(data["rows"], list) or not data["rows"]:
+    if not spec.rows:
         raise _err(path, "rows must be a non-empty list")
     rows, slugs = [], set()
-    for i, r in enumerate(data["rows"]):
-        row = parse_row(i, r, "rows", _ROW_KEYS)
-        if row.slug in slugs:
-            row = Row(**{**row.__dict__, "slug": f"{row.slug}-{i}"})
-        slugs.add(row.slug)
-        rows.append(row)
-    if len({r.label for r in rows}) != len(rows):
+    for i, r in enumerate(spec.rows):
+        slug = slugify(r.label)
+        slug = f"{slug}-{i}" if slug in slugs else slug
+        slugs.add(slug)
+        rows.append(Row(label=r.label, slug=slug, overrides=_check_overrides(path, f"rows[{i}].overrides", r.overrides),
+                        paper=_paper(path, f"rows[{i}]", r.paper, all_labels, metrics), index=i, note=_note(r.notes)))  # fmt: skip
+    known = {r.label for r in rows}
+    if len(known) != len(rows):
         raise _err(path, "row labels repeat")
-    reference = data.get("reference") or []
-    if not isinstance(reference, list):
-        raise _err(path, "reference must be a list of {label, paper} rows (the paper's numbers only)")
-    reference = [parse_row(i, r, "reference", _REFERENCE_KEYS) for i, r in enumerate(reference)]
 
-    def parse_paired(where: str, value: Any, known: set[str]) -> dict[str, str] | None:
+    def paired(where: str, value: Mapping[str, str] | None, known: set[str]) -> dict[str, str] | None:
         if value is None:
             return None
-        if not isinstance(value, Mapping) or not value:
-            raise _err(path, f"{where} must be a mapping {{row label: baseline row label}}, got {value!r}")
-        out = {}
         for a, b in value.items():
             for lab in (a, b):
-                if str(lab) not in known:
+                if lab not in known:
                     raise _err(path, f"{where}: no row labelled {lab!r} among {sorted(known)}")
-            if str(a) == str(b):
+            if a == b:
                 raise _err(path, f"{where}: row {a!r} is paired with itself")
-            out[str(a)] = str(b)
-        return out
-
-    paired = parse_paired("paired", data.get("paired"), {r.label for r in rows}) or {}
-
-    plot = data.get("plot")
-    if plot is not None:
-        if not isinstance(plot, Mapping) or "x" not in plot or set(plot) - _PLOT_KEYS:
-            raise _err(path, f"plot must be a mapping with `x` (and optional {sorted(_PLOT_KEYS - {'x'})}), got {plot!r}")
-        plot = dict(plot)
+        return dict(value)
 
     profiles = {}
-    for pname, p in (data.get("profiles") or {}).items():
+    for pname, p in spec.profiles.items():
+        where = f"profiles.{pname}"
         if pname == PAPER_PROFILE or slugify(pname) != pname:
             raise _err(path, f"profile name {pname!r} is reserved or not a slug")
-        if not isinstance(p, Mapping) or set(p) - _PROFILE_KEYS:
-            raise _err(path, f"profiles.{pname} must be a mapping with keys among {sorted(_PROFILE_KEYS)}, got {p!r}")
-        pgrid = _check_grid(path, f"profiles.{pname}.grid", p.get("grid"))
+        pgrid = _check_grid(path, f"{where}.grid", p.grid)
         for k in pgrid:
             if k not in grid and len(pgrid[k]) > 1 and k != SEED_KEY:
-                raise _err(path, f"profiles.{pname}.grid.{k}: a profile may only narrow the table's grid keys")
+                raise _err(path, f"{where}.grid.{k}: a profile may only narrow the table's grid keys")
         if by is not None and by in pgrid:
             extra = [v for v in pgrid[by] if v not in grid[by]]
             if extra:
-                raise _err(path, f"profiles.{pname}.grid.{by}: {extra} are not columns of the table ({grid[by]})")
+                raise _err(path, f"{where}.grid.{by}: {extra} are not columns of the table ({grid[by]})")
         prow = None
-        if p.get("rows") is not None:
-            if not isinstance(p["rows"], list):
-                raise _err(path, f"profiles.{pname}.rows must be a list of {{label, overrides}}")
+        if p.rows is not None:
             prow = {}
-            known = {r.label for r in rows}
-            for i, r in enumerate(p["rows"]):
-                where = f"profiles.{pname}.rows[{i}]"
-                if not isinstance(r, Mapping) or "label" not in r or set(r) - _PROFILE_ROW_KEYS:
-                    raise _err(path, f"{where} must be a mapping with keys among {sorted(_PROFILE_ROW_KEYS)}, got {r!r}")
-                if str(r["label"]) not in known:
-                    raise _err(path, f"{where}: no row labelled {r['label']!r} in rows")
-                prow[str(r["label"])] = _check_overrides(path, f"{where}.overrides", r.get("overrides"))
-        profiles[pname] = {
-            "base": _check_overrides(path, f"profiles.{pname}.base", p["base"]) if "base" in p else None,
-            "grid": pgrid,
-            "rows": prow,
-            "paired": parse_paired(f"profiles.{pname}.paired", p.get("paired"),
-                                   set(prow) if prow is not None else {r.label for r in rows}),
-            "budget": p.get("budget", ""),
-        }
-    dataset = data.get("dataset", "")
-    return Sweep(
-        path=path, name=name, paper=str(data["paper"]), title=str(data["title"]), methods=tuple(methods),
-        base=base, grid=grid, rows=rows, columns_by=by, column_labels=labels, column_groups=groups, mean=mean,
-        metrics=list(metrics), average_over=list(average_over), source=str(data.get("source", "")),
-        dataset=", ".join(map(str, dataset)) if isinstance(dataset, list) else str(dataset),
-        budget=str(data.get("budget", "")), task=task, plot=plot, profiles=profiles, reference=reference,
-        note=_note(data.get("note", data.get("notes"))), paired=paired,
+            for i, r in enumerate(p.rows):
+                if r.label not in known:
+                    raise _err(path, f"{where}.rows[{i}]: no row labelled {r.label!r} in rows")
+                prow[r.label] = _check_overrides(path, f"{where}.rows[{i}].overrides", r.overrides)
+        profiles[pname] = Profile(
+            base=None if p.base is None else _check_overrides(path, f"{where}.base", p.base),
+            overrides=_check_overrides(path, f"{where}.overrides", p.overrides), grid=pgrid, rows=prow,
+            paired=paired(f"{where}.paired", p.paired, set(prow) if prow is not None else known), budget=p.budget,
+        )  # fmt: skip
+    sweep = Sweep(
+        path=path, name=spec.name, paper=spec.paper, title=spec.title, methods=tuple(spec.methods), base=base,
+        grid=grid, rows=rows, columns_by=by, column_labels=labels, mean=cols.mean, metrics=list(metrics),
+        source=spec.source, dataset=spec.dataset, budget=spec.budget, plot=spec.plot.model_dump() if spec.plot else None,
+        profiles=profiles, note=_note(spec.notes), paired=paired("paired", spec.paired, known) or {},
     )  # fmt: skip
+    for prof in [None, *profiles]:  # two runs in one directory: rows or grid values that slug alike
+        dirs = [r.run_dir for r in sweep.expand(prof, "") if not r.shared]
+        if len(set(dirs)) != len(dirs):
+            dup = next(d for d in dirs if dirs.count(d) > 1)
+            raise _err(path, f"two runs share the run directory {dup}; make row labels / grid values distinct")
+    return sweep
 
 
 # --------------------------------------------------------------------------- finding files
@@ -690,148 +650,12 @@ def compose_run_config(overrides: Sequence[str], run_dir: str | os.PathLike, con
     return cfg
 
 
-_VOLATILE = ("run_dir",)  # where the run lives is not part of what it computes
-
-
-def _comparable(cfg: Mapping) -> dict:
-    return {k: v for k, v in cfg.items() if k not in _VOLATILE}
-
-
-def _plain(v: Any) -> Any:
-    if isinstance(v, (list, tuple)):
-        return [_plain(x) for x in v]
-    if isinstance(v, Mapping):
-        return {k: _plain(x) for k, x in v.items()}
-    return v
-
-
-@functools.lru_cache(maxsize=None)
-def _constructor_defaults(target: str) -> dict[str, Any]:
-    """Keyword defaults of the callable a ``_target_`` names ({} when it cannot be imported or inspected)."""
-    import inspect
-
-    try:
-        from hydra.utils import get_object
-
-        sig = inspect.signature(get_object(target))
-    except Exception:  # noqa: BLE001 - an unknown target only means no key is treated as a default
-        return {}
-    return {n: _plain(q.default) for n, q in sig.parameters.items() if q.default is not inspect.Parameter.empty}
-
-
-# classes that replaced another without changing what a run computes (same checkpoints, same CSV rows)
-_EQUIVALENT_TARGETS = {
-    "fsseg.callbacks.RunCheckpoint": "lightning.pytorch.callbacks.ModelCheckpoint",
-    "fsseg.callbacks.RunCSVLogger": "lightning.pytorch.loggers.CSVLogger",
-}
-# top-level train.yaml options added after runs were recorded, at their default
-_TOP_LEVEL_DEFAULTS = {"train": True}
-
-
-def without_defaults(node: Any, top: bool = True) -> Any:
-    """The config with every key dropped whose value equals its ``_target_``'s constructor default, so that a
-    config that spells a default out and one that leaves it to the constructor compare equal: adding an option
-    with its default to conf/ leaves finished sweep runs finished."""
-    if isinstance(node, Mapping):
-        out = {k: without_defaults(v, top=False) for k, v in node.items()}
-        if top:
-            out = {k: v for k, v in out.items() if not (k in _TOP_LEVEL_DEFAULTS and v == _TOP_LEVEL_DEFAULTS[k])}
-        target = node.get("_target_")
-        if isinstance(target, str):
-            out["_target_"] = _EQUIVALENT_TARGETS.get(target, target)
-            for k, d in _constructor_defaults(target).items():
-                if k in out and _plain(out[k]) == d:
-                    del out[k]
-        return out
-    if isinstance(node, (list, tuple)):
-        return [without_defaults(x, top=False) for x in node]
-    return node
-
-
-def config_digest(cfg: Mapping) -> str:
-    from fsseg.io import sha256_bytes
-
-    body = without_defaults(_comparable(cfg))
-    return sha256_bytes(json.dumps(body, sort_keys=True, default=str).encode())
-
-
-_NOT_COMPUTED = ("run_dir", "sweep_name", "logger")  # where a run lives, which table it serves, how it is logged
-
-
-def computed_config(cfg: Mapping, not_computed: Sequence[str] = _NOT_COMPUTED) -> dict:
-    """What a run computes, wherever it lives: its config without ``not_computed`` and without options at their
-    defaults, its own directory replaced by a placeholder (fsseg-train compares it when resuming)."""
-    own = str(cfg.get("run_dir") or "\0")
-
-    def norm(v: Any) -> Any:
-        if isinstance(v, str):
-            return v.replace(own, "<run_dir>")
-        if isinstance(v, Mapping):
-            return {str(k): norm(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [norm(x) for x in v]
-        return v
-
-    return norm(without_defaults({k: v for k, v in cfg.items() if k not in not_computed}))
-
-
-def run_identity(cfg: Mapping) -> str:
-    """Digest of :func:`computed_config`. Runs are deterministic, so two runs with one identity give the same
-    metrics (fsseg-sweep re-uses a finished run of another table instead of training it again)."""
-    from fsseg.io import sha256_bytes
-
-    body = computed_config(cfg)
-    return sha256_bytes(json.dumps(body, sort_keys=True, default=str).encode())
-
-
 def finished_runs(out: str | os.PathLike) -> dict[str, Path]:
     """``run_identity`` -> directory of every finished sweep run under ``out`` (``<sweep>/<profile>/<row>/<point>``;
-    set-aside ``_stale`` runs excluded); the first in path order wins."""
+    set-aside ``_stale`` runs and runs of another code version excluded); the first in path order wins."""
     found: dict[str, Path] = {}
     for m in sorted(Path(out).glob("*/*/*/*/metrics.json")):
         cfg = recorded_config(m.parent)
-        if cfg is not None and "_stale" not in m.parts:
+        if cfg is not None and "_stale" not in m.parts and code_matches(m.parent):
             found.setdefault(run_identity(cfg), m.parent)
     return found
-
-
-def recorded_config(run_dir: str | os.PathLike) -> dict | None:
-    p = Path(run_dir) / "config.yaml"
-    if not p.is_file():
-        return None
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError:
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def run_status(run_dir: str | os.PathLike, expected: Mapping | None = None) -> str:
-    """``finished`` (metrics.json, and config equals ``expected`` when given), ``stale`` (finished with
-    another config), ``failed`` (FAILED marker, no metrics.json), ``started`` (a directory without either)
-    or ``missing``."""
-    run_dir = Path(run_dir)
-    if (run_dir / "metrics.json").is_file():
-        if expected is None:
-            return "finished"
-        rec = recorded_config(run_dir)
-        same = rec is not None and without_defaults(_comparable(rec)) == without_defaults(_comparable(expected))
-        return "finished" if same else "stale"
-    if (run_dir / FAILED_FILE).is_file():
-        return "failed"
-    return "started" if run_dir.is_dir() else "missing"
-
-
-def config_diff(a: Mapping, b: Mapping, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two nested dicts (for messages)."""
-    out = []
-    for k in sorted(set(a) | set(b), key=str):
-        if prefix == "" and k in _VOLATILE:
-            continue
-        ka = f"{prefix}{k}"
-        va, vb = a.get(k, "<absent>"), b.get(k, "<absent>")
-        if isinstance(va, Mapping) and isinstance(vb, Mapping):
-            out += config_diff(va, vb, ka + ".")
-        elif va != vb:
-            out.append(f"{ka}: {va!r} -> {vb!r}")
-    return out

@@ -47,7 +47,7 @@ def test_min_pixels_threshold_2047_vs_2048(voc, tmp_path, builders):
 
 
 def test_train_filter_keep_and_drop(voc, tmp_path, builders):
-    p = lambda n: pos(builders, "train", n)  # noqa: E731
+    p = lambda n: pos(builders, "train", n)
     keep = build_fold_index(voc, "train", 0, train_filter="keep", cache_dir=tmp_path, progress=False)
     assert keep.class_ids == list(range(6, 21)) and keep.excluded_ids == [1, 2, 3, 4, 5]
     assert keep.dropped == [] and keep.num_total == 12

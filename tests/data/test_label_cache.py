@@ -52,7 +52,7 @@ def test_training_episode_with_a_support_edited_to_255_names_the_file(voc_copy, 
     index = build_fold_index(src, "train", 0, cache_dir=tmp_path, progress=False)  # built before the edit
     ds = TrainEpisodes(src, index, shots=1, transform=TrainTransform(48, MEAN, STD), seed=5)
     code = next(k for k in range(1000) if ds.draw(k)[1] == 7)
-    q, c, (s,), _ = ds.draw(code)
+    _, _, (s,), _ = ds.draw(code)
     ds[code]  # fine before the edit
     blank(src.items("train")[s][1])
     with pytest.raises(DataError, match=rf"label .*{src.items('train')[s][1].name} \(support of a class-7 episode\) "

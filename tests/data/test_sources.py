@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from fsseg.data.sources import COCO, FSS1000, VOC_CLASSES, PascalVOC
 from fsseg.errors import DataError
 

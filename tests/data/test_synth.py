@@ -79,7 +79,7 @@ def test_label_values_and_sizes(bench):
         w, h = im.size
         assert max(w, h) == 160 and 112 <= min(w, h) <= 160
         vals = set(np.unique(np.asarray(lb)).tolist())
-        assert vals <= set(range(0, 21)) | {255}, (lab, vals)
+        assert vals <= set(range(21)) | {255}, (lab, vals)
         seen.update(v for v in vals if 1 <= v <= 20)
     assert len(seen) >= 18  # nearly every class appears even in 100 images
 

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from fsseg_testing import StubEncoder
 
-import fsseg.models.apanet as apanet
-import fsseg.models.kmeans as kmeans
 from fsseg.data import batch as B
 from fsseg.errors import ConfigError
+from fsseg.models import apanet, kmeans
 from fsseg.models.apanet import (
     ClassAgnosticBranch,
     agnostic_target,
@@ -25,7 +25,6 @@ from fsseg.models.losses import CrossEntropy, DeepSupervision
 from fsseg.models.ops import mask_to_feature
 from fsseg.models.pfenet import FeatureEnrichmentModule, PriorPrototypeHead
 from fsseg.models.segmenter import FewShotSegmenter
-from fsseg_testing import StubEncoder
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -148,8 +149,8 @@ def test_aspp_keeps_the_size_and_concatenates_five_branches():
 class CountingEncoder(nn.Module):
     """Stub encoder with BAM's four taps; counts the images it encodes."""
 
-    tap_channels = {"mid": 6, "high": 5, "low": 4, "base": 5}
-    taps = {"mid": [1], "high": [2], "low": [0], "base": [2]}
+    tap_channels: ClassVar[dict[str, int]] = {"mid": 6, "high": 5, "low": 4, "base": 5}
+    taps: ClassVar[dict[str, list[int]]] = {"mid": [1], "high": [2], "low": [0], "base": [2]}
 
     def __init__(self):
         super().__init__()

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import nn
 
 from fsseg.data import batch as B
-from fsseg.models.baselines import ConstantDecoder, CosineThresholdDecoder, MaskedPrototypeHead, tune_threshold
+from fsseg.models.baselines import (
+    ConstantDecoder,
+    CosineThresholdDecoder,
+    MaskedPrototypeHead,
+    tune_threshold,
+)
 from fsseg.models.losses import CrossEntropy
 from fsseg.models.segmenter import FewShotSegmenter
 
@@ -14,7 +21,7 @@ from fsseg.models.segmenter import FewShotSegmenter
 class MaskEncoder(nn.Module):
     """Features that encode the image's first channel: fg pixels (value 1) -> [1, 0.3], bg (0) -> [0.3, 1]."""
 
-    tap_channels = {"mid": 2}
+    tap_channels: ClassVar[dict[str, int]] = {"mid": 2}
 
     def forward(self, x):
         fg = (x[:, :1] > 0.5).float()

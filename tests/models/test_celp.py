@@ -8,10 +8,11 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from fsseg_testing import StubEncoder, compose, tiny_overrides
 
-import fsseg.models.celp as celp
 from fsseg.data import batch as B
 from fsseg.errors import ConfigError
+from fsseg.models import celp
 from fsseg.models.celp import (
     LatentContrast,
     label_regions,
@@ -24,7 +25,6 @@ from fsseg.models.celp import (
 from fsseg.models.losses import CrossEntropy, DeepSupervision
 from fsseg.models.pfenet import FeatureEnrichmentModule, PriorPrototypeHead
 from fsseg.models.segmenter import FewShotSegmenter
-from fsseg_testing import StubEncoder, compose, tiny_overrides
 
 
 def make_model(contrast=None, **model_kw):
@@ -81,7 +81,7 @@ def crafted_features(b=2, h=4, w=5, seed=0):
 
 def loop_similarity(feat):
     """D(i, j) of Eq. 1 pixel by pixel: (B, N, N)."""
-    b, c, h, w = feat.shape
+    b, _c, h, w = feat.shape
     f = feat.flatten(2)
     d = torch.zeros(b, h * w, h * w)
     for n in range(b):
@@ -461,7 +461,7 @@ def test_celp_on_cyctr_uses_the_query_as_its_own_support():
     batch = make_batch(b=2, size=64)
     out = model(batch)
     branch = model.aux_losses["latent_contrast"]
-    guidance, target, keep = branch.contrast_guidance(out, batch)
+    guidance, _target, keep = branch.contrast_guidance(out, batch)
     assert torch.equal(guidance["support_feat"][:, 0], out["query_feat"]) and keep.any()
     calls = []
     model.decoder.register_forward_hook(lambda mod, args, res: calls.append(args[0]))

@@ -9,6 +9,7 @@ import warnings
 
 import pytest
 import torch
+from fsseg_testing import compose
 
 from fsseg.data import batch as B
 from fsseg.errors import ConfigError
@@ -25,7 +26,6 @@ from fsseg.models.cyctr import (
 )
 from fsseg.models.losses import DiceLoss
 from fsseg.models.optim import CompositeOptimizer, build_optimizer
-from fsseg_testing import compose
 
 
 # ------------------------------------------------------------------------------------------------ cycle consistency
@@ -43,7 +43,7 @@ def loop_cycle_consistency(attn: torch.Tensor, labels: torch.Tensor) -> torch.Te
 @pytest.mark.parametrize("shape", [(1, 1, 4, 3), (2, 3, 7, 5), (3, 8, 16, 2 * 9), (2, 4, 9, 5 * 4)])
 def test_cycle_consistency_matches_loop(shape):
     g = torch.Generator().manual_seed(sum(shape))
-    b, heads, nq, ns = shape  # ns = K shots x tokens per shot, concatenated
+    b, heads, _nq, ns = shape  # ns = K shots x tokens per shot, concatenated
     attn = torch.randn(shape, generator=g)
     labels = torch.rand(b, ns, generator=g) > 0.5
     got = cycle_consistency_mask(attn, labels[:, None, :])
@@ -172,7 +172,7 @@ def _guidance(b=3, k=2, d=16, h=6, w=6, seed=0):
 
 
 def test_training_sampling_is_seeded_and_checkpointed():
-    dec = lambda seed: CyCTRDecoder(dim=16, fg_tokens=4, bg_tokens=4, seed=seed).train()  # noqa: E731
+    dec = lambda seed: CyCTRDecoder(dim=16, fg_tokens=4, bg_tokens=4, seed=seed).train()
     gd = _guidance()
     torch.manual_seed(1)
     a = dec(3)(gd)["cycle_consistent"]
@@ -259,16 +259,16 @@ def _composite(params):
         {"params": [params[1]], "lr": 1e-2},
         {"params": [params[2]], "lr": 1e-2, "weight_decay": 0.0},
     ]
-    sgd = lambda p, lr: torch.optim.SGD(p, lr=lr, momentum=0.9, weight_decay=1e-4)  # noqa: E731
-    adamw = lambda p, lr: torch.optim.AdamW(p, lr=lr, weight_decay=1e-2)  # noqa: E731
+    sgd = lambda p, lr: torch.optim.SGD(p, lr=lr, momentum=0.9, weight_decay=1e-4)
+    adamw = lambda p, lr: torch.optim.AdamW(p, lr=lr, weight_decay=1e-2)
     opt, order = build_optimizer(groups, [sgd, adamw, adamw])
-    poly = lambda step: (1 - step / 20) ** 0.9  # noqa: E731
+    poly = lambda step: (1 - step / 20) ** 0.9
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, [poly, lambda s: 1.0, lambda s: 1.0]), order
 
 
 def _steps(params, opt, sched, n, start):
     for i in range(start, start + n):
-        def closure():
+        def closure(i=i):
             opt.zero_grad()
             loss = sum(((p - i) ** 2).sum() for p in params)
             loss.backward()
@@ -385,7 +385,7 @@ def test_lightning_resume_with_the_composite_optimizer_is_exact(tmp_path):
         return instantiate(cfg.model, num_eval_classes=5)
 
     batches = [_tiny_batch(size=32) for _ in range(4)]
-    loader = lambda: torch.utils.data.DataLoader(batches, batch_size=None)  # noqa: E731
+    loader = lambda: torch.utils.data.DataLoader(batches, batch_size=None)
     kw = dict(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
               num_sanity_val_steps=0, limit_val_batches=0, max_epochs=2, limit_train_batches=2)  # fmt: skip
     with warnings.catch_warnings():

@@ -197,7 +197,7 @@ def _meta(name: str, **kw) -> nn.Module:
 
 
 def test_resnet_deep_stem_choice_documented_in_yaml():
-    shapes = lambda m: [(k, tuple(v.shape)) for k, v in m.state_dict().items()]  # noqa: E731
+    shapes = lambda m: [(k, tuple(v.shape)) for k, v in m.state_dict().items()]
     pspnet_like = _meta("resnet50", stem_type="deep", stem_width=64)
     assert shapes(_meta("resnet50s")) == shapes(pspnet_like)
     stem = [tuple(m.weight.shape) for m in pspnet_like.conv1 if isinstance(m, nn.Conv2d)]

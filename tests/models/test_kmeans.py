@@ -57,7 +57,7 @@ def test_objective_close_to_sklearn_on_overlapping_data():
     for i, ref in enumerate(_sklearn_labels(x, 3)):
         f = torch.nn.functional.normalize(x[i].flatten(1).T, dim=1)
 
-        def cost(labels):
+        def cost(labels, f=f):
             lab = torch.as_tensor(labels)
             return sum(((f[lab == j] - f[lab == j].mean(0)) ** 2).sum().item() for j in lab.unique())
 
@@ -65,7 +65,7 @@ def test_objective_close_to_sklearn_on_overlapping_data():
 
 
 def test_mask_excludes_pixels():
-    x, truth = _separated(b=2, c=12, h=6, w=6, k=3, seed=7)
+    x, _truth = _separated(b=2, c=12, h=6, w=6, k=3, seed=7)
     mask = torch.ones(2, 6, 6, dtype=torch.bool)
     mask[0, :2] = False
     mask[1, :, :3] = False

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import numpy as np
 import pytest
 import torch
@@ -15,7 +17,7 @@ from fsseg.models.segmenter import FewShotSegmenter
 
 
 class TinyEncoder(nn.Module):
-    tap_channels = {"mid": 6, "high": 4}
+    tap_channels: ClassVar[dict[str, int]] = {"mid": 6, "high": 4}
 
     def __init__(self):
         super().__init__()

@@ -8,7 +8,7 @@ A step is zero_grad + FewShotSegmenter.training_step (forward, losses) + backwar
 
 - ``embedded-encoder``: the offline default, tf_efficientnet_lite0 (output stride 8; packaged ImageNet weights
   when installed, else random - the time is the same) on 128 px episodes, batch 8, 1-shot; taps 16x16, mid 152,
-  high 320 channels; FEM bins [1.0, 0.5, 0.25, 0.125] (conf/experiment/pfenet_effl0_synth.yaml).
+  high 320 channels; FEM bins [1.0, 0.5, 0.25, 0.125] (conf/recipe/synth.yaml).
 - ``embedded-features``: the same shapes fed directly (the encoder replaced by precomputed taps): the ratio
   without the frozen encoder's share, i.e. the worst case.
 - ``resnet473-features``: PFENet's PASCAL setting, 473 px -> 60x60 taps, mid 1536 (layer3 + layer2), high 2048

@@ -64,7 +64,7 @@ def build_model(full: bool, overrides: list[str]):
 
 
 def image_batch(gen: torch.Generator, size: int = SIZE, batch: int = BATCH) -> dict[str, torch.Tensor]:
-    mask = lambda *s: (torch.rand(*s, generator=gen) > 0.6).long()  # noqa: E731
+    mask = lambda *s: (torch.rand(*s, generator=gen) > 0.6).long()
     return {
         B.QUERY_IMG: torch.randn(batch, 3, size, size, generator=gen),
         B.SUPPORT_IMGS: torch.randn(batch, SHOTS, 3, size, size, generator=gen),
@@ -187,8 +187,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  data side, one batch of {args.batch} episodes built in-process (num_workers=0):")
         print(f"    from images (load + augment) {d['images']:.3f} s | from the cache ({args.views} views) {d['cache']:.3f} s")
         e2e = {"full": d["images"] + t["full"], "trunc": d["images"] + t["trunc"], "cache": d["cache"] + t["cache"]}
-        for k in e2e:
-            print(f"    end to end {labels[k]:38s} {args.batch / e2e[k]:6.2f} episodes/s")
+        for k, seconds in e2e.items():
+            print(f"    end to end {labels[k]:38s} {args.batch / seconds:6.2f} episodes/s")
         print(f"    end-to-end speed-up c/a x{e2e['full'] / e2e['cache']:.2f}, c/b x{e2e['trunc'] / e2e['cache']:.2f}, "
               f"b/a x{e2e['full'] / e2e['trunc']:.2f}")  # fmt: skip
 

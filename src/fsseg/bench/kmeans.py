@@ -74,8 +74,8 @@ def main(argv: list[str] | None = None) -> None:
         sklearn_loop(x[:1], args.clusters, args.iters)
         ours, theirs = [], []
         for _ in range(args.repeats):  # interleaved, so load changes hit both sides
-            ours += _time(lambda: cosine_kmeans(x, args.clusters, args.iters, generator=gen), 1)
-            theirs += _time(lambda: sklearn_loop(x, args.clusters, args.iters), 1)
+            ours += _time(lambda x=x, gen=gen: cosine_kmeans(x, args.clusters, args.iters, generator=gen), 1)
+            theirs += _time(lambda x=x: sklearn_loop(x, args.clusters, args.iters), 1)
         t_ours, t_theirs = min(ours), min(theirs)
         median = sorted(theirs)[len(theirs) // 2] / sorted(ours)[len(ours) // 2]
         print(

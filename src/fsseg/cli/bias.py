@@ -130,13 +130,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     lines = [
         f"# {sweep.name} [{profile or 'paper'}]: novel objects trained as background",
         "",
-        "Novel mIoU (%) of each run's best checkpoint on novel-class episodes whose queries hold a base class "
+        ("Novel mIoU (%) of each run's best checkpoint on novel-class episodes whose queries hold a base class "
         "(**+base**) or none (**−base**), on the training split (with +base queries the images training used, their "
         "novel objects labelled background) and on the evaluation split (no run trained on them: the control). "
         "**bias** = (train −base − train +base) − (eval −base − eval +base). "
         f"{args.episodes} episodes per manifest, seed {args.eval_seed}; **test**: the sweep's test mIoU. "
         "Mean ± 95% CI over the finished (fold, seed) points; "
-        f"Δ bias: paired change against the first row ({wanted[0]}) on the points both finished.",
+        f"Δ bias: paired change against the first row ({wanted[0]}) on the points both finished."),
         "",
         "| row | points | test | train +base | train −base | eval +base | eval −base | bias | Δ bias vs first row |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",

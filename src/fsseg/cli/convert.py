@@ -2,10 +2,10 @@
 
     fsseg-convert pspnet-backbone initmodel/resnet50_v2.pth weights/resnet50s_pspnet.pth encoder=resnet50
         # -> encoder.weights=weights/resnet50s_pspnet.pth (a timm state dict)
-    fsseg-convert bam-base initmodel/PSPNet/pascal/split0/resnet50/best.pth auto experiment=bam_resnet50_pascal data.fold=0
+    fsseg-convert bam-base initmodel/PSPNet/pascal/split0/resnet50/best.pth auto method=bam encoder=resnet50 recipe=bam_pascal data.fold=0
         # -> the fold's stage-1 file where stage 2 looks for it (auto = the experiment's base_learner_path)
-    fsseg-convert bam BAM/exp/.../best.pth bam_fold0.ckpt experiment=bam_resnet50_pascal data.fold=0
-    fsseg-convert pfenet PFENet/exp/.../best.pth pfenet_fold0.ckpt experiment=pfenet_resnet50_pascal data.fold=0
+    fsseg-convert bam BAM/exp/.../best.pth bam_fold0.ckpt method=bam encoder=resnet50 recipe=bam_pascal data.fold=0
+    fsseg-convert pfenet PFENet/exp/.../best.pth pfenet_fold0.ckpt method=pfenet encoder=resnet50 recipe=pascal data.fold=0
         # -> fsseg-eval run_dir=<a run of that experiment> checkpoint=<the .ckpt>
 
 Arguments after the output path are Hydra overrides of the training config: they say which fsseg module the

@@ -25,7 +25,7 @@ from fsseg.errors import ConfigError
 from fsseg.io import write_text_atomic
 from fsseg.sweeps import Sweep, find_sweep, load_sweep
 
-__all__ = ["main", "local_dashboard", "wandb_report", "report_api"]
+__all__ = ["local_dashboard", "main", "report_api", "wandb_report"]
 
 
 def report_api():
@@ -64,12 +64,12 @@ def local_dashboard(sweep: Sweep, profile: str | None, out: str | os.PathLike) -
     parts = [
         "<!doctype html><meta charset='utf-8'>",
         f"<title>{esc(sweep.name)}</title>",
-        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+        ("<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
         "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}td:first-child{text-align:left}"
-        ".failed{color:#b00;font-weight:bold}.paper{color:#666}img{max-width:100%}</style>",
+        ".failed{color:#b00;font-weight:bold}.paper{color:#666}img{max-width:100%}</style>"),
         f"<h1>{esc(sweep.name)}: {esc(sweep.title)}</h1>",
-        f"<p>{esc(sweep.source)} &mdash; profile <b>{esc(results[0].run.profile if results else 'paper')}</b>. "
-        "Ours: mean &plusmn; 95% CI over seeds; paper as printed; &Delta; = ours &minus; paper.</p>",
+        (f"<p>{esc(sweep.source)} &mdash; profile <b>{esc(results[0].run.profile if results else 'paper')}</b>. "
+        "Ours: mean &plusmn; 95% CI over seeds; paper as printed; &Delta; = ours &minus; paper.</p>"),
         "<table><tr><th>row</th>" + "".join(f"<th>{esc(c)}</th><th class='paper'>paper</th><th>&Delta;</th>"
                                              for c in table["columns"]) + "</tr>",
     ]  # fmt: skip

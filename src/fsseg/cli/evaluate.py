@@ -55,9 +55,9 @@ def load_weights(model, ckpt: Path) -> None:
 
 def evaluate(run_cfg: DictConfig, ckpt: Path, trainer_cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     import lightning as L
-    from fsseg.cli.common import instantiate
 
     from fsseg import provenance
+    from fsseg.cli.common import instantiate
     from fsseg.models.segmenter import metrics_from_trainer
 
     L.seed_everything(int(run_cfg.seed), workers=True)

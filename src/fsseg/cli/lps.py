@@ -6,7 +6,7 @@ the pseudo-foreground M^1 does not depend on training, so it can be audited agai
 still names the novel classes:
 
     fsseg-lps experiment=celp_effl0_synth data.fold=0 --images 200
-    fsseg-lps experiment=celp_resnet50_pascal data.fold=0 paths.data_dir=/data --deltas 0.5 0.65
+    fsseg-lps method=celp encoder=resnet50 recipe=celp_pascal data.fold=0 paths.data_dir=/data --deltas 0.5 0.65
 
 Images: the training split's query candidates (the data layer's fold index: ``data.min_pixels`` pixels of a base
 class, ``data.train_filter``), in a seeded random order, resized by the evaluation transform to ``data.train_size`` (no
@@ -30,7 +30,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -145,10 +144,10 @@ def audit(cfg, deltas, images: int, batch: int, seed: int) -> dict:
 
 def format_report(report: dict) -> str:
     lines = [
-        f"fold {report['fold']} of {report['source']}: novel classes {report['novel_classes']}, sigma {report['sigma']}, "
-        f"tap {report['tap']}",
-        "| delta | anchored | M^1 size (feature px) | precision on novel | chance | lift | images with a novel object "
-        "| touched | mean IoU |",
+        (f"fold {report['fold']} of {report['source']}: novel classes {report['novel_classes']}, sigma {report['sigma']}, "
+        f"tap {report['tap']}"),
+        ("| delta | anchored | M^1 size (feature px) | precision on novel | chance | lift | images with a novel object "
+        "| touched | mean IoU |"),
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for d, r in report["deltas"].items():
@@ -174,8 +173,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     from hydra import compose, initialize_config_dir
 
-    overrides = args.overrides if any(o.startswith("experiment=") for o in args.overrides) else [
-        "experiment=celp_effl0_synth", *args.overrides]
+    named = any(o.startswith(("experiment=", "recipe=")) for o in args.overrides)
+    overrides = args.overrides if named else ["experiment=celp_effl0_synth", *args.overrides]
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
     report = audit(cfg, args.deltas, args.images, args.batch, args.seed)

@@ -52,9 +52,8 @@ def _summary(m: dict[str, Any]) -> dict[str, float]:
 
 def references(run_dir: Path, checkpoint: str = "best", tune_episodes: int = 300, figure: Path | None = None,
                thresholds: np.ndarray | None = None) -> dict[str, Any]:  # fmt: skip
-    from fsseg.cli.common import instantiate
-
     from fsseg import provenance
+    from fsseg.cli.common import instantiate
     from fsseg.cli.evaluate import load_run_config, load_weights, resolve_checkpoint
     from fsseg.models.baselines import CosineThresholdDecoder, MaskedPrototypeHead, tune_threshold
     from fsseg.models.losses import CrossEntropy

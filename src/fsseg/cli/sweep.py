@@ -1,16 +1,18 @@
 """fsseg-sweep: run a paper table's sweep (sweeps/<paper>/<table>.yaml), resumably, then render the table.
 
-    fsseg-sweep apanet-table4 --profile embedded          # embedded benchmark, local, one run at a time
+    fsseg-sweep apanet-table4 --profile embedded          # embedded benchmark: fsseg-train -m, one job at a time
     fsseg-sweep apanet-table4                              # the paper's protocol (GPU), one device per job
-    fsseg-sweep apanet-table4 --jobs 4                     # 4 runs at once; with GPUs: one GPU each
+    fsseg-sweep apanet-table4 --jobs 4                     # 4 jobs at once; with GPUs: one GPU each
     fsseg-sweep apanet-table4 --launcher slurm hydra.launcher.partition=gpu   # Hydra multirun + submitit
     fsseg-sweep apanet-table4 --launcher submitit_local    # the same path, as local processes (a check)
     fsseg-sweep apanet-table4 --dry-run                    # list runs, their status and directories
     fsseg-sweep --list                                     # every table, its methods and profiles
 
-Every run gets ``<out>/<name>/<profile or paper>/<row slug>/<grid slug>``. A run whose ``metrics.json``
-exists and whose recorded ``config.yaml`` equals the config this sweep would give it is skipped, so running
-the command again resumes an interrupted sweep; a finished run with another config is moved to
+The sweep file becomes ``fsseg-train -m`` invocations (Hydra's basic launcher locally, hydra-submitit-launcher
+on SLURM), then ``fsseg-table``. Every run gets ``<out>/<name>/<profile or paper>/<row slug>/<grid slug>``. A
+run whose ``metrics.json`` exists and whose recorded ``config.yaml`` and code version equal what this sweep
+would run is skipped (fsseg.runs), so running the command again resumes an interrupted sweep; a finished run
+with another config or code is moved to
 ``<out>/<name>/<profile>/_stale/`` and re-run. A failing run leaves ``<run dir>/FAILED`` (the error and the
 end of its log) and the others go on. The command ends with a summary (done / skipped / failed) and renders
 the table (``fsseg-table``); it exits 1 if any run failed.
@@ -40,13 +42,13 @@ from typing import Any
 
 from fsseg.cli.common import config_dir, environment_defaults
 from fsseg.errors import ConfigError
-from fsseg.sweeps import (  # noqa: I001
+from fsseg.runs import why_stale
+from fsseg.sweeps import (
     FAILED_FILE,
     SPEC_FILE,
     Run,
     Sweep,
     compose_run_configs,
-    config_diff,
     config_digest,
     find_sweep,
     finished_runs,
@@ -56,17 +58,14 @@ from fsseg.sweeps import (  # noqa: I001
     merge_overrides,
     missing_methods,
     override_key,
-    recorded_config,
     run_identity,
     run_status,
     slugify,
     sweep_name_of,
     sweeps_dir,
-    without_defaults,
 )
 
 LAUNCHERS = ("local", "submitit_local", "slurm")
-LOG_FILE = "train.log"
 _TAIL = 40
 
 
@@ -140,10 +139,9 @@ def plan(sweep: Sweep, profile: str | None, out: Path, extra: Sequence[str], con
         p.expected = expected
         status = run_status(run.run_dir, p.expected)
         if status == "finished":
-            p.status, p.message = "skipped", "finished earlier with the same config"
+            p.status, p.message = "skipped", "finished earlier with the same config and code"
         elif status == "stale":
-            diff = config_diff(without_defaults(recorded_config(run.run_dir) or {}), without_defaults(p.expected))
-            p.message = "re-run: config changed (" + "; ".join(diff[:3]) + ("; ..." if len(diff) > 3 else "") + ")"
+            p.message = "re-run: " + why_stale(run.run_dir, p.expected)
             if apply:
                 _set_aside(run, out)
         elif status in ("started", "failed"):
@@ -247,141 +245,33 @@ def terminate(procs: Sequence[subprocess.Popen], grace: float = 30.0) -> None:
             proc.kill()
 
 
-class LocalLauncher:
-    """Each run in its own fsseg-train process; ``jobs`` at once; with GPUs, job slot i sees GPU i only."""
-
-    def __init__(self, jobs: int = 1, gpus: Sequence[str] | None = None, verbose: bool = False):
-        self.jobs = max(1, int(jobs))
-        self.gpus = list(gpus) if gpus else self._visible_gpus()
-        if self.gpus and self.jobs > len(self.gpus):
-            raise ConfigError(f"--jobs {self.jobs} but only {len(self.gpus)} GPU(s) ({self.gpus}): one device per job")
-        self.verbose = verbose
-        self._procs: set[subprocess.Popen] = set()
-        self._lock = threading.Lock()
-        self._slots: list[int] = list(range(self.jobs))
-
-    @staticmethod
-    def _visible_gpus() -> list[str]:
-        env = os.environ.get("CUDA_VISIBLE_DEVICES")
-        if env is not None:
-            return [g for g in env.split(",") if g.strip()]
-        try:
-            import torch
-
-            return [str(i) for i in range(torch.cuda.device_count())]
-        except Exception:  # noqa: BLE001
-            return []
-
-    def _env(self, slot: int) -> dict[str, str]:
-        env = dict(os.environ)
-        env.setdefault("FSSEG_CONF", config_dir())
-        if self.gpus:
-            env["CUDA_VISIBLE_DEVICES"] = self.gpus[slot]
-        if self.jobs > 1:  # share the CPU cores between the concurrent jobs
-            per_job = max(1, (os.cpu_count() or 1) // self.jobs)
-            env.setdefault("OMP_NUM_THREADS", str(per_job))
-        return env
-
-    def command(self, p: Planned) -> list[str]:
-        return [*train_command(), *p.overrides, f"hydra.run.dir={format_value(str(p.run.run_dir.resolve()))}"]
-
-    def run_one(self, p: Planned, index: str) -> None:
-        with self._lock:
-            slot = self._slots.pop(0)
-        try:
-            self._run(p, index, slot)
-        finally:
-            with self._lock:
-                self._slots.append(slot)
-
-    def _run(self, p: Planned, index: str, slot: int) -> None:
-        run = p.run
-        cmd = self.command(p)
-        (run.run_dir / FAILED_FILE).unlink(missing_ok=True)
-        _write_spec(p, cmd, "local")
-        log_path = run.run_dir / LOG_FILE
-        where = f" (GPU {self.gpus[slot]})" if self.gpus else ""
-        print(f"{index} {run.describe()}{where}: running -> {run.run_dir}", flush=True)
-        start = time.monotonic()
-        with open(log_path, "a", encoding="utf-8") as log:
-            log.write(f"\n=== {_utc()} {' '.join(cmd)}\n")
-            log.flush()
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self._env(slot))
-            with self._lock:
-                self._procs.add(proc)
-            rc = proc.wait()  # interrupted: the process stays registered, so stop() ends it
-            with self._lock:
-                self._procs.discard(proc)
-        p.seconds = time.monotonic() - start
-        if rc == 0 and (run.run_dir / "metrics.json").is_file():
-            p.status = "done"
-            p.message = _metric_summary(run.run_dir)
-            print(f"{index} {run.describe()}: done in {p.seconds:.0f} s{p.message}", flush=True)
-            return
-        if self._stopping and (rc < 0 or rc in (130, 143)):
-            p.status, p.message = "interrupted", f"stopped by signal ({rc})"
-            return
-        tail = _tail(log_path)
-        p.status, p.message = "failed", _error_line(tail)
-        _write_failed(run.run_dir, f"exit code {rc}\ncommand: {' '.join(cmd)}\nerror: {p.message}\n"
-                                   f"--- last {_TAIL} lines of {log_path} ---\n{tail}")  # fmt: skip
-        print(f"{index} {run.describe()}: FAILED in {p.seconds:.0f} s: {p.message} (see {log_path})", flush=True)
-
-    _stopping = False
-
-    def stop(self) -> None:
-        self._stopping = True
-        with self._lock:
-            procs = list(self._procs)
-        terminate(procs)
-
-    def launch(self, todo: list[Planned]) -> None:
-        if not todo:
-            return
-        n = len(todo)
-        if self.jobs == 1:
-            for i, p in enumerate(todo, 1):
-                self.run_one(p, f"[{i}/{n}]")
-            return
-        with ThreadPoolExecutor(max_workers=self.jobs) as pool:
-            futures = [pool.submit(self.run_one, p, f"[{i}/{n}]") for i, p in enumerate(todo, 1)]
-            try:
-                for f in futures:
-                    while not f.done():
-                        time.sleep(0.2)
-                    f.result()
-            except BaseException:
-                for f in futures:
-                    f.cancel()
-                self.stop()  # end the running children now: leaving the pool waits for their threads
-                raise
-
-
-def _metric_summary(run_dir: Path) -> str:
-    from fsseg.provenance import read_metrics
-
-    try:
-        rec = read_metrics(run_dir) or {}
-        m = rec.get("metrics") or {}
-        return f" (mIoU {100 * m['miou']:.2f}, FB-IoU {100 * m['fbiou']:.2f})"
-    except Exception:  # noqa: BLE001
-        return ""
-
-
-# --------------------------------------------------------------------------- Hydra multirun launcher
+# --------------------------------------------------------------------------- launching: Hydra multirun
 class MultirunLauncher:
-    """Hydra multirun through hydra-submitit-launcher: one ``fsseg-train -m`` per row (per column group),
-    its grid as Hydra sweep values, run directories ``hydra.sweep.dir=<root>/<row>`` +
-    ``hydra.sweep.subdir=<grid slug>`` - the same directories the local launcher uses. Rows are launched
-    concurrently (each process waits for its jobs); a timed-out SLURM job is requeued and resumes from its
-    last.ckpt (every run has ``resume=auto``)."""
+    """Every path is Hydra multirun: runs become ``fsseg-train -m`` invocations whose grid values are Hydra
+    sweep values, into ``hydra.sweep.dir=<root>/<row>`` + ``hydra.sweep.subdir=<grid slug>``.
 
-    def __init__(self, launcher: str, launcher_overrides: Sequence[str] = (), max_parallel_rows: int = 16):
+    - ``basic`` (the local default): Hydra's basic launcher, one job at a time. One multirun per row and seed
+      (the rest of its grid swept), seeds outermost, so an interrupted sweep has compared every row on the same
+      seeds. With ``jobs`` > 1, ``jobs`` single-run multiruns at once, one device each (CUDA_VISIBLE_DEVICES).
+    - ``slurm`` / ``submitit_local``: hydra-submitit-launcher, one multirun per row (its whole grid one job
+      array); rows are launched concurrently (each process waits for its jobs); a timed-out SLURM job is
+      requeued and resumes from its last.ckpt (every run has ``resume=auto``).
+    fsseg-train skips a run that is already finished, marks a failing one (FAILED) and finishes wandb itself."""
+
+    def __init__(self, launcher: str = "basic", launcher_overrides: Sequence[str] = (), jobs: int = 1,
+                 gpus: Sequence[str] | None = None, max_parallel_rows: int = 16):  # fmt: skip
         self.launcher = launcher
         self.launcher_overrides = list(launcher_overrides)
-        self.max_parallel_rows = max_parallel_rows
+        self.local = launcher == "basic"
+        self.jobs = max(1, int(jobs))
+        self.gpus = (list(gpus) if gpus is not None else _visible_gpus()) if self.local else []
+        if self.gpus and self.jobs > len(self.gpus):
+            raise ConfigError(f"--jobs {self.jobs} but only {len(self.gpus)} GPU(s) ({self.gpus}): one device per job")
+        self.slots = self.jobs if self.local else max_parallel_rows
         self._procs: set[subprocess.Popen] = set()
         self._lock = threading.Lock()
+        self._free: list[int] = list(range(self.slots))
+        self._stopping = False
 
     @staticmethod
     def _check_slug_values(todo: list[Planned]) -> None:
@@ -393,51 +283,80 @@ class MultirunLauncher:
                         "plain grid values (numbers, names)"
                     )
 
-    def commands(self, todo: list[Planned]) -> list[tuple[list[Planned], list[str], Path]]:
-        """[(runs, command, log path)]: one command per unit when all its points are to run, else per run."""
-        self._check_slug_values(todo)
-        units: dict[str, list[Planned]] = defaultdict(list)
+    def batches(self, todo: list[Planned]) -> list[list[Planned]]:
+        """The runs of each ``fsseg-train -m``: a unit (row, column group; local: and seed) when all its points
+        are to run, else one run each; local with several jobs: one run each (one device per job)."""
+        if self.local and self.jobs > 1:
+            return [[p] for p in todo]
+        units: dict[tuple, list[Planned]] = defaultdict(list)
         for p in todo:
-            units[p.run.unit].append(p)
+            units[(p.run.unit, p.run.seed if self.local else None)].append(p)
         out = []
-        for unit, plist in units.items():
-            run0 = plist[0].run
-            keys = list(run0.point)
-            values = {k: list(dict.fromkeys(p.run.point[k] for p in plist)) for k in keys}
+        for plist in units.values():
+            keys = list(plist[0].run.point)
             full = 1
             for k in keys:
-                full *= len(values[k])
-            batches = [plist] if full == len(plist) else [[p] for p in plist]
-            for batch in batches:
-                vals = {k: list(dict.fromkeys(p.run.point[k] for p in batch)) for k in keys}
-                fixed = [o for o in batch[0].overrides if override_key(o) not in keys]
-                sweep_args = [f"{k}={','.join(format_value(v) for v in vs)}" for k, vs in vals.items()]
-                sweep_dir = run0.run_dir.parent
-                prefix = run0.column.slug + "_" if run0.column is not None and run0.column.is_group else ""
-                subdir = prefix + "_".join(f"{k}-${{{k}}}" for k in keys) if keys else (prefix.rstrip("_") or "default")
-                cmd = [
-                    *train_command(), "-m", *fixed, *sweep_args, f"hydra/launcher={self.launcher}",
-                    f"hydra.sweep.dir={format_value(str(sweep_dir.resolve()))}", f"hydra.sweep.subdir={subdir}",
-                    *self.launcher_overrides,
-                ]  # fmt: skip
-                log = sweep_dir / f"multirun-{slugify(unit.replace('/', '_'))}-{_utc()}.log"
-                out.append((batch, cmd, log))
+                full *= len(dict.fromkeys(repr(p.run.point[k]) for p in plist))
+            out += [plist] if full == len(plist) else [[p] for p in plist]
         return out
 
-    def _run_unit(self, batch: list[Planned], cmd: list[str], log_path: Path) -> None:
+    def command(self, batch: list[Planned]) -> list[str]:
+        run0 = batch[0].run
+        keys = list(run0.point)
+        vals = {k: list(dict.fromkeys(p.run.point[k] for p in batch)) for k in keys}
+        fixed = [o for o in batch[0].overrides if override_key(o) not in keys]
+        sweep_args = [f"{k}={','.join(format_value(v) for v in vs)}" for k, vs in vals.items()]
+        subdir = "_".join(f"{k}-${{{k}}}" for k in keys) if keys else "default"
+        return [
+            *train_command(), "-m", *fixed, *sweep_args, f"hydra/launcher={self.launcher}",
+            f"hydra.sweep.dir={format_value(str(run0.run_dir.parent.resolve()))}", f"hydra.sweep.subdir={subdir}",
+            *self.launcher_overrides,
+        ]  # fmt: skip
+
+    def commands(self, todo: list[Planned]) -> list[tuple[list[Planned], list[str], Path]]:
+        """[(runs, command, log path)] in launch order."""
+        self._check_slug_values(todo)
+        out = []
+        for batch in self.batches(todo):
+            run0 = batch[0].run
+            name = run0.grid_slug if len(batch) == 1 else slugify(run0.unit.replace("/", "_"))
+            out.append((batch, self.command(batch), run0.run_dir.parent / f"multirun-{name}-{_utc()}.log"))
+        return out
+
+    def _env(self, slot: int) -> dict[str, str]:
+        env = dict(os.environ)
+        env.setdefault("FSSEG_CONF", config_dir())
+        if self.gpus:
+            env["CUDA_VISIBLE_DEVICES"] = self.gpus[slot]
+        if self.local and self.jobs > 1:  # share the CPU cores between the concurrent jobs
+            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // self.jobs)))
+        return env
+
+    def _run_batch(self, batch: list[Planned], index: str) -> None:
+        with self._lock:
+            slot = self._free.pop(0)
+        try:
+            self._launch_batch(batch, index, slot)
+        finally:
+            with self._lock:
+                self._free.append(slot)
+
+    def _launch_batch(self, batch: list[Planned], index: str, slot: int) -> None:
+        run0 = batch[0].run
+        cmd = self.command(batch)
+        name = run0.grid_slug if len(batch) == 1 else slugify(run0.unit.replace("/", "_"))
+        log_path = run0.run_dir.parent / f"multirun-{name}-{_utc()}.log"
         for p in batch:
             (p.run.run_dir / FAILED_FILE).unlink(missing_ok=True)
             _write_spec(p, cmd, self.launcher)
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        print(f"launching {len(batch)} job(s) of '{batch[0].run.row.label}' with hydra/launcher={self.launcher}"
-              f" (log: {log_path})", flush=True)  # fmt: skip
+        where = f" (GPU {self.gpus[slot]})" if self.gpus else ""
+        what = run0.describe() if len(batch) == 1 else f"'{run0.row.label}': {len(batch)} runs"
+        print(f"{index} {what}{where}: fsseg-train -m, hydra/launcher={self.launcher} (log: {log_path})", flush=True)
         start = time.monotonic()
-        env = dict(os.environ)
-        env.setdefault("FSSEG_CONF", config_dir())
-        with open(log_path, "w", encoding="utf-8") as log:
-            log.write(" ".join(cmd) + "\n")
+        with open(log_path, "a", encoding="utf-8") as log:
+            log.write(f"=== {_utc()} {' '.join(cmd)}\n")
             log.flush()
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self._env(slot))
             with self._lock:
                 self._procs.add(proc)
             rc = proc.wait()  # interrupted: the process stays registered, so stop() ends it
@@ -450,32 +369,82 @@ class MultirunLauncher:
             run_dir = p.run.run_dir
             if (run_dir / "metrics.json").is_file():
                 p.status, p.message = "done", _metric_summary(run_dir)
+                print(f"{index} {p.run.describe()}: done{p.message}", flush=True)
                 continue
-            job_logs = sorted((run_dir.parent / ".submitit").glob("*/*_log.err"))
+            if self._stopping and (rc < 0 or rc in (130, 143)):
+                p.status, p.message = "interrupted", f"stopped by signal ({rc})"
+                continue
             p.status = "failed"
-            job_log = next(iter(sorted(run_dir.glob("*.log"))), None)
-            p.message = _error_line((_tail(job_log) if job_log else "") or tail)
-            _write_failed(run_dir, f"multirun exit code {rc}\ncommand: {' '.join(cmd)}\nerror: {p.message}\n"
+            own = _read_failed(run_dir)  # fsseg-train's own record of the error (fsseg.runs.guard_run)
+            job_logs = sorted((run_dir.parent / ".submitit").glob("*/*_log.err"))
+            p.message = own or _error_line(tail)
+            header = "" if own else f"error: {p.message}\n"
+            _write_failed(run_dir, f"multirun exit code {rc}\ncommand: {' '.join(cmd)}\n{header}"
+                                   f"{(run_dir / FAILED_FILE).read_text() if own else ''}"
                                    f"submitit logs: {', '.join(map(str, job_logs[-4:])) or 'none'}\n"
                                    f"--- last {_TAIL} lines of {log_path} ---\n{tail}")  # fmt: skip
-        done = sum(p.status == "done" for p in batch)
-        print(f"'{batch[0].run.row.label}': {done}/{len(batch)} done in {seconds:.0f} s", flush=True)
+            print(f"{index} {p.run.describe()}: FAILED: {p.message} (see {run_dir / FAILED_FILE})", flush=True)
 
     def stop(self) -> None:
+        self._stopping = True
         with self._lock:
             procs = list(self._procs)
         terminate(procs)
 
     def launch(self, todo: list[Planned]) -> None:
-        cmds = self.commands(todo)
-        if not cmds:
+        self._check_slug_values(todo)
+        batches = self.batches(todo)
+        if not batches:
             return
-        with ThreadPoolExecutor(max_workers=min(self.max_parallel_rows, len(cmds))) as pool:
-            futures = [pool.submit(self._run_unit, *c) for c in cmds]
-            for f in futures:
-                while not f.done():
-                    time.sleep(0.2)
-                f.result()
+        n = len(batches)
+        with ThreadPoolExecutor(max_workers=min(self.slots, n)) as pool:
+            futures = [pool.submit(self._run_batch, b, f"[{i}/{n}]") for i, b in enumerate(batches, 1)]
+            try:
+                for f in futures:
+                    while not f.done():
+                        time.sleep(0.2)
+                    f.result()
+            except BaseException:
+                for f in futures:
+                    f.cancel()
+                self.stop()  # end the running children now: leaving the pool waits for their threads
+                raise
+
+
+def LocalLauncher(jobs: int = 1, gpus: Sequence[str] | None = None) -> MultirunLauncher:
+    """The local path: Hydra's basic launcher, ``jobs`` multiruns at once, one device each."""
+    return MultirunLauncher("basic", jobs=jobs, gpus=gpus)
+
+
+def _visible_gpus() -> list[str]:
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [g for g in env.split(",") if g.strip()]
+    try:
+        import torch
+
+        return [str(i) for i in range(torch.cuda.device_count())]
+    except Exception:  # noqa: BLE001
+        return []
+
+
+def _read_failed(run_dir: Path) -> str:
+    try:
+        text = (run_dir / FAILED_FILE).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+    return next((ln[len("error: "):] for ln in text.splitlines() if ln.startswith("error: ")), "")
+
+
+def _metric_summary(run_dir: Path) -> str:
+    from fsseg.provenance import read_metrics
+
+    try:
+        rec = read_metrics(run_dir) or {}
+        m = rec.get("metrics") or {}
+        return f" (mIoU {100 * m['miou']:.2f}, FB-IoU {100 * m['fbiou']:.2f})"
+    except Exception:  # noqa: BLE001
+        return ""
 
 
 # --------------------------------------------------------------------------- main
@@ -500,11 +469,6 @@ def run_sweep(
             f"{sweep.name} ({sweep.path}) needs method(s) not implemented yet: {', '.join(missing)} "
             f"(no {', '.join(f'conf/method/{m}.yaml' for m in missing)})"
         )
-    from fsseg.sweeps import TASKS
-
-    if sweep.task not in TASKS:
-        raise ConfigError(f"{sweep.name} ({sweep.path}) has task {sweep.task!r}; fsseg-sweep runs {list(TASKS)} only "
-                          "(the table can still be rendered from run directories made otherwise: fsseg-table)")  # fmt: skip
     planned = plan(sweep, profile, out, list(extra), conf, apply=not dry_run, reuse=reuse)
     outcome = Outcome(planned)
     todo = [p for p in planned if p.status == "pending"]
@@ -527,11 +491,13 @@ def run_sweep(
             if p.status == "pending":
                 print(f"           {' '.join(p.overrides)}")
         return outcome
-    runner = (LocalLauncher(jobs) if launcher == "local" else MultirunLauncher(launcher, launcher_overrides))
     if launcher == "local":
+        runner = LocalLauncher(jobs)
         todo = breadth_first(todo, sweep.effective_grid(profile))
+    else:
+        runner = MultirunLauncher(launcher, launcher_overrides)
 
-    def _sigterm(signum, frame):  # noqa: ARG001
+    def _sigterm(signum, frame):
         raise KeyboardInterrupt
 
     old = signal.signal(signal.SIGTERM, _sigterm) if threading.current_thread() is threading.main_thread() else None
@@ -620,8 +586,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--profile", default="", help="a profile of the sweep file (e.g. embedded); empty = the paper's protocol")
     ap.add_argument("--out", default=os.environ.get("FSSEG_SWEEP_OUT", "outputs/sweeps"), help="output root (default outputs/sweeps)")
     ap.add_argument("--launcher", choices=LAUNCHERS, default="local",
-                    help="local: one fsseg-train process per run; slurm / submitit_local: Hydra multirun via submitit")
-    ap.add_argument("--jobs", type=int, default=1, help="local launcher: runs at once (one GPU each where GPUs exist)")
+                    help="local: fsseg-train -m with Hydra's basic launcher; slurm / submitit_local: via hydra-submitit-launcher")
+    ap.add_argument("--jobs", type=int, default=1, help="local launcher: multiruns at once, one run each and one GPU each")
     ap.add_argument("--dry-run", action="store_true", help="print the plan; run nothing")
     ap.add_argument("--no-table", action="store_true", help="do not render the table at the end")
     ap.add_argument("--no-reuse", action="store_true",

@@ -11,7 +11,7 @@ Failed runs are marked FAILED (their error is listed below the table), runs not 
 Below the table: each row's paired difference against the first row (or the rows ``paired:`` names) over the
 grid points both finished.
 Below the table: the evaluation-manifest hash and episode count of every column (and a warning if two rows
-of one column were evaluated on different episodes). Files written next to the runs:
+of one column were evaluated on different episodes), and the git sha(s) the finished runs' code came from. Files written next to the runs:
 
     table.md    Markdown (the table, manifests, failures)
     table.csv   the table, wide: row, then per column: ours, ci95, n, paper, diff, status
@@ -33,9 +33,10 @@ from pathlib import Path
 from typing import Any
 
 from fsseg.errors import ConfigError
-from fsseg.sweeps import FAILED_FILE, MEAN, Column, Row, Run, Sweep, find_sweep, list_sweeps, load_sweep
+from fsseg.runs import recorded_git_sha
+from fsseg.sweeps import FAILED_FILE, MEAN, Row, Run, Sweep, find_sweep, list_sweeps, load_sweep
 
-__all__ = ["collect", "build_table", "render", "main"]
+__all__ = ["build_table", "collect", "main", "render"]
 
 METRIC_NAMES = {"miou": "mIoU", "fbiou": "FB-IoU", "fp_rate": "FP rate", "fn_rate": "FN rate"}
 
@@ -48,6 +49,7 @@ class RunResult:
     manifest_hash: str | None
     episodes: int | None
     error: str = ""
+    git_sha: str | None = None  # the commit the run's code came from (provenance.json)
 
 
 def collect(sweep: Sweep, profile: str | None, out: str | os.PathLike) -> list[RunResult]:
@@ -65,7 +67,7 @@ def collect(sweep: Sweep, profile: str | None, out: str | os.PathLike) -> list[R
             continue
         if rec is not None:
             results.append(RunResult(run, "finished", dict(rec.get("metrics") or {}), rec.get("manifest_hash"),
-                                     rec.get("episodes")))  # fmt: skip
+                                     rec.get("episodes"), git_sha=recorded_git_sha(d)))  # fmt: skip
         elif (d / FAILED_FILE).is_file():
             text = (d / FAILED_FILE).read_text(encoding="utf-8", errors="replace")
             err = next((ln[len("error: "):] for ln in text.splitlines() if ln.startswith("error: ")), None)
@@ -143,27 +145,17 @@ def _aggregate(per_seed: dict[Any, float], failed: int, pending: int, paper: flo
     return cell
 
 
-def cell_metric(sweep: Sweep, row: Row, column: Column | None, table_metric: str) -> str:
-    """The metric a cell reports: its column group's, else its row's, else the table's."""
-    if column is not None and column.metric:
-        return column.metric
-    return row.metric or table_metric
-
-
-def _per_seed(rs: list[RunResult], metric: str, n_points: int) -> tuple[dict, int, int]:
-    """Seed -> value (the mean over the cell's averaged grid points, only when all of them finished)."""
+def _per_seed(rs: list[RunResult], metric: str) -> tuple[dict, int, int]:
+    """Seed -> value of the cell's finished runs (a finished run without the metric counts as pending)."""
     failed = sum(r.status == "failed" for r in rs)
     pending = sum(r.status in ("started", "missing") for r in rs)
-    by_seed: dict[Any, list] = {}
-    for r in rs:
-        by_seed.setdefault(r.run.seed, []).append(_value(r, metric) if r.status == "finished" else None)
     per_seed = {}
-    for seed, vals in by_seed.items():
-        got = [v for v in vals if v is not None]
-        if got and len(got) == len(vals) == n_points:
-            per_seed[seed] = sum(got) / len(got)
-        elif got and len(got) == len(vals):  # finished but the metric is missing from some: count as pending
-            pending += n_points - len(got)
+    for r in rs:
+        v = _value(r, metric) if r.status == "finished" else None
+        if v is not None:
+            per_seed[r.run.seed] = v
+        elif r.status == "finished":
+            pending += 1
     return per_seed, failed, pending
 
 
@@ -172,10 +164,6 @@ def build_table(sweep: Sweep, profile: str | None, results: list[RunResult], met
     columns = sweep.columns(profile)
     show_mean = sweep.mean and sweep.all_columns_run(profile) and len(columns) > 0
     col_labels = [c.label for c in columns] or ["value"]
-    grid = sweep.effective_grid(profile)
-    n_points = 1
-    for k in sweep.average_over:
-        n_points *= len(grid.get(k, [None]))
     table: dict[str, dict[str, Cell]] = {}
     first = sweep.metrics[0]
     for row in sweep.rows_run(profile):
@@ -184,18 +172,15 @@ def build_table(sweep: Sweep, profile: str | None, results: list[RunResult], met
         seeds_by_col: dict[str, dict] = {}
         for label in col_labels:
             rs = [r for r in mine if (r.run.column.label if r.run.column else "value") == label]
-            col = next((c for c in columns if c.label == label), None)
-            m = cell_metric(sweep, row, col, metric)
-            per_seed, failed, pending = _per_seed(rs, m, n_points)
-            explicit = bool(col is not None and col.metric)
-            cells[label] = _aggregate(per_seed, failed, pending, row.paper_value(m, label, first, explicit))
-            cells[label].pct = scale_of(m) == 100.0
+            per_seed, failed, pending = _per_seed(rs, metric)
+            cells[label] = _aggregate(per_seed, failed, pending, row.paper_value(metric, label, first))
+            cells[label].pct = scale_of(metric) == 100.0
             seeds_by_col[label] = per_seed
         if show_mean:
             seeds = set.intersection(*(set(s) for s in seeds_by_col.values())) if seeds_by_col else set()
             per_seed = {s: sum(seeds_by_col[c][s] for c in col_labels) / len(col_labels) for s in sorted(seeds, key=repr)}
             incomplete = sum(cells[c].failed + cells[c].pending for c in col_labels)
-            mean_cell = _aggregate(per_seed, 0, 0, row.paper_value(row.metric or metric, MEAN, first))
+            mean_cell = _aggregate(per_seed, 0, 0, row.paper_value(metric, MEAN, first))
             mean_cell.derived, mean_cell.pct = True, cells[col_labels[0]].pct
             if not per_seed and any(cells[c].failed for c in col_labels):
                 mean_cell.failed = 1
@@ -203,15 +188,8 @@ def build_table(sweep: Sweep, profile: str | None, results: list[RunResult], met
                 mean_cell.pending = incomplete
             cells[MEAN] = mean_cell
         table[row.label] = cells
-    reference = {}
-    for row in sweep.reference:
-        reference[row.label] = {
-            c: Cell(paper=row.paper_value(cell_metric(sweep, row, next((x for x in columns if x.label == c), None), metric),
-                                          c, first, explicit=bool(sweep.column_groups)))
-            for c in col_labels + ([MEAN] if show_mean else [])
-        }  # fmt: skip
-    return {"columns": col_labels + ([MEAN] if show_mean else []), "rows": table, "reference": reference,
-            "metric": metric, "show_mean": show_mean}  # fmt: skip
+    return {"columns": col_labels + ([MEAN] if show_mean else []), "rows": table, "metric": metric,
+            "show_mean": show_mean}
 
 
 def paired_differences(sweep: Sweep, profile: str | None, results: list[RunResult], metric: str) -> list[dict]:
@@ -228,8 +206,6 @@ def paired_differences(sweep: Sweep, profile: str | None, results: list[RunResul
 
     out = []
     for row, base in sweep.pairs(profile):
-        if any(r.metric and r.metric != metric for r in (row, base)):
-            continue
         ref = {k: v for k, v in values(base).items() if v is not None}
         d = [v - ref[k] for k, v in values(row).items() if v is not None and k in ref]
         if d:
@@ -241,9 +217,7 @@ def paired_differences(sweep: Sweep, profile: str | None, results: list[RunResul
 
 
 def _metrics_to_render(sweep: Sweep) -> list[str]:
-    """One table per metric of ``metrics:``, unless rows or column groups name their metrics (then one table)."""
-    if any(c.metric for c in sweep.column_groups) or any(r.metric for r in sweep.rows):
-        return [sweep.metrics[0]]
+    """One table per metric of ``metrics:``."""
     return list(sweep.metrics)
 
 
@@ -284,17 +258,18 @@ def _manifests(sweep: Sweep, profile: str | None, results: list[RunResult]) -> l
 def markdown(sweep: Sweep, profile: str | None, results: list[RunResult], tables: list[dict]) -> str:
     prof = results[0].run.profile if results else (profile or "paper")
     grid = sweep.effective_grid(profile)
-    out = [f"# {sweep.name}: {sweep.title}", ""]
+    out = [f"# {sweep.name}: {sweep.title}", "",
+           f"Command: `fsseg-sweep {sweep.name}" + (f" --profile {prof}`" if prof != "paper" else "`")
+           + f" (`make reproduce-{sweep.name}" + (f" PROFILE={prof}`)" if prof != "paper" else "`)") + ".", ""]
     src = f"Source: {sweep.source}. " if sweep.source else ""
     if prof == "paper":
         out.append(f"{src}Profile: the paper's protocol ({', '.join(sweep.base)}).")
     else:
-        base = sweep.profiles[prof].get("base") or sweep.base
+        base = sweep.profile_base(prof) + list(sweep.profiles[prof].overrides)
         out.append(f"{src}Profile: **{prof}** ({', '.join(base)}) — a reduced budget on another dataset than the "
                    "paper's: compare trends (rows relative to each other), not absolute values.")  # fmt: skip
     seeds = grid.get("seed")
-    avg = "".join(f"; averaged over {k} {grid.get(k)}" for k in sweep.average_over)
-    out.append(f"Ours: mean ± 95% CI over seeds {seeds if seeds else '[default]'} (no interval with one seed){avg}; "
+    out.append(f"Ours: mean ± 95% CI over seeds {seeds if seeds else '[default]'} (no interval with one seed); "
                "paper: as printed; Δ = ours − paper. mIoU/FB-IoU in %, other metrics as logged.")  # fmt: skip
     skipped = [r.label for r in sweep.rows if r not in sweep.rows_run(profile)]
     if skipped:
@@ -314,16 +289,10 @@ def markdown(sweep: Sweep, profile: str | None, results: list[RunResult], tables
         out.append("|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|")
         for row in sweep.rows_run(profile):
             cells = t["rows"][row.label]
-            label = row.label + (f" ({row.metric})" if row.metric and row.metric != t["metric"] else "")
-            line = [label]
+            line = [row.label]
             for c in t["columns"]:
                 cell = cells[c]
                 line += [cell.text(), _fmt(cell.paper, pct=cell.pct), _fmt(cell.diff, signed=True, pct=cell.pct)]
-            out.append("| " + " | ".join(line) + " |")
-        for label, cells in t["reference"].items():
-            line = [f"{label} *(paper only)*"]
-            for c in t["columns"]:
-                line += ["", _fmt(cells[c].paper, pct=False), ""]
             out.append("| " + " | ".join(line) + " |")
         out.append("")
     pairs = paired_differences(sweep, profile, results, tables[0]["metric"])
@@ -331,12 +300,12 @@ def markdown(sweep: Sweep, profile: str | None, results: list[RunResult], tables
         name = METRIC_NAMES.get(tables[0]["metric"], tables[0]["metric"])
         bases = {p["baseline"] for p in pairs}
         if len(bases) == 1:
-            out += [f"Paired differences against {next(iter(bases))}: {name} of the row minus that row's at each grid "
-                    "point where both finished; mean ± 95% CI over the points (Student t).", "",
+            out += [(f"Paired differences against {next(iter(bases))}: {name} of the row minus that row's at each grid "
+                    "point where both finished; mean ± 95% CI over the points (Student t)."), "",
                     "| row | Δ | points | row ahead |", "|---|---:|---:|---:|"]  # fmt: skip
         else:
-            out += [f"Paired differences: {name} of the row minus its baseline's at each grid point where both "
-                    "finished; mean ± 95% CI over the points (Student t).", "",
+            out += [(f"Paired differences: {name} of the row minus its baseline's at each grid point where both "
+                    "finished; mean ± 95% CI over the points (Student t)."), "",
                     "| row | baseline | Δ | points | row ahead |", "|---|---|---:|---:|---:|"]  # fmt: skip
         for p in pairs:
             ci = "" if p["ci95"] is None else f" ± {_num(p['ci95'])}"
@@ -346,6 +315,13 @@ def markdown(sweep: Sweep, profile: str | None, results: list[RunResult], tables
     man = _manifests(sweep, profile, results)
     if man:
         out += ["Evaluation manifests (hash, episodes) per grid point:", *man, ""]
+    shas: dict[str, int] = {}
+    for r in results:
+        if r.status == "finished" and not r.run.shared:
+            shas[r.git_sha or "unknown"] = shas.get(r.git_sha or "unknown", 0) + 1
+    if shas:
+        out += ["Code: " + ", ".join(f"git `{sha[:12]}` ({n} run{'s' * (n != 1)})" for sha, n in
+                                     sorted(shas.items(), key=lambda kv: -kv[1])) + ".", ""]  # fmt: skip
     failed = [r for r in results if r.status == "failed"]
     counts = {s: sum(r.status == s for r in results) for s in ("finished", "failed", "started", "missing")}
     out.append(f"Runs: {counts['finished']} finished, {counts['failed']} failed, "
@@ -386,12 +362,12 @@ def runs_csv(sweep: Sweep, results: list[RunResult]) -> str:
     w = csv.writer(buf)
     metric_keys = ["miou", "fbiou", "fp_rate", "fn_rate"]
     w.writerow(["row", "column", *results[0].run.point.keys(), "status", *metric_keys, "manifest_hash",
-                "episodes", "run_dir", "error"] if results else ["row"])  # fmt: skip
+                "episodes", "run_dir", "error", "git_sha"] if results else ["row"])  # fmt: skip
     for r in results:
         vals = [r.metrics.get(k, "") for k in metric_keys]
         w.writerow([r.run.row.label, r.run.column.label if r.run.column else "", *r.run.point.values(), r.status,
                     *vals, r.manifest_hash or "", r.episodes if r.episodes is not None else "", r.run.run_dir,
-                    r.error])  # fmt: skip
+                    r.error, r.git_sha or ""])  # fmt: skip
     return buf.getvalue()
 
 

@@ -3,8 +3,11 @@
     fsseg-train experiment=pfenet_effl0_synth
     fsseg-train method=pfenet data=pascal encoder=resnet50 data.fold=1 data.shots=5 trainer=gpu
 
-The run directory receives config.yaml, provenance.json (git sha, versions, seeds, manifest hash),
-checkpoints/{last,best}.ckpt and, written last, metrics.json.
+The run directory receives config.yaml, provenance.json (git sha, code version, versions, seeds, manifest
+hash), checkpoints/{last,best}.ckpt and, written last, metrics.json. A run directory that is already finished
+with the same config and code is left alone (fsseg.runs), so re-running a multirun runs only what is missing:
+
+    fsseg-train -m experiment=apanet_effl0_synth data.fold=0,1,2,3 aux.class_agnostic.n=1,2,3 resume=auto
 """
 
 from __future__ import annotations
@@ -145,18 +148,26 @@ def _checkpoint_for_test(trainer, which: str) -> str | None:
 def _hydra_main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
+    from fsseg.runs import guard_run, skip_if_finished
+
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     single_log_lines()
     with report_errors("fsseg-train"):
+        from fsseg.resolvers import stage1_deferred
+
+        with stage1_deferred():  # a finished run's stage-1 file is not needed to know it is finished
+            finished = skip_if_finished(cfg, run_dir)
+        if finished:  # finished with this config and code: a re-run multirun skips it
+            return
         if cfg.get("prerequisites") == "auto":  # train a missing stage-1 file first (sweeps, multirun)
             from fsseg.prerequisites import ensure_prerequisites
-            from fsseg.resolvers import stage1_deferred
 
             with stage1_deferred():
                 plain = OmegaConf.to_container(cfg, resolve=False)
                 plain["base_learner_path"] = cfg.get("base_learner_path")
             ensure_prerequisites(list(HydraConfig.get().overrides.task), plain)
-        metrics = run(cfg, run_dir)
+        with guard_run(run_dir):  # FAILED marker on error; wandb finished in every case
+            metrics = run(cfg, run_dir)
     if metrics:
         fb = f"  FB-IoU {100 * metrics['fbiou']:.2f}" if "fbiou" in metrics else ""
         print(f"test mIoU {100 * metrics['miou']:.2f}{fb}  -> {run_dir}")

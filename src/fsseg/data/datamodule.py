@@ -51,9 +51,10 @@ from fsseg.data.episodes import (
 )
 from fsseg.data.folds import TRAIN_FILTERS, FoldIndex, build_fold_index, pixel_table
 from fsseg.data.manifest import EpisodeManifest
-from fsseg.data.sources import Source, stable_key
+from fsseg.data.sources import Source
 from fsseg.data.transforms import EvalTransform, TrainTransform
 from fsseg.errors import ConfigError, DataError
+from fsseg.io import stable_key
 
 log = logging.getLogger(__name__)
 

@@ -60,9 +60,11 @@ import torch
 from torch import nn
 
 from fsseg.data import batch as B
-from fsseg.data.sources import Source, atomic_write_text, stable_key
+from fsseg.data.sources import Source
 from fsseg.data.transforms import TrainTransform
 from fsseg.errors import ConfigError, DataError
+from fsseg.io import stable_key
+from fsseg.io import write_text_atomic as atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +236,7 @@ class FeatureCache:
 
     def size_problem(self) -> str | None:
         """Why the files do not match the layout (missing, wrong size), or None."""
-        for _, (f, dt, shape) in self.files().items():
+        for f, dt, shape in self.files().values():
             p = self.path / f
             want = int(np.prod(shape)) * dt.itemsize
             if not p.is_file():
@@ -464,8 +466,8 @@ def _build(cache, key, source, split, transform, encoder, cfg, device, done, pro
             with torch.no_grad():
                 for b0 in range(0, len(x), cfg.batch):
                     feats = encoder(x[b0 : b0 + cfg.batch].to(device))
-                    for t in outs:
-                        outs[t].append(feats[t].to(torch.float16).cpu().numpy())
+                    for t, chunks in outs.items():
+                        chunks.append(feats[t].to(torch.float16).cpu().numpy())
             for t, parts in outs.items():
                 maps[t][i0:i1] = np.concatenate(parts).reshape(i1 - i0, views, *cache.tap_shapes[t])
             for m in maps.values():

@@ -23,11 +23,10 @@ A class "qualifies" in an item when its pixel count is >= max(min_pixels, 1).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import io
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,7 +94,7 @@ def pixel_table(source: Source, split: str, cache_dir: str | Path, progress: boo
         it.append(np.full(nz.size, i, np.int64))
         cl.append(nz.astype(np.int64) + 1)
         co.append(counts[nz].astype(np.int64))
-    cat = (lambda xs: np.concatenate(xs) if xs else np.zeros(0, np.int64))  # noqa: E731
+    cat = (lambda xs: np.concatenate(xs) if xs else np.zeros(0, np.int64))
     table = PixelTable(split, len(items), cat(it), cat(cl), cat(co), path)
     buf = io.BytesIO()
     np.savez(buf, num_items=np.int64(table.num_items), item=table.item, cls=table.cls, count=table.count)

@@ -34,8 +34,8 @@ import numpy as np
 
 from fsseg.data.folds import FoldIndex
 from fsseg.data.sources import atomic_write_text
-from fsseg.io import sha256_bytes
 from fsseg.errors import ConfigError, DataError
+from fsseg.io import sha256_bytes
 
 FORMAT = 1
 _META = ("dataset", "root", "fold", "split", "shots", "seed", "count", "min_pixels")

@@ -41,7 +41,7 @@ from PIL import Image
 
 from fsseg.data.batch import IGNORE_INDEX
 from fsseg.errors import ConfigError, DataError
-from fsseg.io import sha256_bytes, stable_key, write_atomic, write_text_atomic
+from fsseg.io import sha256_bytes, stable_key, write_atomic, write_text_atomic  # noqa: F401 - stable_key re-exported
 
 log = logging.getLogger(__name__)
 

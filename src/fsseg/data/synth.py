@@ -731,7 +731,7 @@ def _summarise(params: SynthParams, results: list) -> dict:
         splits[split] = {
             "images": len(rows),
             "objects": int(sum(n_obj)),
-            "objects_per_image_hist": {str(k): n_obj.count(k) for k in range(0, 5)},
+            "objects_per_image_hist": {str(k): n_obj.count(k) for k in range(5)},
             "per_class": per_class,
         }
     novel = {}

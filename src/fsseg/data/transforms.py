@@ -27,14 +27,13 @@ from collections.abc import Sequence
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-import albumentations as A  # noqa: E402
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import albumentations as A
+import cv2
+import numpy as np
+import torch
 
-from fsseg.data.batch import IGNORE_INDEX  # noqa: E402
-from fsseg.errors import ConfigError  # noqa: E402
-
+from fsseg.data.batch import IGNORE_INDEX
+from fsseg.errors import ConfigError
 
 # PFENet blurs with cv2.GaussianBlur(img, (5, 5), 0): sigma 0 means OpenCV's default for the kernel size,
 # 0.3 * ((5 - 1) / 2 - 1) + 0.8 = 1.1 (albumentations needs it explicitly).
@@ -102,11 +101,11 @@ class TrainTransform:
                     limit=(-float(rotate_deg), float(rotate_deg)), interpolation=linear,
                     mask_interpolation=nearest, border_mode=const, fill=fill, fill_mask=IGNORE_INDEX,
                     p=float(rotate_p),
-                ),  # fmt: skip
+                ),
                 A.GaussianBlur(blur_limit=(5, 5), sigma_limit=(_SIGMA5, _SIGMA5), p=float(blur_p)),
                 A.HorizontalFlip(p=float(hflip_p)),
                 A.PadIfNeeded(min_height=self.size, min_width=self.size, position="center", border_mode=const,
-                              fill=fill, fill_mask=IGNORE_INDEX),  # fmt: skip
+                              fill=fill, fill_mask=IGNORE_INDEX),
                 A.RandomCrop(height=self.size, width=self.size),
                 A.Normalize(mean=self.mean, std=self.std, max_pixel_value=255.0),
             ],

@@ -381,7 +381,7 @@ def load_base_learner(
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
         meta, state = blob["meta"], blob["state_dict"]
-    except Exception as err:  # noqa: BLE001 - torch raises many types for corrupt files
+    except Exception as err:
         raise ConfigError(f"{path} is not a base-learner file written by fsseg-train task=base ({type(err).__name__}: {err})") from err
     expected = {"fold": int(fold), "encoder": encoder}
     if dataset is not None:

@@ -53,8 +53,8 @@ from torch import Tensor, nn
 from fsseg.errors import ConfigError, WeightsError
 
 __all__ = [
-    "FrozenEncoder",
     "PACKAGE_WEIGHTS",
+    "FrozenEncoder",
     "PackageWeights",
     "load_weight_file",
     "package_state_dict",
@@ -165,7 +165,7 @@ def _meta_model(name: str, **kwargs: Any) -> nn.Module:
     try:
         with torch.device("meta"):
             return timm.create_model(name, pretrained=False, **kwargs)
-    except Exception:  # some init fns may not run on meta
+    except Exception:  # noqa: BLE001 - some init fns may not run on meta
         return timm.create_model(name, pretrained=False, **kwargs)
 
 
@@ -751,7 +751,7 @@ class FrozenEncoder(nn.Module):
             try:
                 n_feat = len(_meta_model(self.name, **dict(self.model_kwargs)).feature_info)
                 valid = f" ({self.name!r} has feature indices 0..{n_feat - 1})"
-            except Exception:
+            except Exception:  # noqa: BLE001 - only a hint in the message
                 valid = ""
             raise ConfigError(
                 f"timm could not build {self.name!r} as a feature extractor with {shown}: "

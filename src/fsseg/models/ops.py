@@ -107,7 +107,7 @@ def max_cosine_prior(query_high: torch.Tensor, support_high: torch.Tensor, suppo
 
 def shot_priors(query_high: torch.Tensor, support_high: torch.Tensor, support_mask: torch.Tensor) -> torch.Tensor:
     """`max_cosine_prior` per shot, not averaged: (B, K, 1, h, w) (BAM weights the shots' priors)."""
-    b, k, c, h, w = support_high.shape
+    b, k, _, h, w = support_high.shape
     with full_precision(query_high.device):  # fp32 under bf16 autocast too (a prior, issue 13 item 3)
         s = (support_high.float() * support_mask.float()).flatten(0, 1)  # B*K, C, h, w
         q = query_high.float().unsqueeze(1).expand(-1, k, -1, -1, -1).flatten(0, 1)
