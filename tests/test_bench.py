@@ -41,3 +41,17 @@ def test_flop_counter_counts_a_known_matmul():
 
     a, b = torch.randn(8, 16), torch.randn(16, 4)
     assert count_flops(lambda: a @ b) == 2 * 8 * 16 * 4
+
+
+def test_bam_bench_prints_its_evaluation_cost_relative_to_pfenet(capsys):
+    import re
+
+    from fsseg.bench import bam
+
+    bam.main(["--skip-473", "--repeats", "1", "--threads", "1"])
+    out = capsys.readouterr().out
+    m = re.search(r"BAM/PFENet evaluation: ([\d.]+)x time, ([\d.]+)x FLOPs", out)
+    assert m, out
+    # BAM runs the encoder to its last stage (the base learner's input) and adds the base learner and ASPP:
+    # strictly more work than PFENet on the same episodes
+    assert float(m.group(2)) > 1.0

@@ -16,7 +16,6 @@ checked; on any mismatch it lists what did not map and writes nothing. Output fi
 from __future__ import annotations
 
 import io
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -36,18 +35,11 @@ def _compose(overrides: list[str]):
 
 
 def _save(obj, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from fsseg.io import write_atomic
+
     buf = io.BytesIO()
     torch.save(obj, buf)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(buf.getvalue())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(path, buf.getvalue())
 
 
 def _is_vgg(cfg) -> bool:

@@ -20,7 +20,6 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -341,21 +340,11 @@ class BaseLearnerModule(L.LightningModule):
 
 def write_artifact(path: str | os.PathLike, state: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> Path:
     """A stage-1 file: ``{"state_dict": state, "meta": meta}``, written to a temporary name and renamed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from fsseg.io import write_atomic
+
     buf = io.BytesIO()
     torch.save({"state_dict": dict(state), "meta": dict(meta)}, buf)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(buf.getvalue())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(path, buf.getvalue())
 
 
 # ----------------------------------------------------------------------------------------------------------
