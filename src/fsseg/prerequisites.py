@@ -1,7 +1,7 @@
 """Runs that need another run's product first (BAM's stage-2 needs its fold's stage-1 base learner).
 
-A run config names such a product by ``base_learner_path`` (conf/experiment/bam_*.yaml); the run that makes it
-is the same experiment with ``task=base``. `ensure_prerequisites` trains what is missing before a run starts
+A run config names such a product by ``base_learner_path`` (conf/recipe/bam_*.yaml); the run that makes it
+is the same composition with ``task=base``. `ensure_prerequisites` trains what is missing before a run starts
 and never retrains an existing file (stage 2 checks that the file fits: fold, encoder, classes). Sweeps call it
 before every run; a plain ``fsseg-train`` of stage 2 without the file stops at once naming the command instead.
 """

@@ -1,6 +1,6 @@
 """Stage 1 of BAM-based methods: a PSPNet base learner trained on a fold's base classes, not episodically.
 
-    fsseg-train task=base experiment=bam_effl0_synth data.fold=0        # writes the fold's base learner
+    fsseg-train task=base method=bam recipe=bam_synth data.fold=0        # writes the fold's base learner
 
 BAM (round2-references.md §1.1) trains PSPNet on *every* training image, labels remapped base class -> its
 index in the fold's base list + 1, every other class -> 0, 255 kept; it fine-tunes the whole backbone with
