@@ -47,7 +47,7 @@ def _batch(b: int, size: int) -> dict[str, torch.Tensor]:
     from fsseg.data import batch as B
 
     g = torch.Generator().manual_seed(0)
-    mask = lambda *s: (torch.rand(*s, generator=g) > 0.6).long()  # noqa: E731
+    mask = lambda *s: (torch.rand(*s, generator=g) > 0.6).long()
     return {
         B.QUERY_IMG: torch.randn(b, 3, size, size, generator=g), B.SUPPORT_IMGS: torch.randn(b, 1, 3, size, size, generator=g),
         B.QUERY_MASK: mask(b, size, size), B.SUPPORT_MASKS: mask(b, 1, size, size), B.CLASS_IDX: torch.zeros(b, dtype=torch.long),
