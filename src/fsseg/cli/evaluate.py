@@ -66,6 +66,11 @@ def evaluate(run_cfg: DictConfig, ckpt: Path, trainer_cfg: DictConfig, out_dir: 
     datamodule.setup("test")
     model = instantiate(run_cfg.model, num_eval_classes=datamodule.num_novel_classes)
     load_weights(model, ckpt)
+    # a method that takes gradients at evaluation (I2R's CAMs) trained with inference_mode=false: so it evaluates
+    run_inference_mode = bool(OmegaConf.select(run_cfg, "trainer.inference_mode", default=True))
+    trainer_cfg = OmegaConf.merge(
+        trainer_cfg, {"inference_mode": run_inference_mode and bool(trainer_cfg.get("inference_mode", True))}
+    )
     trainer = instantiate(trainer_cfg, logger=False, default_root_dir=str(out_dir), enable_checkpointing=False)
     trainer.test(model, datamodule=datamodule)
     metrics = metrics_from_trainer(trainer, "test")

@@ -14,16 +14,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fsseg.data.batch import IGNORE_INDEX, QUERY_MASK
+from fsseg.data.batch import IGNORE_INDEX, QUERY_MASK, SUPPORT_MASKS
 from fsseg.errors import ConfigError
 from fsseg.models.ops import upsample_logits
 
 
 class CrossEntropy(nn.Module):
-    """Pixel-wise cross-entropy over {background, foreground}, label 255 ignored."""
+    """Pixel-wise cross-entropy over {background, foreground}, label 255 ignored.
+
+    ``ignore_as_background``: 255 pixels count as background instead (I2R's public code zeroes them in place
+    before its losses, round2-references.md §1.2)."""
+
+    def __init__(self, ignore_as_background: bool = False) -> None:
+        super().__init__()
+        self.ignore_as_background = bool(ignore_as_background)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         logits = upsample_logits(logits, target.shape[-2:])
+        if self.ignore_as_background:
+            target = torch.where(target == IGNORE_INDEX, torch.zeros_like(target), target)
         return F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX)
 
 
@@ -77,10 +86,12 @@ class AuxLoss(nn.Module):
 class DeepSupervision(AuxLoss):
     """PFENet's inner supervision: mean over FEM scales of the inner classifiers' loss (aux weight 1.0)."""
 
-    def __init__(self, weight: float = 1.0, key: str = "inner_logits", loss: nn.Module | None = None) -> None:
+    def __init__(
+        self, weight: float = 1.0, key: str = "inner_logits", loss: nn.Module | None = None, ignore_as_background: bool = False
+    ) -> None:
         super().__init__(weight)
         self.key = key
-        self.loss = loss if loss is not None else CrossEntropy()
+        self.loss = loss if loss is not None else CrossEntropy(ignore_as_background)
 
     def forward(self, outputs, batch, model) -> dict[str, torch.Tensor]:
         target = batch[QUERY_MASK]
@@ -109,13 +120,35 @@ class EnsembleNLL(nn.Module):
 class OutputCE(AuxLoss):
     """Cross-entropy of a named output against the query mask (BAM's CE on the meta learner, weight 1.0)."""
 
-    def __init__(self, weight: float = 1.0, key: str = "meta_logits", term: str = "meta") -> None:
+    def __init__(
+        self, weight: float = 1.0, key: str = "meta_logits", term: str = "meta", ignore_as_background: bool = False
+    ) -> None:
         super().__init__(weight)
         self.key, self.term = key, term
-        self.loss = CrossEntropy()
+        self.loss = CrossEntropy(ignore_as_background)
 
     def forward(self, outputs, batch, model) -> dict[str, torch.Tensor]:
         return {self.term: self.loss(outputs[self.key], batch[QUERY_MASK])}
+
+
+class SupportCE(AuxLoss):
+    """Cross-entropy of support-branch predictions (B, K, C, h, w) against the support masks (I2R's support
+    branch, Sec. 3.3): one output or a list of them (the inner heads), averaged over outputs and shots."""
+
+    def __init__(
+        self, weight: float = 0.5, key: str = "support_logits", term: str = "support", ignore_as_background: bool = False
+    ) -> None:
+        super().__init__(weight)
+        self.key, self.term = key, term
+        self.loss = CrossEntropy(ignore_as_background)
+
+    def forward(self, outputs, batch, model) -> dict[str, torch.Tensor]:
+        value = outputs[self.key]
+        preds = value if isinstance(value, (list, tuple)) else [value]
+        if not preds:
+            raise ConfigError(f"aux loss {self.term!r}: output {self.key!r} is empty (no blocks with a head?)")
+        target = batch[SUPPORT_MASKS].flatten(0, 1)
+        return {self.term: torch.stack([self.loss(p.flatten(0, 1), target) for p in preds]).mean()}
 
 
 class BaseLearnerCE(AuxLoss):

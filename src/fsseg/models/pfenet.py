@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fsseg.data.batch import QUERY_MASK
 from fsseg.errors import ConfigError
 from fsseg.models.ops import mask_to_feature, masked_average_pool, max_cosine_prior, resize, shot_priors
 
@@ -86,6 +87,15 @@ class PriorPrototypeHead(nn.Module):
         else:
             out["prior"] = q.new_zeros(b, 1, *size)
         return out
+
+    def diagnostics(self, out: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """I2R's Table 4 measure: binary cross entropy of the prior map (bilinear to the label size, clamped to
+        [0, 1]) against the query's foreground (255 as background, as the reference), per episode (B,)."""
+        if not self.use_prior:
+            return {}
+        target = (batch[QUERY_MASK] == 1).float()
+        prior = resize(out["prior"].float(), target.shape[-2:])[:, 0].clamp(0, 1)
+        return {"prior_ce": F.binary_cross_entropy(prior, target, reduction="none").flatten(1).mean(dim=1)}
 
 
 def _conv3x3_relu(dim: int) -> nn.Sequential:

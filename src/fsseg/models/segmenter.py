@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchmetrics import MeanMetric
 
 from fsseg.data import batch as B
 from fsseg.errors import ConfigError
@@ -47,10 +48,18 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def _build(part: Any, **kwargs: Any) -> nn.Module:
-    """A part is a module, or a factory (Hydra ``_partial_``) that takes the encoder's tap channels."""
+    """A part is a module, or a factory (Hydra ``_partial_``) that takes the encoder's tap channels; a factory
+    that names an ``encoder`` argument also gets the encoder (I2R's PMGM classifies with its ImageNet head)."""
     if isinstance(part, nn.Module):
         return part
     if callable(part):
+        encoder = kwargs.pop("encoder", None)
+        try:
+            params = inspect.signature(part).parameters
+        except (TypeError, ValueError):
+            params = {}
+        if "encoder" in params:
+            kwargs["encoder"] = encoder
         return part(**kwargs)
     raise ConfigError(f"expected a module or a factory, got {type(part).__name__}")
 
@@ -166,6 +175,7 @@ class FewShotSegmenter(L.LightningModule):
         compile: bool = False,
         channels_last: bool = False,
         encoder_bf16: bool = False,
+        tta_scales: Sequence[float] = (1.0,),
     ) -> None:
         super().__init__()
         if not (math.isfinite(base_lr) and base_lr > 0 and math.isfinite(lr_multiplier) and lr_multiplier > 0):
@@ -197,6 +207,9 @@ class FewShotSegmenter(L.LightningModule):
         for key, value in flags.items():
             if not isinstance(value, bool):
                 raise ConfigError(f"model.{key} must be true or false; got {value!r}")
+        self.tta_scales = tuple(float(x) for x in tta_scales)
+        if not self.tta_scales or not all(math.isfinite(x) and x > 0 for x in self.tta_scales):
+            raise ConfigError(f"model.tta_scales must be a non-empty list of positive scales; got {list(tta_scales)}")
         self.finite_check_every = finite_check_every
         self.batched_aux_decoder = batched_aux_decoder
         self.compile_parts = compile
@@ -208,7 +221,7 @@ class FewShotSegmenter(L.LightningModule):
         if support_masking == "deepest":
             _check_deepest_masking(encoder)
         tap_channels = dict(getattr(encoder, "tap_channels", {}))
-        self.head = _build(head, tap_channels=tap_channels)
+        self.head = _build(head, tap_channels=tap_channels, encoder=encoder)
         self.decoder = _build(decoder)
         self.ensemble = ensemble  # a stage after the decoder (BAM's learner ensemble), or None
         _check_sub_model_classes(self, base_class_ids)
@@ -233,6 +246,8 @@ class FewShotSegmenter(L.LightningModule):
         self.test_iou = FewShotIoU(num_eval_classes)
         # base-class pixels predicted foreground (final output; and the decoder's own when an ensemble follows)
         self.test_base_fp = nn.ModuleDict({"final": BaseClassFalsePositives(), "meta": BaseClassFalsePositives()})
+        # per-episode measurements parts report at evaluation (`_diagnose`): split -> name -> running mean
+        self.diagnostic_means = nn.ModuleDict({"val": nn.ModuleDict(), "test": nn.ModuleDict()})
 
     # ------------------------------------------------------------------ forward
     def encode(self, batch: Mapping[str, torch.Tensor]) -> tuple[dict, dict]:
@@ -503,12 +518,63 @@ class FewShotSegmenter(L.LightningModule):
                 out = self(batch)
             size = batch[B.QUERY_IMG].shape[-2:]
             net_logits = upsample_logits(out["logits"], size)  # = predict(batch)
+            if self.tta_scales != (1.0,):
+                net_logits, out = self._test_time_scales(batch, out, net_logits)
             if base_fp is not None and B.QUERY_BASE_LABEL in batch:  # at network size, where the base label is
                 base_fp["final"].update(net_logits, batch[B.QUERY_BASE_LABEL])
                 if "meta_logits" in out:
                     base_fp["meta"].update(upsample_logits(out["meta_logits"], size), batch[B.QUERY_BASE_LABEL])
             logits, target = self.score_logits(batch, net_logits)
+            self._diagnose(out, batch, "test" if metric is self.test_iou else "val")
         metric.update(logits, target, batch[B.CLASS_IDX])
+
+    def _test_time_scales(self, batch, out, net_logits):
+        """I2R's test-time augmentation: the whole episode (query, supports, support masks) resized by each scale,
+        the outputs brought back to the network size and averaged with the scale-1 pass (``logits`` and
+        ``meta_logits``). Scales other than 1 never enter the diagnostics."""
+        size = batch[B.QUERY_IMG].shape[-2:]
+        keys = [k for k in ("logits", "meta_logits") if k in out]
+        sums = {k: (net_logits if k == "logits" else upsample_logits(out[k], size)) * 0 for k in keys}
+        for scale in self.tta_scales:
+            if scale == 1.0:
+                scaled_out = out
+            else:
+                scaled = dict(batch)
+                q, s, m = batch[B.QUERY_IMG], batch[B.SUPPORT_IMGS], batch[B.SUPPORT_MASKS]
+                new = [max(1, round(x * scale)) for x in size]
+                scaled[B.QUERY_IMG] = F.interpolate(q, new, mode="bilinear", align_corners=True)
+                scaled[B.SUPPORT_IMGS] = F.interpolate(s.flatten(0, 1), new, mode="bilinear", align_corners=True).unflatten(0, s.shape[:2])
+                scaled[B.SUPPORT_MASKS] = F.interpolate(m.flatten(0, 1)[:, None].float(), new, mode="nearest")[:, 0].long().unflatten(0, m.shape[:2])
+                with torch.no_grad():
+                    scaled_out = self(scaled)
+            for k in keys:
+                sums[k] = sums[k] + upsample_logits(scaled_out[k], size)
+        averaged = dict(out)
+        for k in keys:
+            averaged[k] = sums[k] / len(self.tta_scales)
+        return averaged["logits"], averaged
+
+    # A part may measure something per episode at evaluation (I2R's Table 4 prior cross entropy, Table 5 mask
+    # ratios): ``diagnostics(outputs, batch) -> {name: (B,) tensor}``, called AFTER the forward with the whole
+    # batch, labels included - a measurement, never an input of the prediction. Logged as ``<split>/<name>``.
+    def _diagnose(self, out: Mapping[str, Any], batch: Mapping[str, torch.Tensor], split: str) -> None:
+        means = self.diagnostic_means[split]
+        for part in (self.head, self.decoder, self.ensemble):
+            report = getattr(part, "diagnostics", None)
+            if report is None:
+                continue
+            with torch.no_grad():
+                values = report(out, batch)
+            for name, value in values.items():
+                if name not in means:
+                    means[name] = MeanMetric().to(value.device)
+                means[name].update(value.detach().float())
+
+    def _log_diagnostics(self, split: str) -> None:
+        for name, mean in self.diagnostic_means[split].items():
+            if mean.update_called:
+                self.log(f"{split}/{name}", float(mean.compute()), sync_dist=False)
+            mean.reset()
 
     # A part that computes gradients at evaluation (I2R's CAMs) declares ``needs_autograd_at_eval = True`` and
     # runs its own ``torch.enable_grad()`` block; everything else stays under no_grad. Inference mode would
@@ -526,12 +592,14 @@ class FewShotSegmenter(L.LightningModule):
 
     def on_validation_epoch_end(self):
         self._log_metric("val", self.val_iou)
+        self._log_diagnostics("val")
 
     def test_step(self, batch, batch_idx):
         self._eval_step(batch, self.test_iou, self.test_base_fp)
 
     def on_test_epoch_end(self):
         self._log_metric("test", self.test_iou)
+        self._log_diagnostics("test")
         for name, key in (("final", "base_fp_rate"), ("meta", "base_fp_rate_meta")):
             values = self.test_base_fp[name].compute()  # summed over ranks
             if int(values["pixels"]) > 0:
