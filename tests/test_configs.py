@@ -23,10 +23,12 @@ PAPER_RECIPE = {
     ("pfenet", "coco"): "coco", ("apanet", "coco"): "apanet_coco", ("scnet", "coco"): "apanet_coco",
     ("celp", "coco"): "celp_coco", ("cyctr", "coco"): "cyctr_coco", ("celp_cyctr", "coco"): "celp_cyctr_coco",
     ("bam", "pascal"): "bam_pascal", ("bam", "coco"): "bam_coco",
+    ("i2r", "pascal"): "i2r_pascal", ("i2r", "coco"): "i2r_coco",
 }  # fmt: skip
+ENCODERS = {"cyctr": ("resnet50", "resnet101"), "celp_cyctr": ("resnet50", "resnet101"),
+            "i2r": ("resnet50_tv", "resnet101_tv")}  # fmt: skip  # I2R: torchvision's ResNets (7x7 stem, not dilated)
 COMPOSITIONS = [
-    (m, e, r) for (m, d), r in PAPER_RECIPE.items()
-    for e in (("resnet50", "resnet101") if "cyctr" in m else ("vgg16_bn", "resnet50", "resnet101"))
+    (m, e, r) for (m, d), r in PAPER_RECIPE.items() for e in ENCODERS.get(m, ("vgg16_bn", "resnet50", "resnet101"))
 ]  # fmt: skip
 
 
@@ -68,7 +70,7 @@ def test_experiment_composes_and_instantiates(name, tmp_path):
 
 
 def test_recipes_replace_the_per_combination_files():
-    assert len(COMPOSITIONS) == 38 and {r for _, _, r in COMPOSITIONS} | {"synth", "cyctr_synth", "bam_synth"} == set(RECIPES)
+    assert len(COMPOSITIONS) == 42 and {r for _, _, r in COMPOSITIONS} | {"synth", "cyctr_synth", "bam_synth", "i2r_synth"} == set(RECIPES)
     assert all("_effl0_synth" in name for name in EXPERIMENTS)  # aliases of method=<m> recipe=<synth recipe>
 
 

@@ -150,9 +150,10 @@ def _constructor_defaults(target: str) -> dict[str, Any]:
 _EQUIVALENT_TARGETS = {
     "fsseg.callbacks.RunCheckpoint": "lightning.pytorch.callbacks.ModelCheckpoint",
     "fsseg.callbacks.RunCSVLogger": "lightning.pytorch.loggers.CSVLogger",
+    "fsseg.trainer.make_trainer": "lightning.Trainer",  # its keyword defaults are the Trainer's (inference_mode=True...)
 }
 # top-level train.yaml options added after runs were recorded, at their default
-_TOP_LEVEL_DEFAULTS = {"train": True, "ensemble": None, "prerequisites": "error"}
+_TOP_LEVEL_DEFAULTS = {"train": True, "ensemble": None, "prerequisites": "error", "init_from": None}
 
 
 def without_defaults(node: Any, top: bool = True) -> Any:

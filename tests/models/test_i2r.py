@@ -363,3 +363,62 @@ def test_mask_ratio_diagnostic_counts_dicm_cells_with_the_query_mask():
     for i, scores in enumerate(out["cross_attention_scores"]):
         want = [dicm_loop(scores[n].numpy(), s_labels[n].numpy(), qm[n].flatten().bool().numpy()).mean() for n in range(2)]
         np.testing.assert_allclose(diag[f"mask_ratio_cab{i}"].numpy(), want, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------- domain head
+def test_domain_classifier_replaces_the_imagenet_head_for_cams():
+    torch.manual_seed(0)
+    linear = nn.Linear(6, 4)
+    head = PMGMHead({"mid": 6, "high": 6, "low": 6, "cam": 6}, encoder=None, reduce_dim=16, dropout=0.0,
+                    classifier=linear, cam_threshold=0.5).eval()
+    q, s = _taps(2, 1)
+    masks = torch.zeros(2, 1, 32, 32)
+    masks[:, :, 4:20, 8:28] = 1
+    out = head(q, s, masks)
+    assert out["prior"].shape == (2, 1, 8, 8)
+    assert not any(p.requires_grad for p in head.classifier.parameters())
+    head.train()
+    assert not head.classifier.training
+    # its CAM is the classic CAM: ReLU(sum_k w_ck A_k) / hw for GradCAM on a GAP-linear classifier
+    a = s["cam"][:, 0]
+    cls = torch.tensor([1, 2])
+    got = class_activation_maps(head._domain_logits, a, cls, "gradcam")
+    want = torch.relu(torch.einsum("nk,nkhw->nhw", linear.weight[cls], a) / 64)
+    torch.testing.assert_close(got, want)
+
+
+def test_stage1_domain_targets_are_the_base_classes_present():
+    from fsseg.models.base_learner import BaseLearnerModule
+
+    class Enc(nn.Module):
+        name = "tiny"
+
+        def __init__(self):
+            super().__init__()
+            self.tap_channels = {"base": 4, "cam": 3}
+
+        def forward(self, x):
+            return {"base": x[:, :1].expand(-1, 4, -1, -1), "cam": x}
+
+    m = BaseLearnerModule(Enc(), base_class_ids=[6, 7, 8], fold=0, dataset="synth", domain_tap="cam")
+    target = torch.tensor([[[0, 1], [3, 255]], [[2, 2], [0, 0]]])  # image 0: classes 1 and 3; image 1: class 2
+    with torch.no_grad():
+        m.domain.weight.zero_()
+        m.domain.bias.copy_(torch.tensor([5.0, -5.0, 0.0]))  # top class = channel 1 (base index 1)
+    loss, hit = m._domain_terms({"cam": torch.zeros(2, 3, 2, 2)}, target)
+    present = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    want = torch.nn.functional.binary_cross_entropy_with_logits(torch.tensor([5.0, -5.0, 0.0]).expand(2, 3), present)
+    torch.testing.assert_close(loss, want)
+    assert hit.tolist() == [1.0, 0.0]
+
+
+def test_a_stage1_file_without_a_domain_classifier_is_refused(tmp_path):
+    from fsseg.models.base_learner import load_domain_classifier, write_artifact
+
+    path = write_artifact(tmp_path / "fold0.pt", {"head.x": torch.zeros(1)}, {"fold": 0, "encoder": "e", "domain_tap": None})
+    with pytest.raises(ConfigError, match="base_task.domain_tap=cam"):
+        load_domain_classifier(path, fold=0, encoder="e", tap="cam")
+    path = write_artifact(tmp_path / "ok.pt", {"domain.weight": torch.ones(3, 5), "domain.bias": torch.zeros(3)},
+                          {"fold": 0, "encoder": "e", "domain_tap": "cam"})
+    lin = load_domain_classifier(path, fold=0, encoder="e", tap="cam")
+    assert lin.weight.shape == (3, 5) and not lin.weight.requires_grad

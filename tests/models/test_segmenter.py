@@ -193,3 +193,66 @@ def test_encoder_bn_default_stays_frozen_in_training():
     model = _resnet_model()
     model.train()
     assert not any(m.training for m in model.encoder.model.modules() if isinstance(m, nn.BatchNorm2d))
+
+
+def test_test_time_scales_average_the_episode_at_each_scale():
+    """model.tta_scales: logits of the episode resized by each scale (query, supports, support masks), back at the
+    network size, averaged; (1.0,) is the plain forward and a repeated 1.0 changes nothing."""
+    import torch.nn.functional as F
+
+    from fsseg.metrics import FewShotIoU
+    from fsseg.models.ops import upsample_logits
+
+    torch.manual_seed(0)
+    plain = tiny_model().eval()
+    batch = _episode(k=1, size=48)
+    batch[B.CLASS_IDX] = torch.tensor([0, 1])
+    with torch.no_grad():
+        base = upsample_logits(plain(batch)["logits"], (48, 48))
+        half = dict(batch)
+        half[B.QUERY_IMG] = F.interpolate(batch[B.QUERY_IMG], (24, 24), mode="bilinear", align_corners=True)
+        half[B.SUPPORT_IMGS] = F.interpolate(batch[B.SUPPORT_IMGS][:, 0], (24, 24), mode="bilinear", align_corners=True)[:, None]
+        half[B.SUPPORT_MASKS] = F.interpolate(batch[B.SUPPORT_MASKS].float(), (24, 24), mode="nearest").long()
+        at_half = upsample_logits(plain(half)["logits"], (48, 48))
+    seen = {}
+
+    class Spy(FewShotIoU):
+        def update(self, logits, target, class_idx):
+            seen["logits"] = logits
+            super().update(logits, target, class_idx)
+
+    for scales, want in (((1.0, 1.0), base), ((1.0, 0.5), (base + at_half) / 2)):
+        model = tiny_model(tta_scales=scales, eval_resolution="network").eval()
+        model.load_state_dict(plain.state_dict())
+        model._eval_step(batch, Spy(5))
+        torch.testing.assert_close(seen["logits"], want)
+    with pytest.raises(Exception, match="tta_scales"):
+        tiny_model(tta_scales=(1.0, 0.0))
+
+
+def test_init_from_loads_a_runs_weights_and_names_what_it_keeps(tmp_path, caplog):
+    """init_from (I2R's 5-shot models start from the 1-shot weights): every checkpoint tensor must fit; the
+    model's tensors the checkpoint lacks keep their initialisation and are named."""
+    from fsseg.cli.train import init_from
+    from fsseg.errors import ConfigError
+
+    torch.manual_seed(0)
+    src = tiny_model()
+    state = {k: v.clone() for k, v in src.state_dict().items()}
+    dropped = "decoder.cls.3.bias"
+    del state[dropped]
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    torch.save({"state_dict": state}, tmp_path / "run" / "checkpoints" / "best.ckpt")
+    torch.manual_seed(1)
+    dst = tiny_model()
+    before = dst.state_dict()[dropped].clone()
+    with caplog.at_level("INFO", logger="fsseg.train"):
+        init_from(dst, tmp_path / "run")  # a run directory: its best.ckpt
+    assert all(torch.equal(dst.state_dict()[k], v) for k, v in state.items())
+    assert torch.equal(dst.state_dict()[dropped], before) and dropped in caplog.text
+    state["decoder.extra"] = torch.zeros(1)
+    torch.save({"state_dict": state}, tmp_path / "bad.ckpt")
+    with pytest.raises(ConfigError, match="decoder.extra"):
+        init_from(dst, tmp_path / "bad.ckpt")
+    with pytest.raises(ConfigError, match="no checkpoint"):
+        init_from(dst, tmp_path / "missing")

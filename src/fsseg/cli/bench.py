@@ -6,6 +6,8 @@
     fsseg-bench apanet       # APANet training-step time relative to PFENet
     fsseg-bench celp         # PFENet+CELP training-step time relative to PFENet
     fsseg-bench cache        # PFENet training step: full vs truncated encoder vs cached features (data.feature_cache)
+    fsseg-bench bam          # BAM evaluation cost relative to PFENet
+    fsseg-bench i2r          # I2R evaluation cost relative to BAM; DICM mask share of a decoder step
 
 Each name is a module fsseg.bench.<name> with a main(argv) function.
 """

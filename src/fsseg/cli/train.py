@@ -23,7 +23,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from fsseg.cli.common import config_dir, environment_defaults, report_errors, single_log_lines
-from fsseg.errors import RunError
+from fsseg.errors import ConfigError, RunError
 
 log = logging.getLogger("fsseg.train")
 
@@ -40,6 +40,8 @@ def build(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None = None):
     datamodule.prepare_data()
     datamodule.setup("fit")
     model = instantiate(cfg.model, **datamodule.model_args())
+    if cfg.get("init_from"):
+        init_from(model, Path(str(cfg.init_from)))
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()] + list(extra_callbacks or [])
     loggers = build_loggers(cfg)
     if not loggers:  # an lr monitor needs a logger
@@ -48,6 +50,31 @@ def build(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None = None):
     trainer = instantiate(cfg.trainer, default_root_dir=str(run_dir), callbacks=callbacks, logger=loggers or False,
                           plugins=[AtomicCheckpointIO()])  # fmt: skip
     return datamodule, model, trainer
+
+
+def init_from(model, path: Path) -> None:
+    """Start from another run's weights (I2R's 5-shot models start from the 1-shot ones, its supp. C): a checkpoint
+    file or a run directory (its best.ckpt). Every tensor of the checkpoint must exist in the model with its shape;
+    the model's tensors the checkpoint lacks (e.g. the K-shot re-weighting) keep their initialisation, named in the
+    log. A resumed run takes its weights from the resume checkpoint instead."""
+    from fsseg.runs import check_finite_checkpoint
+
+    ckpt = path / "checkpoints" / "best.ckpt" if path.is_dir() else path
+    if not ckpt.is_file():
+        raise ConfigError(f"init_from={path}: no checkpoint there (a .ckpt file or a run directory with checkpoints/best.ckpt)")
+    state = check_finite_checkpoint(ckpt)
+    state = state.get("state_dict", state)
+    own = model.state_dict()
+    unexpected = sorted(k for k in state if k not in own)
+    wrong = sorted(k for k in state if k in own and tuple(state[k].shape) != tuple(own[k].shape))
+    if unexpected or wrong:
+        raise ConfigError(
+            f"init_from={ckpt} does not fit this model: tensors it lacks {unexpected[:5]}, shapes that differ "
+            f"{[(k, tuple(state[k].shape), tuple(own[k].shape)) for k in wrong[:5]]}"
+        )
+    model.load_state_dict(state, strict=False)
+    kept = sorted(k for k in own if k not in state and not k.startswith("encoder."))
+    log.info("init_from %s: %d tensors loaded%s", ckpt, len(state), f"; kept at initialisation: {kept}" if kept else "")
 
 
 def build_loggers(cfg: DictConfig) -> list:

@@ -42,7 +42,9 @@ from fsseg.errors import ConfigError
 from fsseg.models.bam import BaseLearner
 from fsseg.models.ops import upsample_logits
 
-__all__ = ["BaseClassData", "BaseClassIoU", "BaseLearnerModule", "load_base_learner", "write_artifact"]
+__all__ = [
+    "BaseClassData", "BaseClassIoU", "BaseLearnerModule", "load_base_learner", "load_domain_classifier", "write_artifact",
+]  # fmt: skip
 
 FORMAT = 1
 
@@ -250,6 +252,8 @@ class BaseLearnerModule(L.LightningModule):
         weight_decay: float = 1e-4,
         poly_power: float = 0.9,
         bins: Sequence[int] = (1, 2, 3, 6),
+        domain_tap: str | None = None,
+        domain_weight: float = 1.0,
     ) -> None:
         super().__init__()
         if not (np.isfinite(base_lr) and base_lr > 0) or not (np.isfinite(head_lr_multiplier) and head_lr_multiplier > 0):
@@ -259,6 +263,18 @@ class BaseLearnerModule(L.LightningModule):
             raise ConfigError(f"the base learner reads encoder tap {tap!r}; encoder.taps has {sorted(channels)}")
         self.encoder, self.tap = encoder, tap
         self.head = BaseLearner(channels[tap], len(base_class_ids), base_class_ids, bins=bins)
+        # I2R's "domain-specific classification head" (its limitation section): an image-level base-class
+        # classifier on GAP of one tap (classic CAM form), trained beside the base learner; stage 2 may take its
+        # CAMs instead of the ImageNet head's (head.classifier, `load_domain_classifier`)
+        self.domain_tap = domain_tap
+        self.domain: nn.Linear | None = None
+        if domain_tap is not None:
+            if domain_tap not in channels:
+                raise ConfigError(f"base_task.domain_tap {domain_tap!r} is not an encoder tap ({sorted(channels)})")
+            if not domain_weight > 0:
+                raise ConfigError(f"base_task.domain_weight must be > 0; got {domain_weight}")
+            self.domain = nn.Linear(channels[domain_tap], len(base_class_ids))
+        self.domain_weight = float(domain_weight)
         self.fold, self.dataset = int(fold), str(dataset)
         self.export_path = export_path
         self.base_lr, self.head_lr_multiplier = float(base_lr), float(head_lr_multiplier)
@@ -269,16 +285,37 @@ class BaseLearnerModule(L.LightningModule):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.encoder(images)[self.tap])
 
+    def _domain_terms(self, taps: Mapping[str, torch.Tensor], target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Multi-label BCE of the domain classifier against the base classes present in each label, and whether
+        each image's top class is present (B,)."""
+        c = self.domain.out_features
+        present = torch.zeros(target.shape[0], c + 1, device=target.device)
+        present.scatter_(1, torch.where(target == B.IGNORE_INDEX, 0, target).flatten(1), 1.0)
+        present = present[:, 1:]
+        logits = self.domain(taps[self.domain_tap].mean(dim=(2, 3)))
+        hit = present.gather(1, logits.argmax(dim=1, keepdim=True))[:, 0]
+        return F.binary_cross_entropy_with_logits(logits, present), hit
+
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         target = batch[B.QUERY_MASK]
-        logits = upsample_logits(self(batch[B.QUERY_IMG]), target.shape[-2:])
+        taps = self.encoder(batch[B.QUERY_IMG])
+        logits = upsample_logits(self.head(taps[self.tap]), target.shape[-2:])
         loss = F.cross_entropy(logits, target, ignore_index=B.IGNORE_INDEX)
+        if self.domain is not None:
+            domain_loss, _ = self._domain_terms(taps, target)
+            self.log("train/domain_loss", domain_loss, batch_size=target.shape[0])
+            loss = loss + self.domain_weight * domain_loss
         self.log("train/loss", loss, prog_bar=True, batch_size=target.shape[0])
         return loss
 
     def _eval(self, batch: Mapping[str, torch.Tensor], metric: BaseClassIoU) -> None:
         target = batch[B.QUERY_MASK]
-        metric.update(upsample_logits(self(batch[B.QUERY_IMG]), target.shape[-2:]), target)
+        taps = self.encoder(batch[B.QUERY_IMG])
+        metric.update(upsample_logits(self.head(taps[self.tap]), target.shape[-2:]), target)
+        if self.domain is not None:  # share of images whose top domain class is present in them
+            _, hit = self._domain_terms(taps, target)
+            split = "val" if metric is self.val_iou else "test"
+            self.log(f"{split}/domain_top1", hit.mean(), batch_size=target.shape[0], on_epoch=True, on_step=False)
 
     def validation_step(self, batch, batch_idx):
         self._eval(batch, self.val_iou)
@@ -330,11 +367,14 @@ class BaseLearnerModule(L.LightningModule):
             "in_dim": self.head.in_dim,
             "base_class_ids": [int(c) for c in self.head.base_class_ids.tolist()],
             "bins": list(self.head.ppm.bins),
+            "domain_tap": self.domain_tap,
         }
 
     def export(self, path: str | os.PathLike) -> Path:
-        """Write {state_dict: encoder.* + head.*, meta} to ``path`` atomically (temp file + rename)."""
-        state = {k: v.detach().cpu() for k, v in self.state_dict().items() if k.startswith(("encoder.", "head."))}
+        """Write {state_dict: encoder.* + head.* (+ domain.*), meta} to ``path`` atomically (temp file + rename)."""
+        state = {
+            k: v.detach().cpu() for k, v in self.state_dict().items() if k.startswith(("encoder.", "head.", "domain."))
+        }
         return write_artifact(path, state, self.meta())
 
 
@@ -387,3 +427,28 @@ def load_base_learner(
     head = {k[len("head."):]: v for k, v in state.items() if k.startswith("head.")}
     learner.load_state_dict(head, strict=True)
     return learner.eval()
+
+
+def load_domain_classifier(
+    path: str | os.PathLike, fold: int, encoder: str, tap: str, train_command: str = "fsseg-train task=base ..."
+) -> nn.Linear:
+    """The stage-1 file's domain classifier (base classes from GAP of encoder tap ``tap``), frozen; ConfigError when
+    the file has none, or one for another fold, encoder or tap."""
+    path = Path(path)
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        meta, state = blob["meta"], blob["state_dict"]
+    except Exception as err:
+        raise ConfigError(f"{path} is not a stage-1 file written by fsseg-train task=base ({type(err).__name__}: {err})") from err
+    have = {"fold": meta.get("fold"), "encoder": meta.get("encoder"), "domain_tap": meta.get("domain_tap")}
+    want = {"fold": int(fold), "encoder": encoder, "domain_tap": tap}
+    if have != want:
+        detail = "; ".join(f"{k}: file has {have[k]!r}, expected {want[k]!r}" for k in want if have[k] != want[k])
+        raise ConfigError(
+            f"stage-1 file {path} has no domain classifier for this run ({detail}). Train stage 1 with "
+            f"base_task.domain_tap={tap}: {train_command}"
+        )
+    weight, bias = state["domain.weight"], state["domain.bias"]
+    linear = nn.Linear(weight.shape[1], weight.shape[0])
+    linear.load_state_dict({"weight": weight, "bias": bias})
+    return linear.requires_grad_(False).eval()

@@ -91,6 +91,9 @@ class PMGMHead(PriorPrototypeHead):
         prior_offsets: the vectors added to the prior prototypes before the cosine (Eqs. 7-8): ``fixed`` = drawn
             N(0, 1)/100 once and never trained (the reference: its embedding is not in the optimizer) |
             ``learnable`` (what the reference's code intended) | ``none``.
+        classifier: None = the encoder's ImageNet head (I2R) | a frozen linear classifier on GAP of the ``cam_tap``
+            features (the "domain-specific classification head" of I2R's limitation section, trained on the base
+            classes in stage 1: `fsseg.models.base_learner.load_domain_classifier`); the encoder then needs no head.
     """
 
     provides = (
@@ -112,6 +115,7 @@ class PMGMHead(PriorPrototypeHead):
         cam_threshold: float | str = 0.7,
         region_source: str = "query_cam",
         prior_offsets: str = "fixed",
+        classifier: nn.Module | None = None,
     ) -> None:
         super().__init__(tap_channels, reduce_dim, dropout, shared_reduction, True, shot_weighting)
         self.pmgm = bool(pmgm)
@@ -133,7 +137,12 @@ class PMGMHead(PriorPrototypeHead):
             self.register_buffer("offsets", offsets if prior_offsets == "fixed" else torch.zeros(2, high))
         self.cam_tap = cam_tap
         self._classify = None
-        if self.pmgm:
+        self.classifier = None if classifier is None else classifier.requires_grad_(False).eval()
+        if self.pmgm and self.classifier is not None:
+            if cam_tap not in tap_channels:
+                raise ConfigError(f"head.cam_tap {cam_tap!r} is not an encoder tap (taps: {sorted(tap_channels)})")
+            self._classify = self._domain_logits
+        elif self.pmgm:
             if cam_tap not in tap_channels:
                 raise ConfigError(f"head.cam_tap {cam_tap!r} is not an encoder tap (taps: {sorted(tap_channels)})")
             taps = getattr(encoder, "taps", {})
@@ -146,6 +155,15 @@ class PMGMHead(PriorPrototypeHead):
                 raise ConfigError(f"encoder tap {cam_tap!r} must be one feature index for CAMs; got {taps.get(cam_tap)}")
             # a bound method, not a submodule: the encoder is registered once, by the segmenter
             self._classify = functools.partial(encoder.tail, taps[cam_tap][0])
+
+    def _domain_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(x.mean(dim=(2, 3)))
+
+    def train(self, mode: bool = True) -> PMGMHead:
+        super().train(mode)
+        if self.classifier is not None:
+            self.classifier.eval()
+        return self
 
     @property
     def needs_autograd_at_eval(self) -> bool:  # the CAMs take gradients at evaluation too
