@@ -410,6 +410,8 @@ def test_stage1_domain_targets_are_the_base_classes_present():
     want = torch.nn.functional.binary_cross_entropy_with_logits(torch.tensor([5.0, -5.0, 0.0]).expand(2, 3), present)
     torch.testing.assert_close(loss, want)
     assert hit.tolist() == [1.0, 0.0]
+    trained = {id(p) for g in m.configure_optimizers()["optimizer"].param_groups for p in g["params"]}
+    assert {id(p) for p in m.domain.parameters()} <= trained  # trained at the head's rate
 
 
 def test_a_stage1_file_without_a_domain_classifier_is_refused(tmp_path):

@@ -341,8 +341,9 @@ class BaseLearnerModule(L.LightningModule):
 
     def configure_optimizers(self):
         enc = [p for p in self.encoder.parameters() if p.requires_grad]
+        head = list(self.head.parameters()) + (list(self.domain.parameters()) if self.domain is not None else [])
         groups = ([{"params": enc, "lr": self.base_lr}] if enc else []) + [
-            {"params": list(self.head.parameters()), "lr": self.base_lr * self.head_lr_multiplier}
+            {"params": head, "lr": self.base_lr * self.head_lr_multiplier}
         ]
         opt = torch.optim.SGD(groups, lr=self.base_lr, momentum=self.momentum, weight_decay=self.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1
