@@ -36,20 +36,52 @@ def stage1(synth_root, tmp_path_factory):
     return tmp
 
 
-def test_i2r_trains_and_evaluates_with_cams(synth_root, stage1, tmp_path):
+@pytest.fixture(scope="module")
+def i2r_run(synth_root, stage1):
     cfg = compose(["experiment=i2r_effl0_synth", *_overrides(synth_root, stage1, "decoder.num_decoders=2",
                                                              "decoder.num_cross_blocks=2")])
+    return cfg, run(cfg, stage1 / "i2r")
+
+
+def test_i2r_trains_and_evaluates_with_cams(i2r_run, stage1, tmp_path):
+    cfg, metrics = i2r_run
     assert cfg.trainer.inference_mode is False and cfg.encoder.keep_head is True
-    metrics = run(cfg, tmp_path / "run")
     assert 0.0 <= metrics["miou"] <= 1.0 and len(metrics["class_iou"]) == 5
     assert metrics["prior_ce"] > 0  # Table 4
     assert {"mask_ratio_cab0", "mask_ratio_cab1"} <= set(metrics)  # Table 5, measured with the query mask
     assert all(0.0 <= metrics[f"mask_ratio_cab{i}"] < 1.0 for i in range(2))
     # fsseg-eval evaluates the checkpoint again (its trainer takes the run's inference_mode=false): same numbers
-    again = evaluate(cfg, tmp_path / "run" / "checkpoints" / "last.ckpt", compose(["experiment=i2r_effl0_synth"]).trainer,
+    again = evaluate(cfg, stage1 / "i2r" / "checkpoints" / "last.ckpt", compose(["experiment=i2r_effl0_synth"]).trainer,
                      tmp_path / "eval")
     assert again["miou"] == pytest.approx(metrics["miou"], abs=1e-6)
     assert again["prior_ce"] == pytest.approx(metrics["prior_ce"], rel=1e-5)
+
+
+def test_i2r_evaluation_under_ddp_equals_one_process(i2r_run, stage1, tmp_path):
+    """fsseg-eval with two CPU processes (gloo): the CAMs take gradients in each rank; same scores."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = Path(sys.executable).parent
+    env = {**os.environ, "FSSEG_CONF": str(Path(__file__).resolve().parents[1] / "conf")}
+    results = {}
+    for trainer in ("cpu", "ddp_sim"):
+        out = tmp_path / trainer
+        proc = subprocess.run(
+            [str(exe / "fsseg-eval"), f"run_dir={stage1 / 'i2r'}", "checkpoint=last", f"trainer={trainer}",
+             "trainer.enable_progress_bar=false", f"hydra.run.dir={out}"],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        results[trainer] = json.loads((out / "metrics.json").read_text())["metrics"]
+    one, two = results["cpu"], results["ddp_sim"]
+    assert one["episodes"] == two["episodes"] == 12
+    for key in ("miou", "fbiou", "class_iou"):
+        assert one[key] == pytest.approx(two[key], abs=1e-6), key
+    assert one["prior_ce"] == pytest.approx(two["prior_ce"], rel=1e-5)
 
 
 def test_cams_under_inference_mode_are_a_config_error(synth_root, stage1, tmp_path):
