@@ -519,6 +519,30 @@ def _pspnet_dilation(model: nn.Module, name: str) -> None:
                 conv.dilation, conv.padding = ref.dilation, ref.padding
 
 
+def _forward_sequence(full: nn.Module) -> list[str] | None:
+    """Module names whose chained calls are the eval forward of timm classifier `full` (ResNet, EfficientNet,
+    VGG: their children in registration order, ``blocks``/``features`` expanded); None for other models."""
+    if type(full).__name__ not in ("ResNet", "EfficientNet", "VGG"):
+        return None
+    names: list[str] = []
+    for child, module in full.named_children():
+        if child in ("blocks", "features"):
+            names += [f"{child}.{i}" for i in range(len(module))]
+        else:
+            names.append(child)
+    return names
+
+
+def _submodule(model: nn.Module, name: str) -> nn.Module | None:
+    """`name` (full-model naming) in a features model (FeatureDictNet flattens it: features.5 -> features_5)."""
+    if isinstance(model, timm.models.FeatureDictNet):
+        return dict(model.named_children()).get(name.replace(".", "_"))
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
 def _prune_after_deepest_tap(model: nn.Module) -> tuple[str, ...]:
     """Drop the stages after the deepest tapped one, so the forward stops there; returns the pruned key prefixes.
 
@@ -621,11 +645,16 @@ class FrozenEncoder(nn.Module):
             the fast path for GPU AMP); the returned taps are ordinary contiguous NCHW tensors either way.
         fold_bn: frozen encoders only: fold each BatchNorm into the convolution before it (`fold_batchnorms`);
             equal up to float round-off, not bit for bit, so off by default (published results stay exact).
+        keep_head: keep the full model's ImageNet classifier (ResNet, EfficientNet, VGG) in ``self.head``:
+            the stages after the deepest tap (which `forward` still never runs) and the classifier, loaded
+            strictly from the same weights, frozen, always in eval mode; `tail` turns a feature into ImageNet
+            logits (CAMs at a tap, I2R).
 
     Attributes:
         tap_channels, tap_reduction: per tap, channel count and stride w.r.t. the input.
         mean, std: the normalisation in use (tuples, 0..1 scale); `normalize` applies it.
         feature_info: timm's FeatureInfo of the wrapped model.
+        num_classes: classes of the kept classifier (``keep_head``), else 0.
     """
 
     def __init__(
@@ -643,9 +672,11 @@ class FrozenEncoder(nn.Module):
         channels_last: bool = True,
         fold_bn: bool = False,
         bn: str = "frozen",
+        keep_head: bool = False,
     ) -> None:
         super().__init__()
         _check_model_name(name)
+        self.keep_head = bool(keep_head)
         self.name = name
         self.taps = _as_taps(taps)
         self.weights = "none" if weights is None else str(weights)
@@ -672,9 +703,16 @@ class FrozenEncoder(nn.Module):
         if self.output_stride is not None:
             kwargs["output_stride"] = self.output_stride
         self.pruned_prefixes: tuple[str, ...] = ()
-        self.model = self._create(kwargs)
+        self.num_classes = 0
+        self.head: nn.ModuleDict | None = None
+        if self.keep_head:
+            self.model = self._create_with_head(kwargs)
+        else:
+            self.model = self._create(kwargs)
         if pspnet_dilation:
             _pspnet_dilation(self.model, name)
+            if self.head is not None and any(k.startswith("layer") for k in self.head):
+                _pspnet_dilation(self.head, name)  # stages after the taps kept for the classifier
         self.pspnet_dilation = bool(pspnet_dilation)
 
         self.feature_info = self.model.feature_info
@@ -697,8 +735,12 @@ class FrozenEncoder(nn.Module):
         self.channels_last = bool(channels_last)
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
+            if self.head is not None:
+                self.head.to(memory_format=torch.channels_last)
         if self.frozen:
             self.model.requires_grad_(False)
+        if self.head is not None:
+            self.head.requires_grad_(False)
         self.train(self.training)
         self.fold_bn = bool(fold_bn)
         if self.fold_bn:
@@ -740,6 +782,45 @@ class FrozenEncoder(nn.Module):
             model.load_state_dict(state, strict=True)
             return model
         load_weight_file(model, mode, self.name)
+        return model
+
+    def _create_with_head(self, kwargs: dict[str, Any]) -> nn.Module:
+        """keep_head: the full classifier takes the weights (head strictly included); the features model (pruned
+        as usual, so `forward` costs what it did) copies its tensors; the modules it lacks (the stages after the
+        deepest tap, the classifier) move to `self.head`, which only `tail` runs."""
+        full_kwargs = {k: v for k, v in kwargs.items() if k not in ("features_only", "out_indices")}
+        meta = _meta_model(self.name, **full_kwargs)
+        if _forward_sequence(meta) is None:
+            raise ConfigError(
+                f"encoder.keep_head=true supports timm ResNet, EfficientNet and VGG classifiers; {self.name!r} "
+                f"is a {type(meta).__name__}"
+            )
+        if not getattr(meta, "num_classes", 0):
+            raise ConfigError(
+                f"encoder.keep_head=true needs a classifier, but {self.name!r} with model_kwargs "
+                f"{self.model_kwargs} has num_classes=0; drop num_classes from encoder.model_kwargs"
+            )
+        model = self._validate_build(kwargs)
+        self.pruned_prefixes = _prune_after_deepest_tap(model)
+        mode = self.weights.strip()
+        if mode.lower() == "hub":
+            full = _create_from_hub(self.name, full_kwargs)
+        else:
+            full = timm.create_model(self.name, pretrained=False, **full_kwargs)
+            if mode.lower() == "package":
+                what = f"packaged weights {package_weights_file(self.name)}"
+                full.load_state_dict(_match_state_dict(package_state_dict(self.name), full, what=what,
+                                                       name=self.name), strict=True)
+            elif mode.lower() not in ("none", ""):
+                load_weight_file(full, mode, self.name)
+        model.load_state_dict(
+            _match_state_dict(full.state_dict(), model, what=f"timm {self.name}", name=self.name), strict=True
+        )
+        self.num_classes = int(full.num_classes)
+        self._tail_sequence = _forward_sequence(full)
+        self.head = nn.ModuleDict(
+            {n.replace(".", "_"): full.get_submodule(n) for n in self._tail_sequence if _submodule(model, n) is None}
+        ).eval()
         return model
 
     def _validate_build(self, kwargs: dict[str, Any]) -> nn.Module:
@@ -793,6 +874,8 @@ class FrozenEncoder(nn.Module):
         super().train(mode)
         if self.frozen and self.bn == "frozen":
             self.model.eval()  # BatchNorm statistics (and dropout) fixed, whatever Lightning asks
+        if self.head is not None:
+            self.head.eval()
         return self
 
     # -- forward --------------------------------------------------------------------------------------------
@@ -844,6 +927,23 @@ class FrozenEncoder(nn.Module):
             if pos in outputs:
                 feats[outputs[pos]] = x
         return feats
+
+    def tail(self, index: int, x: Tensor) -> Tensor:
+        """ImageNet logits (B, num_classes) from feature `index`'s raw timm output (before feature_pool).
+
+        Runs the modules after that feature's module, then the classifier (``keep_head=true`` only). Not under
+        no_grad: differentiable w.r.t. `x` (the parameters require no grad), for CAMs at a tap.
+        """
+        if self.head is None:
+            raise ConfigError(f"FrozenEncoder({self.name!r}).tail needs encoder.keep_head=true")
+        info = self.feature_info.info
+        if not 0 <= int(index) < len(info):
+            raise ValueError(f"tail: feature index {index} out of range 0..{len(info) - 1} for {self.name!r}")
+        seq = self._tail_sequence
+        for name in seq[seq.index(info[int(index)]["module"]) + 1 :]:
+            key = name.replace(".", "_")
+            x = (self.head[key] if key in self.head else _submodule(self.model, name))(x)
+        return x
 
     def _assemble(self, feats: dict[int, Tensor]) -> dict[str, Tensor]:
         pooled = {
