@@ -96,6 +96,8 @@ class DeepSupervision(AuxLoss):
     def forward(self, outputs, batch, model) -> dict[str, torch.Tensor]:
         target = batch[QUERY_MASK]
         terms = [self.loss(logits, target) for logits in outputs[self.key]]
+        if not terms:  # a decoder without inner heads (I2R with one block): no term
+            return {}
         return {"deep_supervision": torch.stack(terms).mean()}
 
 
@@ -143,10 +145,14 @@ class SupportCE(AuxLoss):
         self.loss = CrossEntropy(ignore_as_background)
 
     def forward(self, outputs, batch, model) -> dict[str, torch.Tensor]:
+        if self.key not in outputs:
+            if getattr(model.decoder, "support_branch", True) is False:  # built without its support branch
+                return {}
+            raise ConfigError(f"aux loss {self.term!r} reads output {self.key!r}; the model gives {sorted(outputs)}")
         value = outputs[self.key]
         preds = value if isinstance(value, (list, tuple)) else [value]
-        if not preds:
-            raise ConfigError(f"aux loss {self.term!r}: output {self.key!r} is empty (no blocks with a head?)")
+        if not preds:  # a decoder without inner heads (I2R with one block): no term
+            return {}
         target = batch[SUPPORT_MASKS].flatten(0, 1)
         return {self.term: torch.stack([self.loss(p.flatten(0, 1), target) for p in preds]).mean()}
 

@@ -341,6 +341,7 @@ class FewShotSegmenter(L.LightningModule):
                 part.compile()
 
     def on_fit_start(self) -> None:
+        self._check_autograd_at_eval()
         self.prepare_for_device()
 
     def on_test_start(self) -> None:
@@ -581,7 +582,11 @@ class FewShotSegmenter(L.LightningModule):
     # silently turn its gradients off, so it is refused up front.
     def _check_autograd_at_eval(self) -> None:
         needs = [n or type(self).__name__ for n, m in self.named_modules() if getattr(m, "needs_autograd_at_eval", False)]
-        if needs and torch.is_inference_mode_enabled():
+        trainer = self._trainer
+        planned = trainer is not None and any(
+            getattr(loop, "inference_mode", False) for loop in (trainer.validate_loop, trainer.test_loop)
+        )  # at fit start: refuse before any training, not at the first validation
+        if needs and (torch.is_inference_mode_enabled() or planned):
             raise ConfigError(
                 f"{needs} compute gradients at evaluation (e.g. CAMs), which inference mode forbids: set "
                 f"trainer.inference_mode=false"
