@@ -76,11 +76,10 @@ from torch import nn
 
 from fsseg.data.batch import IGNORE_INDEX, QUERY_BASE_LABEL, QUERY_MASK
 from fsseg.errors import ConfigError
-from fsseg.models.apanet import choose_negative as choose_uniform
-from fsseg.models.apanet import safe_cross_entropy
-from fsseg.models.losses import AuxLoss, DiceLoss
+from fsseg.models.losses import AuxLoss, DiceLoss, safe_cross_entropy
 from fsseg.models.ops import (
     SeededModule,
+    choose_uniform,
     cosine_similarity_map,
     full_precision,
     mask_to_feature,

@@ -41,9 +41,9 @@ from torch import nn
 
 from fsseg.data.batch import QUERY_MASK, SUPPORT_MASKS
 from fsseg.errors import ConfigError
+from fsseg.models.layers import classifier, conv1x1_relu, conv3x3_relu
 from fsseg.models.losses import AuxLoss, DiceLoss
 from fsseg.models.ops import SeededModule, mask_to_feature, masked_average_pool, resize
-from fsseg.models.pfenet import _classifier, _conv3x3_relu
 
 BIAS_INCONSISTENT = -10000.0  # additive key-padding bias of cycle-inconsistent support tokens (reference)
 
@@ -305,10 +305,6 @@ class CycleTransformer(SeededModule):
 
 
 # ------------------------------------------------------------------------------------------------ the decoder
-def _conv1x1_relu(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.ReLU(inplace=True))
-
-
 class CyCTRDecoder(nn.Module):
     """CyCTR's decoder on PriorPrototypeHead guidance (see the module docstring).
 
@@ -344,15 +340,15 @@ class CyCTRDecoder(nn.Module):
         for name, rng in (("token_scale_1shot", token_scale_1shot), ("token_scale_kshot", token_scale_kshot)):
             if len(rng) != 2 or not 0 < rng[0] <= rng[1]:
                 raise ConfigError(f"decoder.{name} must be [low, high] with 0 < low <= high; got {list(rng)}")
-        self.query_merge = _conv1x1_relu(2 * dim + prior_channels, dim)
-        self.support_merge = _conv1x1_relu(2 * dim, dim)
+        self.query_merge = conv1x1_relu(2 * dim + prior_channels, dim)
+        self.support_merge = conv1x1_relu(2 * dim, dim)
         self.transformer = CycleTransformer(
             dim, num_blocks, num_heads, num_points, ffn_ratio, dropout,
             fg_tokens, bg_tokens, token_scale_1shot, token_scale_kshot, seed,
         )  # fmt: skip
-        self.fuse = _conv1x1_relu(dim, dim)
-        self.fuse_res = nn.Sequential(_conv3x3_relu(dim), _conv3x3_relu(dim))
-        self.cls = _classifier(dim, num_classes, 0.1)
+        self.fuse = conv1x1_relu(dim, dim)
+        self.fuse_res = nn.Sequential(conv3x3_relu(dim), conv3x3_relu(dim))
+        self.cls = classifier(dim, num_classes, 0.1)
 
     def forward(self, guidance: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         query, proto, prior = guidance["query_feat"], guidance["prototype"], guidance["prior"]
@@ -384,10 +380,10 @@ class SupportMaskPrediction(AuxLoss):
         self, dim: int = 256, weight: float = 1.0, loss: nn.Module | None = None, num_classes: int = 2
     ) -> None:
         super().__init__(weight)
-        self.query_proj = _conv1x1_relu(dim, dim)
-        self.init_merge = _conv1x1_relu(2 * dim, dim)
-        self.beta = nn.Sequential(_conv3x3_relu(dim), _conv3x3_relu(dim))
-        self.cls = _classifier(dim, num_classes, 0.1)
+        self.query_proj = conv1x1_relu(dim, dim)
+        self.init_merge = conv1x1_relu(2 * dim, dim)
+        self.beta = nn.Sequential(conv3x3_relu(dim), conv3x3_relu(dim))
+        self.cls = classifier(dim, num_classes, 0.1)
         self.loss = loss if loss is not None else DiceLoss(smooth=0.0, squared=True, sigmoid_both=True)
 
     def support_logits(self, outputs: Mapping[str, Any], query_mask: torch.Tensor) -> torch.Tensor:

@@ -61,6 +61,15 @@ class DiceLoss(nn.Module):
         return loss.sum(dim=1).mean()
 
 
+def safe_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Pixel-mean CE over non-255 pixels (logits upsampled to the target size); 0 when every pixel is 255
+    (APANet's class-agnostic branch and CELP's contrast pass, whose targets may be all 255)."""
+    logits = upsample_logits(logits, target.shape[-2:])
+    total = F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction="sum")
+    count = (target != IGNORE_INDEX).sum()
+    return total / count.clamp(min=1).to(total.dtype)
+
+
 class AuxLoss(nn.Module):
     """Base of training-only auxiliary losses; ``weight`` multiplies every returned term."""
 
