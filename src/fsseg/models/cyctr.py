@@ -18,10 +18,16 @@ Deviations, all documented in docs/notes.md:
   exactly the reference's own ``ms_deform_attn_core_pytorch`` check path), so it runs on CPU and GPU.
 - No padding masks: the guidance has no record of padded (255) pixels, so padded query positions are ordinary
   tokens (the reference masks them out of the deformable values and of the positional cumsum) and support 255
-  pixels are background tokens (the reference samples them but gives them the -10000 key bias).
+  pixels are background tokens (the reference samples them but gives them the -10000 key bias). A guidance may
+  carry ``support_ignore_feat`` (CELP's contrast pass with ``token_mask: pseudo_mask``): those tokens then get
+  that bias, as the reference's 255 pixels.
 - Token labels are the soft support mask at feature size >= 0.5 (the reference: nearest-resized label == 1). A
   mask with no foreground (or no background) token is used as is: the additive -10000 bias never produces NaN,
   so the reference's fake 2 x 2 centre foreground / 4 corner background pixels are not needed.
+- Sampled tokens carry their own labels (gathered with the sampling indices). The reference's
+  ``CyCTransformer.sparse_sampling`` draws indices into the foreground (background) subset but reads the labels
+  and valid flags of the FULL support mask at those indices (``supp_mask_b[fg_select_idx]``), i.e. of the first
+  raster positions: its cycle rule compares wrong token labels (docs/notes.md).
 - Token sampling (``sample_support_tokens``) is vectorised and drawn from the decoder's own generator (seeded
   by config, checkpointed). Evaluation is deterministic: the same count as the reference's test (300 K FG +
   300 K BG), drawn from a generator re-seeded with ``seed`` at every forward, with one score per token position
@@ -165,9 +171,12 @@ class CycleCrossAttention(nn.Module):
         self.attn_drop, self.proj_drop = nn.Dropout(dropout), nn.Dropout(dropout)
         self.mask_drop = nn.Dropout(mask_dropout)
 
-    def forward(self, q: torch.Tensor, s: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q (B, Nq, C), s (B, Ns, C) support tokens (keys = values), labels (B, Ns) bool foreground.
-        Returns (B, Nq, C) and the consistency map (B, heads, Ns)."""
+    def forward(
+        self, q: torch.Tensor, s: torch.Tensor, labels: torch.Tensor, ignore: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """q (B, Nq, C), s (B, Ns, C) support tokens (keys = values), labels (B, Ns) bool foreground, ignore
+        (B, Ns) bool or None: tokens that get the -10000 key bias whatever their consistency (the reference's
+        ``supp_valid_mask``, its 255 support pixels). Returns (B, Nq, C) and the consistency map (B, heads, Ns)."""
         b, nq, c = q.shape
         ns = s.shape[1]
         q = self.q_fc(q).view(b, nq, self.heads, -1).transpose(1, 2)
@@ -176,6 +185,8 @@ class CycleCrossAttention(nn.Module):
         attn = (q @ k.transpose(-2, -1)) * self.scale  # B, M, Nq, Ns
         consistent = cycle_consistency_mask(attn.detach(), labels[:, None, :])
         inconsistent = self.mask_drop((~consistent).to(attn.dtype)) > 0
+        if ignore is not None:  # the reference: valid_mask[inconsistent] = 1, then -10000 * valid_mask
+            inconsistent = inconsistent | ignore[:, None, :]
         attn = attn + inconsistent[:, :, None, :].to(attn.dtype) * BIAS_INCONSISTENT
         x = self.attn_drop(attn.softmax(-1)) @ v
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(b, nq, c))), consistent
@@ -225,10 +236,10 @@ class CyCTRBlock(nn.Module):
         self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(4))
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, q, pos, size, tokens, labels) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, q, pos, size, tokens, labels, ignore=None) -> tuple[torch.Tensor, torch.Tensor]:
         q = self.norms[0](q + self.drop(self.self_attn(q + pos, q, size)))
         q = self.norms[1](self.ffn_self(q))
-        out, consistent = self.cross_attn(q, tokens, labels)
+        out, consistent = self.cross_attn(q, tokens, labels, ignore)
         q = self.norms[2](q + out)
         return self.norms[3](self.ffn_cross(q)), consistent
 
@@ -286,20 +297,28 @@ class CycleTransformer(SeededModule):
         return sample_support_tokens(labels, num_fg, num_bg, scores.to(labels.device))
 
     def forward(
-        self, query: torch.Tensor, tokens: torch.Tensor, labels: torch.Tensor, shots: int
+        self,
+        query: torch.Tensor,
+        tokens: torch.Tensor,
+        labels: torch.Tensor,
+        shots: int,
+        ignore: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """query (B, C, h, w), tokens (B, Ns, C), labels (B, Ns) bool -> (B, C, h, w), per-block consistency."""
+        """query (B, C, h, w), tokens (B, Ns, C), labels (B, Ns) bool, ignore (B, Ns) bool or None (ignored tokens
+        stay in the background pool of the sampler and get the -10000 key bias once sampled) -> (B, C, h, w),
+        per-block consistency."""
         b, c, h, w = query.shape
         q = query.flatten(2).transpose(1, 2)
         pos = (sine_positional_encoding(h, w, c, query.device) + self.level_embed).to(q.dtype)[None]
         eval_gen = None if self.training else torch.Generator().manual_seed(self.seed % 2**64)
-        consistency, idx = [], None
+        consistency, idx, k_ignore = [], None, None
         for block in self.blocks:
             if idx is None or self.training:
                 idx = self._sample(labels, shots, eval_gen)
                 k = torch.gather(tokens, 1, idx[..., None].expand(-1, -1, c))
-                k_labels = torch.gather(labels, 1, idx)
-            q, consistent = block(q, pos, (h, w), k, k_labels)
+                k_labels = torch.gather(labels, 1, idx)  # the sampled tokens' own labels and flags
+                k_ignore = None if ignore is None else torch.gather(ignore, 1, idx)
+            q, consistent = block(q, pos, (h, w), k, k_labels, k_ignore)
             consistency.append(consistent)
         return q.transpose(1, 2).reshape(b, c, h, w), consistency
 
@@ -309,7 +328,9 @@ class CyCTRDecoder(nn.Module):
     """CyCTR's decoder on PriorPrototypeHead guidance (see the module docstring).
 
     Reads query_feat (B, D, h, w), prototype (B, D, 1, 1) or a map (B, D, h, w), prior (B, 1, h, w),
-    support_feat (B, K, D, h, w), support_mask_feat (B, K, 1, h, w). A guidance whose support is the query
+    support_feat (B, K, D, h, w), support_mask_feat (B, K, 1, h, w) and, if present, support_ignore_feat
+    (B, K, 1, h, w): tokens where it is >= 0.5 are ignored keys (CELP's contrast pass with
+    ``token_mask: pseudo_mask``: the pseudo-mask's 255 regions; absent = none). A guidance whose support is the query
     itself (CELP's latent branch: support_feat = query_feat[:, None], support_mask_feat = a pseudo-mask) works
     unchanged. Returns logits (B, 2, h, w), fused_query_feat (B, D, h, w) (the auxiliary support prediction
     reads it) and cycle_consistent (per block, (B, heads, T) bool over the sampled support tokens).
@@ -363,7 +384,11 @@ class CyCTRDecoder(nn.Module):
         s = self.support_merge(torch.cat([s, s_proto], dim=1))
         tokens = s.view(b, k, d, -1).permute(0, 1, 3, 2).reshape(b, -1, d)  # B, K*hs*ws, D
         labels = (m >= 0.5).view(b, -1)
-        x, consistency = self.transformer(q, tokens, labels, shots=k)
+        ignore = guidance.get("support_ignore_feat")
+        if ignore is not None:  # 255 tokens: background label (the reference's mask == 1), -10000 key bias
+            ignore = (ignore >= 0.5).reshape(b, -1)
+            labels = labels & ~ignore
+        x, consistency = self.transformer(q, tokens, labels, shots=k, ignore=ignore)
         x = self.fuse(x)
         x = self.fuse_res(x) + x
         return {"logits": self.cls(x), "fused_query_feat": x, "cycle_consistent": consistency}
