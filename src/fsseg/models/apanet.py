@@ -24,7 +24,11 @@ proportion to how much of it is not foreground and the random prototype p_r for 
 background pixels, exactly p_r on foreground pixels; 255 pixels carry their region's prototype, and their
 target is ignored).
 
-Design decisions (the papers are silent on them):
+Design decisions (where the papers are silent or ambiguous):
+
+- g_phi is PFENet's whole decoder (``decoder=fem``: FEM with the prior, inner classifiers, final classifier),
+  although Sec. IV-B describes it as "a 3 x 3 convolution and a 1 x 1 convolution with 2 output channels" (PFENet's
+  final classifier): the papers' lambda = 0 baseline rows are PFENet's published numbers (docs/notes.md).
 
 - Loss wiring (Eq. 9, L = (1 - lambda) L1 + lambda L2). ``lambda_`` is this module's weight (``AuxLoss.weight``);
   the main-loss weight must be 1 - lambda. conf/method/apanet.yaml sets both from ONE key, ``apanet_lambda``,
