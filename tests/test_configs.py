@@ -19,7 +19,7 @@ RECIPES = sorted(p.stem for p in (CONF / "recipe").glob("*.yaml"))
 # The paper recipe of each method family on each dataset (what the per-combination experiment files held).
 PAPER_RECIPE = {
     ("pfenet", "pascal"): "pascal", ("apanet", "pascal"): "pascal", ("scnet", "pascal"): "pascal",
-    ("celp", "pascal"): "celp_pascal", ("cyctr", "pascal"): "cyctr_pascal", ("celp_cyctr", "pascal"): "cyctr_pascal",
+    ("celp", "pascal"): "celp_pascal", ("cyctr", "pascal"): "cyctr_pascal", ("celp_cyctr", "pascal"): "celp_cyctr_pascal",
     ("pfenet", "coco"): "coco", ("apanet", "coco"): "apanet_coco", ("scnet", "coco"): "apanet_coco",
     ("celp", "coco"): "celp_coco", ("cyctr", "coco"): "cyctr_coco", ("celp_cyctr", "coco"): "celp_cyctr_coco",
     ("bam", "pascal"): "bam_pascal", ("bam", "coco"): "bam_coco",

@@ -15,14 +15,13 @@ from fsseg.models import apanet, kmeans
 from fsseg.models.apanet import (
     ClassAgnosticBranch,
     agnostic_target,
-    choose_negative,
     expand_prototypes,
     one_hot_regions,
     region_prototypes,
     remove_foreground,
 )
 from fsseg.models.losses import CrossEntropy, DeepSupervision
-from fsseg.models.ops import mask_to_feature
+from fsseg.models.ops import choose_uniform, mask_to_feature
 from fsseg.models.pfenet import FeatureEnrichmentModule, PriorPrototypeHead
 from fsseg.models.segmenter import FewShotSegmenter
 
@@ -117,9 +116,9 @@ def test_expansion_regions_and_one_negative_on_the_foreground():
 def test_choose_negative_only_valid_regions():
     valid = torch.tensor([[True, False, True], [False, False, True], [False, False, False]])
     u = torch.tensor([0.0, 0.99, 0.5])
-    assert choose_negative(valid, u).tolist() == [0, 2, 0]
-    assert choose_negative(valid[:1], torch.tensor([0.75])).tolist() == [2]
-    draws = choose_negative(valid[:1].expand(1000, 3), torch.rand(1000, generator=torch.Generator().manual_seed(0)))
+    assert choose_uniform(valid, u).tolist() == [0, 2, 0]
+    assert choose_uniform(valid[:1], torch.tensor([0.75])).tolist() == [2]
+    draws = choose_uniform(valid[:1].expand(1000, 3), torch.rand(1000, generator=torch.Generator().manual_seed(0)))
     assert set(draws.tolist()) == {0, 2} and 400 < (draws == 0).sum() < 600
 
 

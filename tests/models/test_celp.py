@@ -472,3 +472,103 @@ def test_celp_on_cyctr_uses_the_query_as_its_own_support():
     assert torch.isfinite(loss)
     loss.backward()
     assert all(p.grad is not None for n, p in model.named_parameters() if n.startswith("decoder.transformer."))
+
+
+# ------------------------------------------------------------------------------------------------ CELP on CyCTR: the reference's forms
+@pytest.mark.parametrize(
+    ("overrides", "reference"),
+    [
+        (["method=celp_cyctr", "encoder=resnet50", "recipe=celp_cyctr_pascal"], True),
+        (["method=celp_cyctr", "encoder=resnet101", "recipe=celp_cyctr_coco"], True),
+        (["method=celp_cyctr", "recipe=cyctr_synth"], False),  # the embedded recipe keeps fsseg's forms
+        (["method=cyctr", "encoder=resnet50", "recipe=cyctr_pascal"], False),
+    ],
+)
+def test_celp_on_cyctr_paper_recipes_use_the_reference_forms(overrides, reference):
+    cfg = compose([*overrides, "encoder.weights=none"])
+    assert cfg.head.shared_reduction is reference
+    assert cfg.loss.channel_reduction == ("mean" if reference else "sum")
+    if "latent_contrast" in cfg.aux:
+        assert cfg.aux.latent_contrast.token_mask == ("pseudo_mask" if reference else "foreground")
+
+
+def _celp_cyctr(*overrides):
+    from hydra.utils import instantiate
+
+    cfg = compose(["method=celp_cyctr", "encoder.weights=none", "head.reduce_dim=16", "seed=4", *overrides])
+    return instantiate(cfg.model)
+
+
+def test_celp_on_cyctr_shared_reduction_is_one_module():
+    """head.shared_reduction=true (CELPNet's one adjust_feature): the query and support reductions are the same
+    module with the same parameters, and the model has exactly one reduction's parameters fewer."""
+    from fsseg.models.segmenter import count_parameters
+
+    separate, shared = _celp_cyctr(), _celp_cyctr("head.shared_reduction=true")
+    assert separate.head.down_support is not separate.head.down_query
+    assert shared.head.down_support is shared.head.down_query
+    q_params = list(shared.head.down_query.parameters())
+    assert all(a is b for a, b in zip(q_params, shared.head.down_support.parameters(), strict=True))
+    one_reduction = sum(p.numel() for p in separate.head.down_support.parameters())
+    assert one_reduction == 16 * shared.encoder.tap_channels["mid"]  # 1x1 conv, no bias
+    assert count_parameters(separate) - count_parameters(shared) == one_reduction
+    shared.train()
+    loss = training_loss(shared, make_batch(b=2, size=64))
+    loss.backward()
+    assert torch.isfinite(loss) and shared.head.down_query[0].weight.grad is not None
+
+
+def _contrast_pass(token_mask):
+    """The contrast pass of a celp_cyctr model: its guidance and target, the transformer's (args, kwargs) and the
+    cross-attentions' args."""
+    model = _celp_cyctr(f"aux.latent_contrast.token_mask={token_mask}")
+    model.train()
+    batch = make_batch(b=2, size=64)
+    out = model(batch)
+    branch = model.aux_losses["latent_contrast"]
+    state = branch.generator.get_state()
+    guidance, target, keep = branch.contrast_guidance(out, batch)
+    branch.generator.set_state(state)  # the pass below draws the same anchors
+    calls, cross = [], []
+    model.decoder.transformer.register_forward_pre_hook(
+        lambda mod, args, kwargs: calls.append((args, kwargs)), with_kwargs=True
+    )
+    for block in model.decoder.transformer.blocks:
+        block.cross_attn.register_forward_pre_hook(lambda mod, args: cross.append(args))
+    terms = branch(out, batch, model)
+    assert torch.isfinite(terms["contrast"]) and keep.any() and len(calls) == 1
+    return out, guidance, target, calls[0], cross
+
+
+def test_contrast_pass_token_sampler_sees_the_pseudo_masks_255_regions():
+    """token_mask=pseudo_mask (CELPNet hands the transformer y_temp with its 255 regions): the contrast guidance
+    carries [M' = 255] at feature size, the sampler keeps those tokens as background and the cross-attention gets
+    their flags at the sampled positions; token_mask=foreground (default) passes no such map (M^1, all else bg)."""
+    _, guidance, _, (_, kwargs), cross = _contrast_pass("foreground")
+    assert kwargs["ignore"] is None and "support_ignore_feat" not in guidance
+    assert all(a[3] is None for a in cross)
+
+    out, guidance, target, (args, kwargs), cross = _contrast_pass("pseudo_mask")
+    labels, ignore = args[2], kwargs["ignore"]
+    h, w = out["query_feat"].shape[-2:]
+    expected = F.interpolate((target == 255).float()[:, None], (h, w), mode="bilinear", align_corners=True)
+    assert torch.equal(guidance["support_ignore_feat"][:, 0], expected)
+    assert torch.equal(ignore, (expected >= 0.5).flatten(1))
+    assert ignore.any() and (~ignore).any()  # 255 regions beside labelled and pseudo-foreground tokens
+    fg = guidance["support_mask_feat"].flatten(1) >= 0.5
+    assert torch.equal(labels, fg & ~ignore) and labels.any()  # 255 tokens are background (the reference: == 1)
+    k_labels, k_ignore = cross[0][2], cross[0][3]  # the sampled tokens: some are 255 ones, all of those background
+    assert k_ignore is not None and k_ignore.any() and not (k_labels & k_ignore).any()
+
+
+def test_batched_decoder_pass_carries_the_ignore_map_of_the_contrast_share_only():
+    """model.batched_aux_decoder: the main pass has no ignore map, the contrast pass has one; the merged pass
+    gives the main share zeros (nothing ignored) and the contrast share its 255 regions."""
+    model = _celp_cyctr("aux.latent_contrast.token_mask=pseudo_mask", "model.batched_aux_decoder=true")
+    model.train()
+    calls = []
+    model.decoder.transformer.register_forward_pre_hook(lambda mod, args, kwargs: calls.append(kwargs), with_kwargs=True)
+    loss = training_loss(model, make_batch(b=2, size=64))
+    assert torch.isfinite(loss) and len(calls) == 1
+    ignore = calls[0]["ignore"]
+    assert ignore.shape[0] == 4 and not ignore[:2].any() and ignore[2:].any()

@@ -84,6 +84,27 @@ def test_cross_attention_bias_matches_manual_computation():
     assert torch.allclose(out, manual, atol=1e-6)
 
 
+def test_cross_attention_ignored_tokens_get_the_key_bias_whatever_their_consistency():
+    """The reference's valid mask (CELP's contrast pass, token_mask=pseudo_mask: the pseudo-mask's 255 tokens):
+    bias -10000 on ignored OR inconsistent tokens, once (not twice); the consistency map is the plain rule's."""
+    torch.manual_seed(0)
+    att = CycleCrossAttention(dim=16, heads=4).eval()
+    q, s = torch.randn(2, 6, 16), torch.randn(2, 5, 16)
+    labels = torch.tensor([[True, False, True, False, False], [False, False, True, True, True]])
+    ignore = torch.tensor([[False, True, False, False, True], [True, False, False, False, False]])
+    out, consistent = att(q, s, labels, ignore)
+    assert torch.equal(consistent, att(q, s, labels)[1])  # the rule does not look at the flags
+    qh = att.q_fc(q).view(2, 6, 4, 4).transpose(1, 2)
+    kh = att.k_fc(s).view(2, 5, 4, 4).transpose(1, 2)
+    vh = att.v_fc(s).view(2, 5, 4, 4).transpose(1, 2)
+    scores = qh @ kh.transpose(-2, -1) / 2.0
+    masked = ~consistent | ignore[:, None, :]
+    assert (ignore[:, None, :] & ~consistent).any() and (ignore[:, None, :] & consistent).any()
+    manual = att.proj(((scores + masked[:, :, None, :].float() * -10000.0).softmax(-1) @ vh).transpose(1, 2).reshape(2, 6, 16))
+    assert torch.allclose(out, manual, atol=1e-6)
+    assert not torch.allclose(out, att(q, s, labels)[0], atol=1e-4)
+
+
 # ------------------------------------------------------------------------------------------------ deformable attention
 def test_deformable_attention_is_a_hand_computable_bilinear_sample():
     value = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]).view(1, 1, 1, 2, 3)  # B, M, Dh, h=2, w=3
@@ -223,6 +244,30 @@ def test_weighted_dice_hand_computed():
     # bg channel: p = [.5, .5, 0], t = [0, 1, 0]: 1 - 2 * .5 / (.5 + 1) = 1/3; fg channel: the same -> 2/3
     loss = DiceLoss(smooth=0.0, squared=True, sigmoid_both=True)(logits, target)
     assert loss.item() == pytest.approx(2 / 3, rel=1e-6)
+
+
+def test_weighted_dice_channel_reduction_sum_and_mean_by_hand():
+    """CyCTR's reduction "sum" (channels summed, batch mean) and CELP_CyCTR's "mean" (over images and channels):
+    the same per-channel losses, so the ratio is exactly 2 with two channels."""
+    logits = torch.zeros(2, 2, 2, 2)  # sigmoid 0.5 everywhere on both channels
+    target = torch.tensor([[[1, 0], [0, 255]], [[1, 1], [0, 0]]])
+    # image 0 (the 255 pixel has p = 0, t = 0): bg t = [0, 1, 1, 0], sum p^2 = 3 / 4: 1 - 2 * 1 / (3/4 + 2) = 3/11;
+    #   fg t = [1, 0, 0, 0]: 1 - 2 * (1/2) / (3/4 + 1) = 3/7
+    # image 1: bg and fg t with two 1s each, sum p^2 = 1: 1 - 2 * 1 / (1 + 2) = 1/3 on each channel
+    per_channel = [[3 / 11, 3 / 7], [1 / 3, 1 / 3]]
+    summed = sum(sum(row) for row in per_channel) / 2  # (3/11 + 3/7 + 2/3) / 2
+    averaged = sum(sum(row) for row in per_channel) / 4
+    kw = {"smooth": 0.0, "squared": True, "sigmoid_both": True}
+    loss_sum = DiceLoss(**kw)(logits, target)  # the default: CyCTR's
+    loss_mean = DiceLoss(**kw, channel_reduction="mean")(logits, target)
+    assert loss_sum.item() == pytest.approx(summed, rel=1e-6) and loss_sum.item() == pytest.approx(0.6840, abs=1e-4)
+    assert loss_mean.item() == pytest.approx(averaged, rel=1e-6)
+    assert loss_sum.item() == pytest.approx(2 * loss_mean.item(), rel=1e-6)
+    assert DiceLoss(**kw, channel_reduction="sum")(logits, target).item() == loss_sum.item()
+    plain = torch.zeros(1, 2, 1, 2), torch.tensor([[[1, 0]]])  # one channel (softmax fg): mean = sum
+    assert DiceLoss(channel_reduction="mean")(*plain).item() == pytest.approx(DiceLoss()(*plain).item())
+    with pytest.raises(ConfigError, match="channel_reduction"):
+        DiceLoss(channel_reduction="max")
 
 
 def test_weighted_dice_equals_the_reference_formula_without_ignored_pixels():

@@ -24,7 +24,11 @@ proportion to how much of it is not foreground and the random prototype p_r for 
 background pixels, exactly p_r on foreground pixels; 255 pixels carry their region's prototype, and their
 target is ignored).
 
-Design decisions (the papers are silent on them):
+Design decisions (where the papers are silent or ambiguous):
+
+- g_phi is PFENet's whole decoder (``decoder=fem``: FEM with the prior, inner classifiers, final classifier),
+  although Sec. IV-B describes it as "a 3 x 3 convolution and a 1 x 1 convolution with 2 output channels" (PFENet's
+  final classifier): the papers' lambda = 0 baseline rows are PFENet's published numbers (docs/notes.md).
 
 - Loss wiring (Eq. 9, L = (1 - lambda) L1 + lambda L2). ``lambda_`` is this module's weight (``AuxLoss.weight``);
   the main-loss weight must be 1 - lambda. conf/method/apanet.yaml sets both from ONE key, ``apanet_lambda``,
@@ -81,16 +85,16 @@ from torch import nn
 from fsseg.data.batch import IGNORE_INDEX, QUERY_MASK, SUPPORT_MASKS
 from fsseg.errors import ConfigError
 from fsseg.models.kmeans import cosine_kmeans, grid_partition
-from fsseg.models.losses import AuxLoss
+from fsseg.models.losses import AuxLoss, safe_cross_entropy
 from fsseg.models.ops import (
     MAP_EPS,
     SeededModule,
+    choose_uniform,
     full_precision,
     mask_to_feature,
     minmax_normalise,
     resize,
     to_device,
-    upsample_logits,
 )
 from fsseg.resolvers import register_resolvers
 
@@ -130,17 +134,6 @@ def region_prototypes(
     return num / (area.unsqueeze(2) + eps), area
 
 
-def choose_negative(valid: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Index of the randomly chosen region per image: uniform among the valid ones (B, n) bool, from the uniforms
-    u (B,) in [0, 1). Images with no valid region get 0."""
-    n_valid = valid.sum(dim=1)
-    rank = (u * n_valid).floor().long().clamp(min=0)
-    rank = torch.minimum(rank, (n_valid - 1).clamp(min=0))  # u -> 1 rounding guard
-    order = valid.long().cumsum(dim=1) - 1  # rank of each valid region among the valid ones
-    hit = valid & (order == rank.unsqueeze(1))
-    return hit.long().argmax(dim=1)
-
-
 def expand_prototypes(
     prototypes: torch.Tensor, regions: torch.Tensor, foreground: torch.Tensor, negative: torch.Tensor
 ) -> torch.Tensor:
@@ -159,14 +152,6 @@ def agnostic_target(query_mask: torch.Tensor, keep: torch.Tensor | None = None) 
     if keep is not None:
         target = torch.where(keep.view(-1, 1, 1), target, torch.full_like(target, IGNORE_INDEX))
     return target
-
-
-def safe_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Pixel-mean CE over non-255 pixels (logits upsampled to the target size); 0 when every pixel is 255."""
-    logits = upsample_logits(logits, target.shape[-2:])
-    total = F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction="sum")
-    count = (target != IGNORE_INDEX).sum()
-    return total / count.clamp(min=1).to(total.dtype)
 
 
 # ------------------------------------------------------------------------------------------------ the branch
@@ -356,7 +341,7 @@ class ClassAgnosticBranch(SeededModule, AuxLoss):
 
         valid = area >= MIN_REGION_AREA  # B, n
         keep = valid.any(dim=1)
-        negative = choose_negative(valid, self._uniform((b,), query.device))
+        negative = choose_uniform(valid, self._uniform((b,), query.device))
         protos = self._fill_empty(protos, valid, negative)
         prototype_map = expand_prototypes(protos, regions, fg, negative)  # Eq. 7 (E^q)
 
@@ -412,11 +397,9 @@ class ClassAgnosticBranch(SeededModule, AuxLoss):
 __all__ = [
     "ClassAgnosticBranch",
     "agnostic_target",
-    "choose_negative",
     "expand_prototypes",
     "one_hot_regions",
     "region_prototypes",
     "register_resolvers",
     "remove_foreground",
-    "safe_cross_entropy",
 ]

@@ -51,6 +51,14 @@ Paper vs reference code (zhaoxiaoyu1995/CELP-Pytorch, CELP_PFENet/model/PFENet.p
   put 0.1 on the contrast loss and 1.0 on PFENet's deep supervision. Default: the code's reading (this module's
   ``weight`` = 0.1, ``aux.deep_supervision.weight`` = 1.0). No deep supervision on the contrast pass (the code
   computes its inner logits and drops them); ``deep_supervision: true`` adds it.
+- CELP on CyCTR (CELP_CyCTR/model/CyCTR.py, CELPNet): the code hands the transformer its pseudo-label y_temp
+  (1 / 0 on labelled objects / 255) as the support mask, so 255 tokens are background tokens masked out of the
+  cross-attention. ``token_mask: pseudo_mask`` does that (``support_ignore_feat``); ``foreground`` (the
+  constructor default, fsseg's earlier behaviour) hands over M^1 with everything else background. The code also
+  shares one reduction for query and support (``head.shared_reduction``) and averages its weighted Dice over
+  channels (``loss.channel_reduction: mean``, half of CyCTR's sum, so its 0.1 contrast CE weighs twice as much
+  against the main loss as with the sum). The CELP-on-CyCTR paper recipes (celp_cyctr_pascal, celp_cyctr_coco)
+  use all three reference forms; conf/method/celp_cyctr.yaml and the embedded recipe keep fsseg's.
 - Prototype: masked average pooling with PFENet's +5e-4 on the area (the code's Weighted_GAP); the feature
   region of Eq. 7 is M^1 at feature size, as in the code. Gradients flow through v_l and H' into F^m.
 
@@ -76,11 +84,10 @@ from torch import nn
 
 from fsseg.data.batch import IGNORE_INDEX, QUERY_BASE_LABEL, QUERY_MASK
 from fsseg.errors import ConfigError
-from fsseg.models.apanet import choose_negative as choose_uniform
-from fsseg.models.apanet import safe_cross_entropy
-from fsseg.models.losses import AuxLoss, DiceLoss
+from fsseg.models.losses import AuxLoss, DiceLoss, safe_cross_entropy
 from fsseg.models.ops import (
     SeededModule,
+    choose_uniform,
     cosine_similarity_map,
     full_precision,
     mask_to_feature,
@@ -91,6 +98,7 @@ from fsseg.models.ops import (
 )
 
 LOSSES = ("ce", "dice")
+TOKEN_MASKS = ("foreground", "pseudo_mask")
 OPTION = "aux.latent_contrast"
 
 
@@ -219,6 +227,11 @@ class LatentContrast(SeededModule, AuxLoss):
         chunk_size: rows of the similarity matrix per step (memory bound), an integer >= 1 or None (all).
         seed: seed of the anchor generator; configs pass ${seed}.
         high_tap: encoder tap of F^h (layer4: "high"); ``outputs["query_high"]`` if the taps are absent.
+        token_mask: the support mask of the contrast pass, read by a decoder with a support-token sampler
+            (CyCTR). "foreground": M^1, everything else background. "pseudo_mask": the reference's (CELP_CyCTR
+            CELPNet passes its pseudo-label with the 255 regions to the transformer): M^1 as foreground plus
+            ``support_ignore_feat`` = [M' = 255] at feature size, tokens the decoder samples as background and
+            masks out of the cross-attention (-10000 key bias). PFENet's FEM reads neither.
     """
 
     def __init__(
@@ -234,6 +247,7 @@ class LatentContrast(SeededModule, AuxLoss):
         chunk_size: int | None = 1024,
         seed: int = 0,
         high_tap: str = "high",
+        token_mask: str = "foreground",
     ) -> None:
         weight = _number(weight, "weight", 0.0, math.inf, False, True)
         super().__init__(weight=weight)
@@ -246,6 +260,9 @@ class LatentContrast(SeededModule, AuxLoss):
         if loss not in LOSSES:
             raise ConfigError(f"{OPTION}.loss must be one of {list(LOSSES)}; got {loss!r}")
         self.loss = str(loss)
+        if token_mask not in TOKEN_MASKS:
+            raise ConfigError(f"{OPTION}.token_mask must be one of {list(TOKEN_MASKS)}; got {token_mask!r}")
+        self.token_mask = str(token_mask)
         self.dice = DiceLoss()
         bad_chunk = isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
         if chunk_size is not None and bad_chunk:
@@ -260,7 +277,10 @@ class LatentContrast(SeededModule, AuxLoss):
 
     # ---------------------------------------------------------------- state (exact resume)
     def extra_repr(self) -> str:
-        return f"weight={self.weight}, delta={self.delta}, sigma={self.sigma}, loss={self.loss}"
+        return (
+            f"weight={self.weight}, delta={self.delta}, sigma={self.sigma}, loss={self.loss}, "
+            f"token_mask={self.token_mask}"
+        )
 
     # ---------------------------------------------------------------- forward
     def _uniforms(self, b: int, device: torch.device) -> torch.Tensor:
@@ -320,6 +340,9 @@ class LatentContrast(SeededModule, AuxLoss):
         guidance["prior"] = latent_prior(query, proto, keep_feat)  # Eqs. 8-9
         guidance["support_feat"] = query[:, None]  # the query is its own support
         guidance["support_mask_feat"] = fg[:, None]
+        if self.token_mask == "pseudo_mask":  # the reference: M' with its 255 regions as the tokens' mask
+            ignored_target = (target == IGNORE_INDEX).to(query.dtype)
+            guidance["support_ignore_feat"] = mask_to_feature(ignored_target, (h, w))[:, None]  # B, 1, 1, h, w
         return guidance, target, sample.keep
 
 

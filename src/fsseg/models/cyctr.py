@@ -18,10 +18,16 @@ Deviations, all documented in docs/notes.md:
   exactly the reference's own ``ms_deform_attn_core_pytorch`` check path), so it runs on CPU and GPU.
 - No padding masks: the guidance has no record of padded (255) pixels, so padded query positions are ordinary
   tokens (the reference masks them out of the deformable values and of the positional cumsum) and support 255
-  pixels are background tokens (the reference samples them but gives them the -10000 key bias).
+  pixels are background tokens (the reference samples them but gives them the -10000 key bias). A guidance may
+  carry ``support_ignore_feat`` (CELP's contrast pass with ``token_mask: pseudo_mask``): those tokens then get
+  that bias, as the reference's 255 pixels.
 - Token labels are the soft support mask at feature size >= 0.5 (the reference: nearest-resized label == 1). A
   mask with no foreground (or no background) token is used as is: the additive -10000 bias never produces NaN,
   so the reference's fake 2 x 2 centre foreground / 4 corner background pixels are not needed.
+- Sampled tokens carry their own labels (gathered with the sampling indices). The reference's
+  ``CyCTransformer.sparse_sampling`` draws indices into the foreground (background) subset but reads the labels
+  and valid flags of the FULL support mask at those indices (``supp_mask_b[fg_select_idx]``), i.e. of the first
+  raster positions: its cycle rule compares wrong token labels (docs/notes.md).
 - Token sampling (``sample_support_tokens``) is vectorised and drawn from the decoder's own generator (seeded
   by config, checkpointed). Evaluation is deterministic: the same count as the reference's test (300 K FG +
   300 K BG), drawn from a generator re-seeded with ``seed`` at every forward, with one score per token position
@@ -41,9 +47,9 @@ from torch import nn
 
 from fsseg.data.batch import QUERY_MASK, SUPPORT_MASKS
 from fsseg.errors import ConfigError
+from fsseg.models.layers import classifier, conv1x1_relu, conv3x3_relu
 from fsseg.models.losses import AuxLoss, DiceLoss
 from fsseg.models.ops import SeededModule, mask_to_feature, masked_average_pool, resize
-from fsseg.models.pfenet import _classifier, _conv3x3_relu
 
 BIAS_INCONSISTENT = -10000.0  # additive key-padding bias of cycle-inconsistent support tokens (reference)
 
@@ -165,9 +171,12 @@ class CycleCrossAttention(nn.Module):
         self.attn_drop, self.proj_drop = nn.Dropout(dropout), nn.Dropout(dropout)
         self.mask_drop = nn.Dropout(mask_dropout)
 
-    def forward(self, q: torch.Tensor, s: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q (B, Nq, C), s (B, Ns, C) support tokens (keys = values), labels (B, Ns) bool foreground.
-        Returns (B, Nq, C) and the consistency map (B, heads, Ns)."""
+    def forward(
+        self, q: torch.Tensor, s: torch.Tensor, labels: torch.Tensor, ignore: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """q (B, Nq, C), s (B, Ns, C) support tokens (keys = values), labels (B, Ns) bool foreground, ignore
+        (B, Ns) bool or None: tokens that get the -10000 key bias whatever their consistency (the reference's
+        ``supp_valid_mask``, its 255 support pixels). Returns (B, Nq, C) and the consistency map (B, heads, Ns)."""
         b, nq, c = q.shape
         ns = s.shape[1]
         q = self.q_fc(q).view(b, nq, self.heads, -1).transpose(1, 2)
@@ -176,6 +185,8 @@ class CycleCrossAttention(nn.Module):
         attn = (q @ k.transpose(-2, -1)) * self.scale  # B, M, Nq, Ns
         consistent = cycle_consistency_mask(attn.detach(), labels[:, None, :])
         inconsistent = self.mask_drop((~consistent).to(attn.dtype)) > 0
+        if ignore is not None:  # the reference: valid_mask[inconsistent] = 1, then -10000 * valid_mask
+            inconsistent = inconsistent | ignore[:, None, :]
         attn = attn + inconsistent[:, :, None, :].to(attn.dtype) * BIAS_INCONSISTENT
         x = self.attn_drop(attn.softmax(-1)) @ v
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(b, nq, c))), consistent
@@ -225,10 +236,10 @@ class CyCTRBlock(nn.Module):
         self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(4))
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, q, pos, size, tokens, labels) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, q, pos, size, tokens, labels, ignore=None) -> tuple[torch.Tensor, torch.Tensor]:
         q = self.norms[0](q + self.drop(self.self_attn(q + pos, q, size)))
         q = self.norms[1](self.ffn_self(q))
-        out, consistent = self.cross_attn(q, tokens, labels)
+        out, consistent = self.cross_attn(q, tokens, labels, ignore)
         q = self.norms[2](q + out)
         return self.norms[3](self.ffn_cross(q)), consistent
 
@@ -286,34 +297,40 @@ class CycleTransformer(SeededModule):
         return sample_support_tokens(labels, num_fg, num_bg, scores.to(labels.device))
 
     def forward(
-        self, query: torch.Tensor, tokens: torch.Tensor, labels: torch.Tensor, shots: int
+        self,
+        query: torch.Tensor,
+        tokens: torch.Tensor,
+        labels: torch.Tensor,
+        shots: int,
+        ignore: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """query (B, C, h, w), tokens (B, Ns, C), labels (B, Ns) bool -> (B, C, h, w), per-block consistency."""
+        """query (B, C, h, w), tokens (B, Ns, C), labels (B, Ns) bool, ignore (B, Ns) bool or None (ignored tokens
+        stay in the background pool of the sampler and get the -10000 key bias once sampled) -> (B, C, h, w),
+        per-block consistency."""
         b, c, h, w = query.shape
         q = query.flatten(2).transpose(1, 2)
         pos = (sine_positional_encoding(h, w, c, query.device) + self.level_embed).to(q.dtype)[None]
         eval_gen = None if self.training else torch.Generator().manual_seed(self.seed % 2**64)
-        consistency, idx = [], None
+        consistency, idx, k_ignore = [], None, None
         for block in self.blocks:
             if idx is None or self.training:
                 idx = self._sample(labels, shots, eval_gen)
                 k = torch.gather(tokens, 1, idx[..., None].expand(-1, -1, c))
-                k_labels = torch.gather(labels, 1, idx)
-            q, consistent = block(q, pos, (h, w), k, k_labels)
+                k_labels = torch.gather(labels, 1, idx)  # the sampled tokens' own labels and flags
+                k_ignore = None if ignore is None else torch.gather(ignore, 1, idx)
+            q, consistent = block(q, pos, (h, w), k, k_labels, k_ignore)
             consistency.append(consistent)
         return q.transpose(1, 2).reshape(b, c, h, w), consistency
 
 
 # ------------------------------------------------------------------------------------------------ the decoder
-def _conv1x1_relu(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.ReLU(inplace=True))
-
-
 class CyCTRDecoder(nn.Module):
     """CyCTR's decoder on PriorPrototypeHead guidance (see the module docstring).
 
     Reads query_feat (B, D, h, w), prototype (B, D, 1, 1) or a map (B, D, h, w), prior (B, 1, h, w),
-    support_feat (B, K, D, h, w), support_mask_feat (B, K, 1, h, w). A guidance whose support is the query
+    support_feat (B, K, D, h, w), support_mask_feat (B, K, 1, h, w) and, if present, support_ignore_feat
+    (B, K, 1, h, w): tokens where it is >= 0.5 are ignored keys (CELP's contrast pass with
+    ``token_mask: pseudo_mask``: the pseudo-mask's 255 regions; absent = none). A guidance whose support is the query
     itself (CELP's latent branch: support_feat = query_feat[:, None], support_mask_feat = a pseudo-mask) works
     unchanged. Returns logits (B, 2, h, w), fused_query_feat (B, D, h, w) (the auxiliary support prediction
     reads it) and cycle_consistent (per block, (B, heads, T) bool over the sampled support tokens).
@@ -344,15 +361,15 @@ class CyCTRDecoder(nn.Module):
         for name, rng in (("token_scale_1shot", token_scale_1shot), ("token_scale_kshot", token_scale_kshot)):
             if len(rng) != 2 or not 0 < rng[0] <= rng[1]:
                 raise ConfigError(f"decoder.{name} must be [low, high] with 0 < low <= high; got {list(rng)}")
-        self.query_merge = _conv1x1_relu(2 * dim + prior_channels, dim)
-        self.support_merge = _conv1x1_relu(2 * dim, dim)
+        self.query_merge = conv1x1_relu(2 * dim + prior_channels, dim)
+        self.support_merge = conv1x1_relu(2 * dim, dim)
         self.transformer = CycleTransformer(
             dim, num_blocks, num_heads, num_points, ffn_ratio, dropout,
             fg_tokens, bg_tokens, token_scale_1shot, token_scale_kshot, seed,
         )  # fmt: skip
-        self.fuse = _conv1x1_relu(dim, dim)
-        self.fuse_res = nn.Sequential(_conv3x3_relu(dim), _conv3x3_relu(dim))
-        self.cls = _classifier(dim, num_classes, 0.1)
+        self.fuse = conv1x1_relu(dim, dim)
+        self.fuse_res = nn.Sequential(conv3x3_relu(dim), conv3x3_relu(dim))
+        self.cls = classifier(dim, num_classes, 0.1)
 
     def forward(self, guidance: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         query, proto, prior = guidance["query_feat"], guidance["prototype"], guidance["prior"]
@@ -367,7 +384,11 @@ class CyCTRDecoder(nn.Module):
         s = self.support_merge(torch.cat([s, s_proto], dim=1))
         tokens = s.view(b, k, d, -1).permute(0, 1, 3, 2).reshape(b, -1, d)  # B, K*hs*ws, D
         labels = (m >= 0.5).view(b, -1)
-        x, consistency = self.transformer(q, tokens, labels, shots=k)
+        ignore = guidance.get("support_ignore_feat")
+        if ignore is not None:  # 255 tokens: background label (the reference's mask == 1), -10000 key bias
+            ignore = (ignore >= 0.5).reshape(b, -1)
+            labels = labels & ~ignore
+        x, consistency = self.transformer(q, tokens, labels, shots=k, ignore=ignore)
         x = self.fuse(x)
         x = self.fuse_res(x) + x
         return {"logits": self.cls(x), "fused_query_feat": x, "cycle_consistent": consistency}
@@ -384,10 +405,10 @@ class SupportMaskPrediction(AuxLoss):
         self, dim: int = 256, weight: float = 1.0, loss: nn.Module | None = None, num_classes: int = 2
     ) -> None:
         super().__init__(weight)
-        self.query_proj = _conv1x1_relu(dim, dim)
-        self.init_merge = _conv1x1_relu(2 * dim, dim)
-        self.beta = nn.Sequential(_conv3x3_relu(dim), _conv3x3_relu(dim))
-        self.cls = _classifier(dim, num_classes, 0.1)
+        self.query_proj = conv1x1_relu(dim, dim)
+        self.init_merge = conv1x1_relu(2 * dim, dim)
+        self.beta = nn.Sequential(conv3x3_relu(dim), conv3x3_relu(dim))
+        self.cls = classifier(dim, num_classes, 0.1)
         self.loss = loss if loss is not None else DiceLoss(smooth=0.0, squared=True, sigmoid_both=True)
 
     def support_logits(self, outputs: Mapping[str, Any], query_mask: torch.Tensor) -> torch.Tensor:

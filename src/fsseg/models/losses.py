@@ -18,6 +18,8 @@ from fsseg.data.batch import IGNORE_INDEX, QUERY_MASK, SUPPORT_MASKS
 from fsseg.errors import ConfigError
 from fsseg.models.ops import upsample_logits
 
+CHANNEL_REDUCTIONS = ("sum", "mean")  # DiceLoss: CyCTR's reference (sum over channels) | CELP_CyCTR's (mean)
+
 
 class CrossEntropy(nn.Module):
     """Pixel-wise cross-entropy over {background, foreground}, label 255 ignored.
@@ -44,13 +46,25 @@ class DiceLoss(nn.Module):
     (target == c), the two channel losses summed, then averaged over the batch. With ``squared``, ``smooth=0``
     and ``eps=1e-8`` it is the reference's loss, except that fsseg also zeroes the prediction on 255 pixels (the
     reference zeroes only the target there, so ignored pixels still enter the sum of p^2).
+    ``channel_reduction``: how the per-(image, channel) losses become one number. ``sum`` (default): summed over
+    the channels, averaged over the batch (CyCTR's ``weighted_dice_loss(reduction="sum")``: ``loss.sum() / n``).
+    ``mean``: averaged over images and channels (CELP_CyCTR's copy of that loss, whose default is
+    ``reduction="mean"``): with ``sigmoid_both`` (two channels) exactly half of ``sum``; one channel: equal.
     """
 
     def __init__(
-        self, smooth: float = 1.0, squared: bool = False, sigmoid_both: bool = False, eps: float = 1e-8
+        self,
+        smooth: float = 1.0,
+        squared: bool = False,
+        sigmoid_both: bool = False,
+        eps: float = 1e-8,
+        channel_reduction: str = "sum",
     ) -> None:
         super().__init__()
+        if channel_reduction not in CHANNEL_REDUCTIONS:
+            raise ConfigError(f"loss.channel_reduction must be one of {list(CHANNEL_REDUCTIONS)}; got {channel_reduction!r}")
         self.smooth, self.squared, self.sigmoid_both, self.eps = smooth, squared, sigmoid_both, eps
+        self.channel_reduction = str(channel_reduction)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         logits = upsample_logits(logits, target.shape[-2:])
@@ -67,7 +81,16 @@ class DiceLoss(nn.Module):
         else:
             den = p.flatten(2).sum(2) + t.flatten(2).sum(2)
         loss = 1 - (2 * inter + self.smooth) / (den + self.smooth).clamp(min=self.eps)  # B, channels
-        return loss.sum(dim=1).mean()
+        return loss.mean() if self.channel_reduction == "mean" else loss.sum(dim=1).mean()
+
+
+def safe_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Pixel-mean CE over non-255 pixels (logits upsampled to the target size); 0 when every pixel is 255
+    (APANet's class-agnostic branch and CELP's contrast pass, whose targets may be all 255)."""
+    logits = upsample_logits(logits, target.shape[-2:])
+    total = F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction="sum")
+    count = (target != IGNORE_INDEX).sum()
+    return total / count.clamp(min=1).to(total.dtype)
 
 
 class AuxLoss(nn.Module):

@@ -143,6 +143,17 @@ def valid_pixels(target: torch.Tensor) -> torch.Tensor:
     return target != IGNORE_INDEX
 
 
+def choose_uniform(valid: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Index of one entry per row chosen uniformly among the valid ones (B, n) bool, from the uniforms u (B,) in
+    [0, 1) (APANet's random negative region, CELP's anchor). Rows with no valid entry get 0."""
+    n_valid = valid.sum(dim=1)
+    rank = (u * n_valid).floor().long().clamp(min=0)
+    rank = torch.minimum(rank, (n_valid - 1).clamp(min=0))  # u -> 1 rounding guard
+    order = valid.long().cumsum(dim=1) - 1  # rank of each valid entry among the valid ones
+    hit = valid & (order == rank.unsqueeze(1))
+    return hit.long().argmax(dim=1)
+
+
 class SeededModule(nn.Module):
     """A module drawing from its own ``self.generator`` (torch.Generator): the generator's state travels in
     checkpoints (``get_extra_state``), so a resumed run draws the same numbers as an uninterrupted one."""

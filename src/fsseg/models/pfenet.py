@@ -19,6 +19,7 @@ from torch import nn
 
 from fsseg.data.batch import QUERY_MASK
 from fsseg.errors import ConfigError
+from fsseg.models.layers import classifier, conv1x1_relu, conv3x3_relu
 from fsseg.models.ops import mask_to_feature, masked_average_pool, max_cosine_prior, resize, shot_priors
 
 
@@ -98,19 +99,6 @@ class PriorPrototypeHead(nn.Module):
         return {"prior_ce": F.binary_cross_entropy(prior, target, reduction="none").flatten(1).mean(dim=1)}
 
 
-def _conv3x3_relu(dim: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(dim, dim, 3, padding=1, bias=False), nn.ReLU(inplace=True))
-
-
-def _classifier(dim: int, num_classes: int, dropout: float) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(dim, dim, 3, padding=1, bias=False),
-        nn.ReLU(inplace=True),
-        nn.Dropout2d(dropout),
-        nn.Conv2d(dim, num_classes, 1),
-    )
-
-
 class FeatureEnrichmentModule(nn.Module):
     """PFENet's FEM: multi-scale merging of [query feature, prototype, prior] with top-down information flow,
     inner classifiers per scale (deep supervision), then res1 / res2 / cls.
@@ -140,18 +128,13 @@ class FeatureEnrichmentModule(nn.Module):
         self.prior_scale = float(prior_scale)
         self.bins = [float(b) for b in bins]
         n = len(self.bins)
-        self.init_merge = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(2 * dim + prior_channels, dim, 1, bias=False), nn.ReLU(inplace=True))
-            for _ in range(n)
-        )
-        self.alpha_conv = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(2 * dim, dim, 1, bias=False), nn.ReLU(inplace=True)) for _ in range(n - 1)
-        )
-        self.beta_conv = nn.ModuleList(nn.Sequential(_conv3x3_relu(dim), _conv3x3_relu(dim)) for _ in range(n))
-        self.inner_cls = nn.ModuleList(_classifier(dim, num_classes, dropout) for _ in range(n))
-        self.res1 = nn.Sequential(nn.Conv2d(dim * n, dim, 1, bias=False), nn.ReLU(inplace=True))
-        self.res2 = nn.Sequential(_conv3x3_relu(dim), _conv3x3_relu(dim))
-        self.cls = _classifier(dim, num_classes, dropout)
+        self.init_merge = nn.ModuleList(conv1x1_relu(2 * dim + prior_channels, dim) for _ in range(n))
+        self.alpha_conv = nn.ModuleList(conv1x1_relu(2 * dim, dim) for _ in range(n - 1))
+        self.beta_conv = nn.ModuleList(nn.Sequential(conv3x3_relu(dim), conv3x3_relu(dim)) for _ in range(n))
+        self.inner_cls = nn.ModuleList(classifier(dim, num_classes, dropout) for _ in range(n))
+        self.res1 = conv1x1_relu(dim * n, dim)
+        self.res2 = nn.Sequential(conv3x3_relu(dim), conv3x3_relu(dim))
+        self.cls = classifier(dim, num_classes, dropout)
 
     def bin_sizes(self, h: int) -> list[int]:
         return [int(b) if b > 1 else max(1, int(h * b)) for b in self.bins]

@@ -688,13 +688,22 @@ class FewShotSegmenter(L.LightningModule):
         return self
 
 
+# Optional guidance masks whose absence means "nothing marked": a part without one gets zeros shaped like the
+# named key when another part of a merged pass has it (CELP's contrast pass beside the main pass).
+ZERO_WHEN_ABSENT = {"support_ignore_feat": "support_mask_feat"}
+
+
 def merge_guidance(parts: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
     """Decoder inputs of several passes concatenated along the batch: every key that is a tensor in all parts
     with the same shape after the first dimension. A (B, D, 1, 1) prototype beside a (B, D, h, w) prototype map is
     expanded to the map's size (FEM pools a map per scale; the pooled constant map is the vector up to rounding).
+    Keys of ``ZERO_WHEN_ABSENT`` are zeros in the parts that lack them.
     Keys that cannot be concatenated are left out (the decoder must not need them)."""
+    for key, like in ZERO_WHEN_ABSENT.items():
+        if any(key in p for p in parts) and not all(key in p for p in parts):
+            parts = [p if key in p or like not in p else {**p, key: torch.zeros_like(p[like])} for p in parts]
     merged: dict[str, torch.Tensor] = {}
-    for key in parts[0]:
+    for key in dict.fromkeys(k for p in parts for k in p):
         values = [p.get(key) for p in parts]
         if not all(isinstance(v, torch.Tensor) and v.dim() >= 1 for v in values):
             continue
