@@ -121,3 +121,22 @@ def test_ablation_rows_compose_and_step(synth_root, stage1):
         with torch.no_grad():
             out = model(batch)
         assert out["logits"].shape[:2] == (batch[B.QUERY_IMG].shape[0], 2), row
+
+
+def test_support_losses_are_training_only(synth_root, stage1, monkeypatch):
+    """Validation and test run no auxiliary loss: the support-branch terms never see evaluation batches."""
+    from fsseg.models.losses import SupportCE
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a support loss ran at evaluation")
+
+    cfg = compose(["experiment=i2r_effl0_synth", *_overrides(synth_root, stage1, "decoder.num_decoders=2",
+                                                             "decoder.num_cross_blocks=1")])
+    dm = instantiate(cfg.data)
+    dm.prepare_data()
+    dm.setup("fit")
+    model = instantiate(cfg.model, num_eval_classes=5).eval()
+    monkeypatch.setattr(SupportCE, "forward", refuse)
+    batch = next(iter(dm.val_dataloader()))
+    model.validation_step(batch, 0)
+    assert model.val_iou.compute()["episodes"] > 0

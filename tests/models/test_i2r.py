@@ -424,3 +424,19 @@ def test_a_stage1_file_without_a_domain_classifier_is_refused(tmp_path):
                           {"fold": 0, "encoder": "e", "domain_tap": "cam"})
     lin = load_domain_classifier(path, fold=0, encoder="e", tap="cam")
     assert lin.weight.shape == (3, 5) and not lin.weight.requires_grad
+
+
+def test_prior_tap_cam_compares_on_the_cam_layer():
+    torch.manual_seed(0)
+    chans = {"mid": 6, "high": 6, "low": 6, "cam": 6}
+    q, s = _taps(1, 1)
+    masks = torch.zeros(1, 1, 32, 32)
+    masks[..., 8:24, 8:24] = 1
+    outs = {}
+    for tap in ("high", "cam"):
+        torch.manual_seed(0)
+        head = PMGMHead(chans, encoder=TinyEncoder(), reduce_dim=8, dropout=0.0, cam_threshold=0.5, prior_tap=tap).eval()
+        outs[tap] = head(q, s, masks)["prior"]
+    assert not torch.equal(outs["high"], outs["cam"])  # the taps hold different features here
+    with pytest.raises(ConfigError, match="prior_tap"):
+        PMGMHead(chans, encoder=TinyEncoder(), prior_tap="layer4")

@@ -91,6 +91,9 @@ class PMGMHead(PriorPrototypeHead):
         prior_offsets: the vectors added to the prior prototypes before the cosine (Eqs. 7-8): ``fixed`` = drawn
             N(0, 1)/100 once and never trained (the reference: its embedding is not in the optimizer) |
             ``learnable`` (what the reference's code intended) | ``none``.
+        prior_tap: the tap Eqs. 5-9 compare on: ``high`` = the reference (layer4, of the masked support with
+            support_masking=deepest, while the CAMs are at layer3) | ``cam`` = the CAM layer itself (one reading of
+            the paper, whose X_1 is "the" backbone feature).
         classifier: None = the encoder's ImageNet head (I2R) | a frozen linear classifier on GAP of the ``cam_tap``
             features (the "domain-specific classification head" of I2R's limitation section, trained on the base
             classes in stage 1: `fsseg.models.base_learner.load_domain_classifier`); the encoder then needs no head.
@@ -116,6 +119,7 @@ class PMGMHead(PriorPrototypeHead):
         region_source: str = "query_cam",
         prior_offsets: str = "fixed",
         classifier: nn.Module | None = None,
+        prior_tap: str = "high",
     ) -> None:
         super().__init__(tap_channels, reduce_dim, dropout, shared_reduction, True, shot_weighting)
         self.pmgm = bool(pmgm)
@@ -129,7 +133,10 @@ class PMGMHead(PriorPrototypeHead):
         if prior_offsets not in ("fixed", "learnable", "none"):
             raise ConfigError(f"head.prior_offsets must be 'fixed', 'learnable' or 'none'; got {prior_offsets!r}")
         self.prior_offsets = prior_offsets
-        high = tap_channels["high"]
+        if prior_tap not in tap_channels:
+            raise ConfigError(f"head.prior_tap {prior_tap!r} is not an encoder tap (taps: {sorted(tap_channels)})")
+        self.prior_tap = prior_tap
+        high = tap_channels[prior_tap]
         offsets = torch.randn(2, high) / 100.0  # the reference's nn.Embedding rows 0 and 2, N(0, 1)/100
         if prior_offsets == "learnable":
             self.offsets = nn.Parameter(offsets)
@@ -180,10 +187,10 @@ class PMGMHead(PriorPrototypeHead):
         out["support_prototype"] = masked_average_pool(s_feat, m_feat).view(b, k, -1, 1, 1)
         tokens = resize(support_mask.flatten(0, 1)[:, None], size, mode="nearest") > 0.5
         out["support_mask_tokens"] = tokens.view(b, k, *size)
-        sh = support["high"].flatten(0, 1)  # BK, C, hh, ww (masked support when support_masking=deepest)
-        if not self.pmgm:  # each support's own prior, for the support branch
+        if not self.pmgm:
+            sh = support["high"].flatten(0, 1)  # BK, C, hh, ww (masked support when support_masking=deepest)
             mh = mask_to_feature(support_mask.flatten(0, 1), sh.shape[-2:])
-            own = shot_priors(sh, sh[:, None], mh[:, None])[:, 0]
+            own = shot_priors(sh, sh[:, None], mh[:, None])[:, 0]  # each support's own BAM prior
             out["support_prior"] = resize(own, size).view(b, k, 1, *size)
             return out
         out.update(self._pmgm(query, support, support_mask, out))
@@ -213,7 +220,7 @@ class PMGMHead(PriorPrototypeHead):
         cq_pos = cq > t[:, None, None]
         a1, a2 = a1.float()[:, None], a2.float()[:, None]
         # Eqs. 5-9 on the prior tap: region prototypes of the support, cosine on each CAM region, min-max there
-        sh, qh = support["high"].flatten(0, 1).float(), query["high"].float().repeat_interleave(k, dim=0)
+        sh, qh = support[self.prior_tap].flatten(0, 1).float(), query[self.prior_tap].float().repeat_interleave(k, dim=0)
         hsize = sh.shape[-2:]
         offsets = self.offsets.to(sh.dtype)
         p1h = masked_average_pool(sh, mask_to_feature(a1[:, 0], hsize)) + offsets[0]
