@@ -100,19 +100,19 @@ def test_each_cam_method_equals_the_hand_computation(method):
 def test_cams_take_one_gradient_and_leave_no_parameter_grad():
     net = SquarePoolClassifier()
     calls = []
-    real = torch.autograd.grad
+    real = torch.autograd.backward
 
     def counting(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
     net.fc.weight.requires_grad_(True)  # even a parameter that could take a gradient gets none
-    torch.autograd.grad = counting
+    torch.autograd.backward = counting
     try:
         with torch.no_grad():  # evaluation runs under no_grad: the CAM turns gradients on itself
             cam_from = class_activation_maps(net, torch.rand(6, 3, 4, 4), torch.arange(6) % 4, "xgradcam")
     finally:
-        torch.autograd.grad = real
+        torch.autograd.backward = real
     assert len(calls) == 1 and cam_from.shape == (6, 4, 4)
     assert net.fc.weight.grad is None
 
@@ -190,9 +190,13 @@ def test_dicm_equals_a_loop_of_algorithm_1(ties):
     n, nq, ns = 3, 12, 10
     a = torch.randint(0, 3, (n, nq, ns), generator=g).float() if ties else torch.randn(n, nq, ns, generator=g)
     ms, mq = torch.rand(n, ns, generator=g) > 0.5, torch.rand(n, nq, generator=g) > 0.5
-    got = dicm_mask(a, ms, mq)
+    got = dicm_mask(a, ms, mq, keep_rows=False)
+    guarded = dicm_mask(a, ms, mq)
     for b in range(n):
-        np.testing.assert_array_equal(got[b].numpy(), dicm_loop(a[b].numpy(), ms[b].numpy(), mq[b].numpy()))
+        want = dicm_loop(a[b].numpy(), ms[b].numpy(), mq[b].numpy())
+        np.testing.assert_array_equal(got[b].numpy(), want)
+        want[want.all(axis=1)] = False  # rows that would lose everything are kept whole
+        np.testing.assert_array_equal(guarded[b].numpy(), want)
 
 
 @pytest.mark.parametrize("ties", [False, True])
@@ -215,7 +219,7 @@ def test_no_softmax_row_becomes_all_minus_inf():
     a = torch.zeros(1, nq, ns)
     a[0, 0] = 10.0
     ms, mq = torch.ones(1, ns, dtype=torch.bool), torch.zeros(1, nq, dtype=torch.bool)
-    assert dicm_mask(a, ms, mq)[0, 0].all()
+    assert dicm_mask(a, ms, mq, keep_rows=False)[0, 0].all()
     cells = attention_mask(a, "dicm", ms, mq)
     assert not cells.all(dim=2).any()
     block = CrossAttentionBlock(8)
@@ -233,7 +237,7 @@ def test_dicm_reference_cells_are_the_transpose_plus_the_corner():
     g = torch.Generator().manual_seed(6)
     a = torch.randn(2, 6, 6, generator=g)
     ms, mq = torch.rand(2, 6, generator=g) > 0.5, torch.rand(2, 6, generator=g) > 0.5
-    fixed, ref = dicm_mask(a, ms, mq), dicm_mask(a, ms, mq, reference_cells=True)
+    fixed, ref = dicm_mask(a, ms, mq, keep_rows=False), dicm_mask(a, ms, mq, reference_cells=True, keep_rows=False)
     want = fixed.transpose(1, 2).clone()
     want[:, 0, 0] = True
     assert torch.equal(ref, want)
@@ -361,7 +365,11 @@ def test_mask_ratio_diagnostic_counts_dicm_cells_with_the_query_mask():
     assert set(diag) == {"mask_ratio_cab0", "mask_ratio_cab1"}
     s_labels = g["support_mask_tokens"].flatten(0, 1).flatten(1)
     for i, scores in enumerate(out["cross_attention_scores"]):
-        want = [dicm_loop(scores[n].numpy(), s_labels[n].numpy(), qm[n].flatten().bool().numpy()).mean() for n in range(2)]
+        want = []
+        for n in range(2):
+            cells = dicm_loop(scores[n].numpy(), s_labels[n].numpy(), qm[n].flatten().bool().numpy())
+            cells[cells.all(axis=1)] = False
+            want.append(cells.mean())
         np.testing.assert_allclose(diag[f"mask_ratio_cab{i}"].numpy(), want, rtol=1e-6)
 
 

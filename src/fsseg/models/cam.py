@@ -68,8 +68,10 @@ def class_activation_maps(
         logits = classify(x)
         scores = logits.softmax(dim=1) if method == "bagcam" else logits
         target = scores.gather(1, classes.view(-1, 1).long()).sum()
-        (grad,) = torch.autograd.grad(target, x)
-    return cam_from_gradients(method, x.detach(), grad)
+        # backward into the tap only (``inputs``): no parameter's .grad is touched (the same as autograd.grad, which
+        # FlopCounterMode's module hooks cannot follow)
+        torch.autograd.backward(target, inputs=[x])
+    return cam_from_gradients(method, x.detach(), x.grad)
 
 
 def normalise_cams(cams: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

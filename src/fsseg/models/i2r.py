@@ -257,23 +257,32 @@ class PMGMHead(PriorPrototypeHead):
 # Attention masks (Algorithm 1 and CyCTR's rule), on detached attention scores
 # ----------------------------------------------------------------------------------------------------------
 def dicm_mask(
-    attn: torch.Tensor, support_labels: torch.Tensor, query_labels: torch.Tensor, reference_cells: bool = False
+    attn: torch.Tensor,
+    support_labels: torch.Tensor,
+    query_labels: torch.Tensor,
+    reference_cells: bool = False,
+    keep_rows: bool = True,
 ) -> torch.Tensor:
     """DICM (Algorithm 1): for every support token j, i* = argmax_i attn[i, j]; where the labels of j and i*
     differ, the pair is masked: True at [i*, j]. attn (N, Nq, Ns); labels bool (N, Ns) and (N, Nq).
 
+    ``keep_rows``: a query row whose every column would be masked keeps them all (no all -inf softmax row); found
+    from per-row counts, without another pass over the (N, Nq, Ns) map.
     ``reference_cells``: the public code's cells instead: [j, i*] (transposed; needs Nq = Ns) and [0, 0] always.
     """
     i_star = attn.argmax(dim=1)  # N, Ns
     inconsistent = support_labels != query_labels.gather(1, i_star)
     mask = torch.zeros_like(attn, dtype=torch.bool)
     if not reference_cells:
+        if keep_rows:  # a row can lose every column only if it is every column's i* and all of them disagree
+            counts = torch.zeros_like(query_labels, dtype=torch.long).scatter_add_(1, i_star, inconsistent.long())
+            inconsistent = inconsistent & (counts.gather(1, i_star) < attn.shape[2])
         return mask.scatter_(1, i_star[:, None, :], inconsistent[:, None, :])
     if attn.shape[1] != attn.shape[2]:
         raise ConfigError("decoder.dicm_reference_cells=true needs query and support token grids of one size")
     mask.scatter_(2, i_star[:, :, None], inconsistent[:, :, None])
     mask[:, 0, 0] = True
-    return mask
+    return mask & ~mask.all(dim=2, keepdim=True) if keep_rows else mask
 
 
 def attention_mask(
@@ -284,17 +293,17 @@ def attention_mask(
     reference_cells: bool = False,
 ) -> torch.Tensor | None:
     """The cells (N, Nq, Ns) set to -inf before the softmax, or None. ``cyctr``: every column whose support token
-    is cycle-inconsistent (CyCTR Sec. 3.3); ``dicm``: `dicm_mask`. A query row that would lose every column keeps
-    them all (no all -inf softmax row)."""
+    is cycle-inconsistent (CyCTR Sec. 3.3; a sample whose every column is inconsistent keeps them all); ``dicm``:
+    `dicm_mask`. No query row loses every column (no all -inf softmax row)."""
     if rule == "none":
         return None
     if rule == "cyctr":
-        mask = (~cycle_consistency_mask(attn, support_labels))[:, None, :].expand_as(attn)
-    elif rule == "dicm":
-        mask = dicm_mask(attn, support_labels, query_labels, reference_cells)
-    else:
-        raise ConfigError(f"attention mask must be one of {list(ATTENTION_MASKS)}; got {rule!r}")
-    return mask & ~mask.all(dim=2, keepdim=True)
+        columns = ~cycle_consistency_mask(attn, support_labels)  # N, Ns
+        columns = columns & ~columns.all(dim=1, keepdim=True)
+        return columns[:, None, :].expand_as(attn)
+    if rule == "dicm":
+        return dicm_mask(attn, support_labels, query_labels, reference_cells)
+    raise ConfigError(f"attention mask must be one of {list(ATTENTION_MASKS)}; got {rule!r}")
 
 
 # ----------------------------------------------------------------------------------------------------------
