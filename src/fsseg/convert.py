@@ -4,7 +4,8 @@ Layouts (facts from the public code, shared/notes/baselines.md §1, round2-refer
 
 - ``pspnet-backbone``: PSPNet/PFENet/BAM's ImageNet ``initmodel/resnet{50,101}_v2.pth``: a deep-stem ResNet with
   top-level ``conv1 bn1 conv2 bn2 conv3 bn3`` (64-64-128), ``layer1..4``, ``fc``. -> the FrozenEncoder's timm keys
-  (``conv1.0 conv1.1 conv1.3 conv1.4 conv1.6 bn1``); ``fc`` is dropped (the encoder has no classifier).
+  (``conv1.0 conv1.1 conv1.3 conv1.4 conv1.6 bn1``); ``fc`` is dropped (the encoder has no classifier). The
+  FrozenEncoder reads ``encoder.weights=resnet50_v2.pth`` through this same map (``fc`` kept for ``keep_head``).
 - ``bam-base``: BAM's stage-1 PSPNet (``initmodel/PSPNet/{dataset}/split{k}/{backbone}/best.pth``): ``layer0``
   (= ``conv1 bn1 relu conv2 bn2 relu conv3 bn3 relu maxpool``), ``layer1..4``, ``ppm.features.{i}.{1,2}``,
   ``cls.{0,1,4}``; ``encoder.{0..4}`` repeats ``layer0..4`` (one module registered twice: checked equal, then

