@@ -23,10 +23,14 @@ PAPER_RECIPE = {
     ("pfenet", "coco"): "coco", ("apanet", "coco"): "apanet_coco", ("scnet", "coco"): "apanet_coco",
     ("celp", "coco"): "celp_coco", ("cyctr", "coco"): "cyctr_coco", ("celp_cyctr", "coco"): "celp_cyctr_coco",
     ("bam", "pascal"): "bam_pascal", ("bam", "coco"): "bam_coco",
+    ("sccan", "pascal"): "sccan_pascal", ("sccan", "coco"): "sccan_coco", ("aff", "pascal"): "sccan_pascal",
+    ("aff", "coco"): "sccan_coco", ("sccan_plus", "pascal"): "sccan_plus_pascal", ("sccan_plus", "coco"): "sccan_plus_coco",
+    ("hdmnet", "pascal"): "hdmnet_pascal", ("hdmnet", "coco"): "hdmnet_coco",
 }  # fmt: skip
+RESNETS_ONLY = ("cyctr", "sccan", "aff", "hdmnet")  # the papers' backbones (no VGG-16 recipe)
 COMPOSITIONS = [
     (m, e, r) for (m, d), r in PAPER_RECIPE.items()
-    for e in (("resnet50", "resnet101") if "cyctr" in m else ("vgg16_bn", "resnet50", "resnet101"))
+    for e in (("resnet50", "resnet101") if any(a in m for a in RESNETS_ONLY) else ("vgg16_bn", "resnet50", "resnet101"))
 ]  # fmt: skip
 
 
@@ -68,7 +72,8 @@ def test_experiment_composes_and_instantiates(name, tmp_path):
 
 
 def test_recipes_replace_the_per_combination_files():
-    assert len(COMPOSITIONS) == 38 and {r for _, _, r in COMPOSITIONS} | {"synth", "cyctr_synth", "bam_synth"} == set(RECIPES)
+    synth = {"synth", "cyctr_synth", "bam_synth", "sccan_synth", "sccan_plus_synth", "hdmnet_synth"}
+    assert len(COMPOSITIONS) == 54 and {r for _, _, r in COMPOSITIONS} | synth == set(RECIPES)
     assert all("_effl0_synth" in name for name in EXPERIMENTS)  # aliases of method=<m> recipe=<synth recipe>
 
 
