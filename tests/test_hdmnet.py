@@ -200,3 +200,15 @@ def test_hdmnet_trains_one_step_and_evaluates(synth_root, tmp_path):
     assert sorted(g["initial_lr"] for g in groups) == pytest.approx([1e-4, 1e-3])
     assert all(g["weight_decay"] == pytest.approx(0.01) for g in groups)
     assert math.isfinite(metrics["fp_rate"])
+
+
+@pytest.mark.parametrize("experiment", ["hdmnet_effl0_synth", "sccan_plus_effl0_synth"])
+def test_missing_base_learner_file_is_named_before_any_work(experiment, tmp_path):
+    from fsseg_testing import compose
+    from omegaconf.errors import InterpolationResolutionError
+
+    from fsseg.cli.common import instantiate
+
+    cfg = compose([f"experiment={experiment}", f"paths.output_dir={tmp_path}", "encoder.weights=none"])
+    with pytest.raises((ConfigError, InterpolationResolutionError), match=r"no stage-1 base learner at .*fold0\.pt.*task=base"):
+        instantiate(cfg.model, num_eval_classes=5)
