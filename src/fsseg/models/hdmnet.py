@@ -376,6 +376,8 @@ class HDMNetDecoder(nn.Module):
 def distillation_kl(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
     """HDMNet's ``disstil_loss``: teacher (B, H, W) resized bilinearly (align_corners=False) to the student's
     (B, h, w), both softmaxed over positions, sum_i t_i (log(t_i + 1e-12) - log(s_i + 1e-12)), batch mean."""
+    dtype = torch.promote_types(student.dtype, torch.float32)  # at least fp32 under bf16 autocast (-1e9, 1e-12)
+    teacher, student = teacher.to(dtype), student.to(dtype)
     if teacher.shape[-2:] != student.shape[-2:]:
         teacher = F.interpolate(teacher[:, None], size=student.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
     t, s = teacher.flatten(1).softmax(dim=1), student.flatten(1).softmax(dim=1)
@@ -394,8 +396,9 @@ class HierarchicalDistillation(AuxLoss):
     def forward(self, outputs, batch, model) -> dict[str, torch.Tensor]:
         stages = outputs[self.key]
         y = batch[QUERY_MASK]
-        teacher = torch.where(y == 1, 1.0, -1e9).to(stages[0].dtype)
-        total = stages[0].new_zeros(())
+        dtype = torch.promote_types(stages[0].dtype, torch.float32)
+        teacher = torch.where(y == 1, 1.0, -1e9).to(dtype)
+        total = stages[0].new_zeros((), dtype=dtype)
         for student in stages:
             total = total + distillation_kl(teacher, student)
             teacher = student.detach()

@@ -76,7 +76,7 @@ def check_window(grid_size: int, window_size: int) -> None:
 def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
     """(B, H, W, C) -> (B, nH * nW, window * window, C), windows in raster order, tokens raster within."""
     b, h, w, c = x.shape
-    x = x.view(b, h // window, window, w // window, window, c)
+    x = x.reshape(b, h // window, window, w // window, window, c)  # reshape: the grids may be permuted views
     return x.permute(0, 1, 3, 2, 4, 5).reshape(b, (h // window) * (w // window), window * window, c)
 
 
