@@ -233,3 +233,57 @@ def test_composition_trains_one_step_and_evaluates(experiment, synth_root, tmp_p
     assert any(k.startswith("decoder.transformer.") for k in state)
     opt = ckpt["optimizer_states"][0]
     assert "optimizers" in opt and len(opt["optimizers"]) == 2  # SGD/AdamW-poly set + the transformer's AdamW
+
+
+# ---- fsseg-convert: SCCAN's released checkpoints ---------------------------------------------------------
+def test_sccan_checkpoint_layout_converts_to_the_same_forward(tmp_path):
+    from test_convert import SMALL, _episode, _old_style, _randomise_bn
+    from torch import nn
+
+    from fsseg.cli.convert import convert
+
+    over = ["method=sccan", "encoder=resnet50", "recipe=sccan_pascal", *SMALL, "head.grid_size=8",
+            "decoder.window_size=4", "decoder.num_blocks=2"]  # fmt: skip
+    cfg = compose([*over, "encoder.weights=none"])
+    torch.manual_seed(0)
+    original = instantiate(cfg.model, num_eval_classes=5).eval()
+    _randomise_bn(original)
+    with torch.no_grad():  # LayerNorms and biases away from their init too, so a swapped name would show
+        for p in original.decoder.transformer.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    m, dec = original.encoder.model, original.decoder
+    ref = nn.Module()  # SCCAN's OneModel attribute names (model/SCCAN.py, swin_sccan.py, backbone_utils.py)
+    ref.backbone = nn.Module()
+    body = ref.backbone.body = nn.Module()  # IntermediateLayerGetter over backbone_res's deep-stem ResNet
+    body.conv1, body.bn1, body.conv2, body.bn2, body.conv3, body.bn3 = m.conv1[0], m.conv1[1], m.conv1[3], m.conv1[4], m.conv1[6], m.bn1
+    for i in range(1, 5):
+        setattr(body, f"layer{i}", getattr(m, f"layer{i}"))
+    ref.down_query, ref.down_supp = original.head.down_query, original.head.down_support
+    ref.init_merge_query, ref.init_merge_supp = nn.Sequential(dec.init_merge_query), nn.Sequential(dec.init_merge_support)
+    ref.transformer = nn.Module()
+    layer = nn.Module()
+    ref.transformer.layers = nn.ModuleList([layer])
+    blocks = []
+    for blk in dec.transformer["blocks"]:
+        b = nn.Module()
+        b.norm1, b.attn_q, b.attn_s, b.norm2 = blk.norm1, blk.attn_q, blk.attn_s, blk.norm2
+        for name in ("mlp_q", "mlp_s"):
+            mlp = nn.Module()
+            mlp.fc1, mlp.fc2 = getattr(blk, name)[0], getattr(blk, name)[3]
+            setattr(b, name, mlp)
+        blocks.append(b)
+    layer.blocks = nn.ModuleList(blocks)
+    ref.transformer.norm0 = dec.transformer["norm"]
+    ref.ASPP_meta = nn.Module()
+    for i, mod in enumerate([dec.aspp.pool, *dec.aspp.branches]):
+        setattr(ref.ASPP_meta, f"layer6_{i}", mod)
+    ref.res1_meta, ref.res2_meta, ref.cls_meta = dec.res1, dec.res2, dec.cls
+    src = tmp_path / "sccan.pth"
+    torch.save({"state_dict": _old_style(ref.state_dict())}, src)
+    out = tmp_path / "sccan.ckpt"
+    convert("sccan", src, str(out), over)
+    torch.manual_seed(1)
+    converted = instantiate(cfg.model, num_eval_classes=5).eval()
+    converted.load_state_dict(torch.load(out, weights_only=True)["state_dict"], strict=True)
+    batch = _episode()
+    assert torch.equal(original(batch)["logits"], converted(batch)["logits"])

@@ -15,6 +15,12 @@ Layouts (facts from the public code, shared/notes/baselines.md §1, round2-refer
 - ``pfenet``: PFENet's model: the backbone, ``down_query``, ``down_supp``, ``init_merge.{i}``, ``alpha_conv.{i}``,
   ``beta_conv.{i}``, ``inner_cls.{i}``, ``res1``, ``res2``, ``cls``. -> the FewShotSegmenter of ``method=pfenet``.
 
+- ``sccan``: SCCAN's model (model/SCCAN.py): ``backbone.body.{conv1 bn1 conv2 bn2 conv3 bn3 layer1..4}`` (the
+  deep-stem ResNet of ``resnet50_v2.pth`` under torchvision's IntermediateLayerGetter, FrozenBatchNorm2d),
+  ``down_query``, ``down_supp``, ``init_merge_{query,supp}.0``, ``transformer.layers.0.blocks.{i}.{norm1, attn_q,
+  attn_s, norm2, mlp_q.fc1/fc2, mlp_s.fc1/fc2}``, ``transformer.norm0``, ``ASPP_meta``, ``res1_meta``,
+  ``res2_meta``, ``cls_meta``. -> the FewShotSegmenter of ``method=sccan`` (ResNet backbones only).
+
 VGG-16-BN backbones (``layer0..4`` = ``features[0:7] [7:14] [14:24] [24:34] [34:43]``) map onto timm's
 flattened ``features_{n}``. A DDP ``module.`` prefix is removed. Every source tensor must be consumed or named
 as dropped, every target tensor (``num_batches_tracked`` excepted) filled, every shape equal: otherwise
@@ -151,11 +157,49 @@ def _pfenet(vgg: bool) -> Callable[[str], object]:
     return f
 
 
+_ASPP_HEAD = [
+    (r"^ASPP_meta\.layer6_0\.(.+)$", r"decoder.aspp.pool.\1"),
+    (r"^res1_meta\.(.+)$", r"decoder.res1.\1"),
+    (r"^res2_meta\.(.+)$", r"decoder.res2.\1"),
+    (r"^cls_meta\.(.+)$", r"decoder.cls.\1"),
+]
+
+
+def _aspp_branch(key: str) -> str | None:
+    """BAM's ASPP_meta.layer6_{1..4} (1x1 and three dilated 3x3) -> fsseg's ASPP branches 0..3."""
+    m = re.match(r"ASPP_meta\.layer6_([1-4])\.(.+)$", key)
+    return None if not m else f"decoder.aspp.branches.{int(m.group(1)) - 1}.{m.group(2)}"
+
+
+def _sccan(vgg: bool) -> Callable[[str], object]:
+    block = r"^transformer\.layers\.0\.blocks\.(\d+)\."
+    rules = [
+        (r"^down_query\.(.+)$", r"head.down_query.\1"),
+        (r"^down_supp\.(.+)$", r"head.down_support.\1"),
+        (r"^init_merge_query\.0\.(.+)$", r"decoder.init_merge_query.\1"),
+        (r"^init_merge_supp\.0\.(.+)$", r"decoder.init_merge_support.\1"),
+        (block + r"(norm1|norm2|attn_q|attn_s)\.(.+)$", r"decoder.transformer.blocks.\1.\2.\3"),
+        (block + r"(mlp_q|mlp_s)\.fc1\.(.+)$", r"decoder.transformer.blocks.\1.\2.0.\3"),  # Mlp: fc1 GELU drop fc2 drop
+        (block + r"(mlp_q|mlp_s)\.fc2\.(.+)$", r"decoder.transformer.blocks.\1.\2.3.\3"),
+        (r"^transformer\.norm0\.(.+)$", r"decoder.transformer.norm.\1"),
+        *_ASPP_HEAD,
+    ]
+
+    def f(key: str):
+        if key.startswith("backbone.body."):
+            out = _pspnet_backbone(key[len("backbone.body."):])
+            return out if out is None or out is DROP else f"encoder.{out}"
+        return _sub(key, rules) or _aspp_branch(key)
+
+    return f
+
+
 LAYOUTS: dict[str, Callable[[bool], Callable[[str], object]]] = {
     "pspnet-backbone": lambda vgg: _pspnet_backbone,
     "bam-base": _bam_base,
     "bam": _bam,
     "pfenet": _pfenet,
+    "sccan": _sccan,
 }
 
 
