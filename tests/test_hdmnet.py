@@ -212,3 +212,84 @@ def test_missing_base_learner_file_is_named_before_any_work(experiment, tmp_path
     cfg = compose([f"experiment={experiment}", f"paths.output_dir={tmp_path}", "encoder.weights=none"])
     with pytest.raises((ConfigError, InterpolationResolutionError), match=r"no stage-1 base learner at .*fold0\.pt.*task=base"):
         instantiate(cfg.model, num_eval_classes=5)
+
+
+# ---- fsseg-convert: HDMNet's released checkpoints --------------------------------------------------------
+def _hdmnet_model(tmp_path, name: str, seed: int, over: list[str]):
+    from fsseg_testing import compose
+
+    from fsseg.cli.common import instantiate
+    from fsseg.models.base_learner import write_artifact
+
+    torch.manual_seed(seed)
+    learner = BaseLearner(512, 15, list(range(6, 21)))
+    meta = {"fold": 0, "encoder": "resnet18", "tap": "base", "in_dim": 512, "base_class_ids": list(range(6, 21)),
+            "bins": [1, 2, 3, 6], "dataset": "pascal"}  # fmt: skip
+    path = write_artifact(tmp_path / f"{name}.pt", {f"head.{k}": v for k, v in learner.state_dict().items()}, meta)
+    model = instantiate(compose([*over, "encoder.weights=none", f"base_learner_path={path}"]).model, num_eval_classes=5)
+    return model.eval()
+
+
+def _reference_layer(layer: nn.Module) -> nn.Module:
+    """An fsseg EncoderLayer under mmcv/mmseg's names (TransformerEncoderLayer, EfficientMultiheadAttention)."""
+    ref, attn, inner = nn.Module(), nn.Module(), nn.Module()
+    ref.norm1, ref.norm2, ref.ffn = layer.norm1, layer.norm2, nn.Module()
+    ref.ffn.layers = layer.ffn.layers
+    a = layer.attn
+    inner.linear_q, inner.linear_k, inner.linear_v, inner.linear_o = a.q, a.k, a.v, a.o
+    attn.attn = inner
+    if getattr(a, "sr", None) is not None:
+        attn.sr, attn.norm = a.sr[0], a.sr_norm
+    ref.attn = attn
+    return ref
+
+
+def test_hdmnet_checkpoint_layout_converts_to_the_same_forward(tmp_path):
+    from test_convert import SMALL, _backbone, _episode, _old_style, _randomise_bn
+
+    from fsseg.cli.convert import convert
+
+    over = ["method=hdmnet", "encoder=resnet50", "recipe=hdmnet_pascal", *SMALL]
+    original = _hdmnet_model(tmp_path, "orig", 0, over)
+    _randomise_bn(original)
+    with torch.no_grad():  # LayerNorms, biases and the merges away from their init, so a swapped name would show
+        for p in [*original.decoder.transformer.parameters(), *original.ensemble.parameters()]:
+            p.add_(torch.randn_like(p) * 0.05)
+    learner, dec, tr = original.head.base.learner.module, original.decoder, original.decoder.transformer
+    ref = nn.Module()  # HDMNet's OneModel attribute names (model/HDMNet.py, Transformer.py)
+    _backbone(ref, original.encoder.model)
+    ref.ppm, ref.cls = learner.ppm, nn.Sequential(learner.cls[0], learner.cls[1])
+    ref.base_learnear = nn.Sequential(learner.cls[2], learner.cls[3], learner.cls[4])
+    ref.down_query, ref.down_supp = original.head.down_query, original.head.down_support
+    ref.query_merge, ref.supp_merge = dec.query_merge, dec.support_merge
+    ref.gram_merge, ref.cls_merge = original.ensemble.gram_merge, original.ensemble.cls_merge
+    mix = nn.Module()
+    ref.transformer = nn.Module()
+    ref.transformer.mix_transformer = mix
+    stages = []
+    for stage in tr.stages:
+        embed = nn.Module()
+        embed.projection, embed.norm = stage.embed, stage.embed_norm
+        stages.append(nn.ModuleList([embed, *(_reference_layer(la) for la in stage.layers), stage.norm]))
+    mix.down_sample_layers = nn.ModuleList(stages)
+    matches = []
+    for match, fuse in zip(tr.match, tr.fuse, strict=True):
+        conv_module = nn.Module()
+        conv_module.conv, conv_module.bn = fuse[0], fuse[1]
+        matches.append(nn.ModuleList([_reference_layer(match), conv_module]))
+    mix.match_layers = nn.ModuleList(matches)
+    mix.parse_layers, mix.cls = tr.parse, tr.cls
+    src = tmp_path / "hdmnet_best.pth"
+    torch.save({"state_dict": _old_style(ref.state_dict())}, src)
+
+    out = tmp_path / "hdmnet.ckpt"
+    stage1_auto = tmp_path / "outputs" / "base_learners" / "pascal_resnet18" / "fold0.pt"
+    convert("hdmnet", src, str(out), [*over, f"paths.output_dir={tmp_path / 'outputs'}"])
+    assert stage1_auto.is_file()  # the PSPNet parts inside became the fold's stage-1 file
+    converted = _hdmnet_model(tmp_path, "other", 1, over)
+    converted.load_state_dict(torch.load(out, weights_only=True)["state_dict"], strict=True)
+    blob = torch.load(stage1_auto, weights_only=True)["state_dict"]
+    assert torch.equal(blob["head.cls.4.weight"], learner.cls[4].weight)  # base_learnear.2 = PSPNet cls[4]
+    a, b = original(_episode()), converted(_episode())
+    for key in ("logits", "meta_logits", "base_logits"):
+        assert torch.equal(a[key], b[key]), key
