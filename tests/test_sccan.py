@@ -287,3 +287,44 @@ def test_sccan_checkpoint_layout_converts_to_the_same_forward(tmp_path):
     converted.load_state_dict(torch.load(out, weights_only=True)["state_dict"], strict=True)
     batch = _episode()
     assert torch.equal(original(batch)["logits"], converted(batch)["logits"])
+
+
+# ---- SCCAN-Plus's prior ----------------------------------------------------------------------------------
+def _fg_bg_by_hand(q: np.ndarray, s: np.ndarray, m: np.ndarray):
+    """AENet's generate_prior_proto for one (episode, shot), query and grid of the same size (no resize)."""
+    def pool(w):
+        return (s * w).reshape(s.shape[0], -1).sum(1) / (w.sum() + 5e-4)
+
+    def cos(p):
+        qf = q.reshape(q.shape[0], -1)
+        return (p @ qf) / (np.linalg.norm(p) * np.linalg.norm(qf, axis=0) + 1e-7)
+
+    fg, bg = cos(pool(m)), cos(pool(1 - m))
+    mm = [(x - x.min()) / (x.max() - x.min() + 1e-7) for x in (fg, bg)]
+    corr = np.clip(mm[0] - mm[1], 0, None)
+    return mm[0], corr, fg.max(), corr.max()
+
+
+def test_plus_prior_keeps_per_shot_and_channel_the_layer_with_the_larger_maximum():
+    from fsseg.models.sccan import SCCANPlusHead
+
+    torch.manual_seed(4)
+    head = SCCANPlusHead({"mid": 4, "high": 3, "base": 3, "low": 2}, BaseLearner(3, 15, bins=(1,), hidden=5),
+                         torch.nn.Identity(), grid_size=3).double()  # fmt: skip
+    qh, sh = _rand(2, 3, 3, 3, seed=20) - 0.4, _rand(2, 2, 3, 3, 3, seed=21) - 0.4
+    q5, s5 = _rand(2, 5, 3, 3, seed=22) - 0.4, _rand(2, 2, 5, 3, 3, seed=23) - 0.4
+    m = (_rand(2, 2, 1, 3, 3, seed=24) > 0.5).double()
+    m[..., 0, 0] = 1  # every shot has foreground and background
+    m[..., 2, 2] = 0
+    prior = head.fg_bg_prior({"high": qh}, {"high": sh}, q5, s5, m)
+    expect = np.zeros((2, 2, 9))
+    chosen = set()
+    for b, k in itertools.product(range(2), range(2)):
+        l4 = _fg_bg_by_hand(qh[b].numpy(), sh[b, k].numpy(), m[b, k, 0].numpy())
+        l5 = _fg_bg_by_hand(q5[b].numpy(), s5[b, k].numpy(), m[b, k, 0].numpy())
+        use_fg, use_corr = (l5 if l4[2] < l5[2] else l4), (l5 if l4[3] < l5[3] else l4)
+        chosen.add((l4[2] < l5[2], l4[3] < l5[3]))
+        expect[b, 0] += use_fg[0] / 2
+        expect[b, 1] += use_corr[1] / 2
+    np.testing.assert_allclose(prior.view(2, 2, 9).numpy(), expect, rtol=1e-5, atol=1e-5)
+    assert len(chosen) > 1  # the draw exercises both layers

@@ -68,7 +68,8 @@ def check_window(grid_size: int, window_size: int) -> None:
     """The token grid must split into whole windows, unshifted and padded by one window (shifted blocks)."""
     if window_size < 1 or grid_size < 1 or grid_size % window_size:
         raise ConfigError(
-            f"decoder.window_size ({window_size}) must divide the token grid decoder.grid_size ({grid_size}) "
+            f"decoder.window_size ({window_size}) must divide the token grid decoder.grid_size ({grid_size}; set by "
+            f"head.grid_size) "
             f"(and so the grid zero-padded by one window in shifted blocks, {grid_size + window_size})"
         )
 
@@ -244,10 +245,6 @@ class GlobalCrossBlock(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------ heads
-def _grid_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    return mask_to_feature(mask, size)  # (B, K, H, W) -> (B, K, 1, g, g), bilinear as the reference
-
-
 class MaskAggregationHead(nn.Module):
     """SCCAN's guidance on a token grid (see the module docstring). Reads encoder taps ``mid`` (cat(layer3,
     layer2)) and ``high`` (layer4). K shots: support features, masks and prototypes averaged over shots, the
@@ -286,7 +283,7 @@ class MaskAggregationHead(nn.Module):
         b, k = support["mid"].shape[:2]
         q = resize(self.down_query(query["mid"]), self.grid)
         s = resize(self.down_support(support["mid"].flatten(0, 1)), self.grid)
-        m = _grid_mask(support_mask, self.grid)
+        m = mask_to_feature(support_mask, self.grid)  # (B, K, 1, g, g), bilinear as the reference
         protos = masked_average_pool(s, m.flatten(0, 1)).view(b, k, -1)
         return q, s.unflatten(0, (b, k)), m, protos
 
