@@ -24,9 +24,13 @@ PAPER_RECIPE = {
     ("celp", "coco"): "celp_coco", ("cyctr", "coco"): "cyctr_coco", ("celp_cyctr", "coco"): "celp_cyctr_coco",
     ("bam", "pascal"): "bam_pascal", ("bam", "coco"): "bam_coco",
     ("i2r", "pascal"): "i2r_pascal", ("i2r", "coco"): "i2r_coco",
+    ("sccan", "pascal"): "sccan_pascal", ("sccan", "coco"): "sccan_coco", ("aff", "pascal"): "sccan_pascal",
+    ("aff", "coco"): "sccan_coco", ("sccan_plus", "pascal"): "sccan_plus_pascal", ("sccan_plus", "coco"): "sccan_plus_coco",
+    ("hdmnet", "pascal"): "hdmnet_pascal", ("hdmnet", "coco"): "hdmnet_coco",
 }  # fmt: skip
-ENCODERS = {"cyctr": ("resnet50", "resnet101"), "celp_cyctr": ("resnet50", "resnet101"),
-            "i2r": ("resnet50_tv", "resnet101_tv")}  # fmt: skip  # I2R: torchvision's ResNets (7x7 stem, not dilated)
+RESNETS = ("resnet50", "resnet101")  # the papers' backbones where they have no VGG-16 recipe
+ENCODERS = {"cyctr": RESNETS, "celp_cyctr": RESNETS, "sccan": RESNETS, "aff": RESNETS, "sccan_plus": RESNETS,
+            "hdmnet": RESNETS, "i2r": ("resnet50_tv", "resnet101_tv")}  # fmt: skip  # I2R: torchvision's ResNets
 COMPOSITIONS = [
     (m, e, r) for (m, d), r in PAPER_RECIPE.items() for e in ENCODERS.get(m, ("vgg16_bn", "resnet50", "resnet101"))
 ]  # fmt: skip
@@ -70,7 +74,8 @@ def test_experiment_composes_and_instantiates(name, tmp_path):
 
 
 def test_recipes_replace_the_per_combination_files():
-    assert len(COMPOSITIONS) == 42 and {r for _, _, r in COMPOSITIONS} | {"synth", "cyctr_synth", "bam_synth", "i2r_synth"} == set(RECIPES)
+    synth = {"synth", "cyctr_synth", "bam_synth", "i2r_synth", "sccan_synth", "sccan_plus_synth", "hdmnet_synth"}
+    assert len(COMPOSITIONS) == 58 and {r for _, _, r in COMPOSITIONS} | synth == set(RECIPES)
     assert all("_effl0_synth" in name for name in EXPERIMENTS)  # aliases of method=<m> recipe=<synth recipe>
 
 

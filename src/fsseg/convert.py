@@ -16,6 +16,20 @@ Layouts (facts from the public code, shared/notes/baselines.md §1, round2-refer
 - ``pfenet``: PFENet's model: the backbone, ``down_query``, ``down_supp``, ``init_merge.{i}``, ``alpha_conv.{i}``,
   ``beta_conv.{i}``, ``inner_cls.{i}``, ``res1``, ``res2``, ``cls``. -> the FewShotSegmenter of ``method=pfenet``.
 
+- ``sccan``: SCCAN's model (model/SCCAN.py): ``backbone.body.{conv1 bn1 conv2 bn2 conv3 bn3 layer1..4}`` (the
+  deep-stem ResNet of ``resnet50_v2.pth`` under torchvision's IntermediateLayerGetter, FrozenBatchNorm2d),
+  ``down_query``, ``down_supp``, ``init_merge_{query,supp}.0``, ``transformer.layers.0.blocks.{i}.{norm1, attn_q,
+  attn_s, norm2, mlp_q.fc1/fc2, mlp_s.fc1/fc2}``, ``transformer.norm0``, ``ASPP_meta``, ``res1_meta``,
+  ``res2_meta``, ``cls_meta``. -> the FewShotSegmenter of ``method=sccan`` (ResNet backbones only).
+
+- ``hdmnet``: HDMNet's model (model/HDMNet.py, Transformer.py): BAM's PSPNet parts (``layer0..4``, ``ppm``,
+  ``cls.{0,1}`` = feature 5, ``base_learnear.2`` = the classifier's last conv), ``down_{query,supp}``,
+  ``{query,supp}_merge``, ``gram_merge``, ``cls_merge``, ``kshot_rw``, and ``transformer.mix_transformer.``
+  ``down_sample_layers.{i}.{0: PatchEmbed projection/norm, 1-2: encoder layers (norm1, attn.attn.linear_{q,k,v,o},
+  attn.sr, attn.norm, norm2, ffn.layers.{0,1,4}), 3: LayerNorm}``, ``match_layers.{i}.{0: layer, 1: ConvModule
+  conv/bn}``, ``parse_layers``, ``cls``. -> the FewShotSegmenter of ``method=hdmnet``; its PSPNet parts also
+  become the fold's stage-1 file (`hdmnet_stage1_subset`), as for ``bam``.
+
 VGG-16-BN backbones (``layer0..4`` = ``features[0:7] [7:14] [14:24] [24:34] [34:43]``) map onto timm's
 flattened ``features_{n}``. A DDP ``module.`` prefix is removed. Every source tensor must be consumed or named
 as dropped, every target tensor (``num_batches_tracked`` excepted) filled, every shape equal: otherwise
@@ -33,7 +47,15 @@ from torch import Tensor
 
 from fsseg.errors import FsSegError
 
-__all__ = ["LAYOUTS", "ConvertError", "bam_stage1_subset", "convert_state_dict", "read_reference"]
+__all__ = [
+    "LAYOUTS",
+    "STAGE1_SUBSETS",
+    "ConvertError",
+    "bam_stage1_subset",
+    "convert_state_dict",
+    "hdmnet_stage1_subset",
+    "read_reference",
+]
 
 _NBT = "num_batches_tracked"
 _OWN = "base_class_ids"  # fsseg's record of a base learner's classes (set from the run's data config)
@@ -152,11 +174,89 @@ def _pfenet(vgg: bool) -> Callable[[str], object]:
     return f
 
 
+_ASPP_HEAD = [
+    (r"^ASPP_meta\.layer6_0\.(.+)$", r"decoder.aspp.pool.\1"),
+    (r"^res1_meta\.(.+)$", r"decoder.res1.\1"),
+    (r"^res2_meta\.(.+)$", r"decoder.res2.\1"),
+    (r"^cls_meta\.(.+)$", r"decoder.cls.\1"),
+]
+
+
+def _aspp_branch(key: str) -> str | None:
+    """BAM's ASPP_meta.layer6_{1..4} (1x1 and three dilated 3x3) -> fsseg's ASPP branches 0..3."""
+    m = re.match(r"ASPP_meta\.layer6_([1-4])\.(.+)$", key)
+    return None if not m else f"decoder.aspp.branches.{int(m.group(1)) - 1}.{m.group(2)}"
+
+
+def _sccan(vgg: bool) -> Callable[[str], object]:
+    block = r"^transformer\.layers\.0\.blocks\.(\d+)\."
+    rules = [
+        (r"^down_query\.(.+)$", r"head.down_query.\1"),
+        (r"^down_supp\.(.+)$", r"head.down_support.\1"),
+        (r"^init_merge_query\.0\.(.+)$", r"decoder.init_merge_query.\1"),
+        (r"^init_merge_supp\.0\.(.+)$", r"decoder.init_merge_support.\1"),
+        (block + r"(norm1|norm2|attn_q|attn_s)\.(.+)$", r"decoder.transformer.blocks.\1.\2.\3"),
+        (block + r"(mlp_q|mlp_s)\.fc1\.(.+)$", r"decoder.transformer.blocks.\1.\2.0.\3"),  # Mlp: fc1 GELU drop fc2 drop
+        (block + r"(mlp_q|mlp_s)\.fc2\.(.+)$", r"decoder.transformer.blocks.\1.\2.3.\3"),
+        (r"^transformer\.norm0\.(.+)$", r"decoder.transformer.norm.\1"),
+        *_ASPP_HEAD,
+    ]
+
+    def f(key: str):
+        if key.startswith("backbone.body."):
+            out = _pspnet_backbone(key[len("backbone.body."):])
+            return out if out is None or out is DROP else f"encoder.{out}"
+        return _sub(key, rules) or _aspp_branch(key)
+
+    return f
+
+
+def _hdmnet(vgg: bool) -> Callable[[str], object]:
+    t = r"^transformer\.mix_transformer\."
+    layer = r"(norm1|norm2|ffn\.layers\.[014])"  # Mix-FFN: fc1 (0), depthwise (1), fc2 (4): same indices in fsseg
+    rules = [
+        (r"^ppm\.(.+)$", r"head.base.learner.module.ppm.\1"),
+        (r"^cls\.([01])\.(.+)$", r"head.base.learner.module.cls.\1.\2"),
+        (r"^base_learnear\.2\.(.+)$", r"head.base.learner.module.cls.4.\1"),
+        (r"^down_query\.(.+)$", r"head.down_query.\1"),
+        (r"^down_supp\.(.+)$", r"head.down_support.\1"),
+        (r"^query_merge\.(.+)$", r"decoder.query_merge.\1"),
+        (r"^supp_merge\.(.+)$", r"decoder.support_merge.\1"),
+        (r"^gram_merge\.(.+)$", r"ensemble.gram_merge.\1"),
+        (r"^cls_merge\.(.+)$", r"ensemble.cls_merge.\1"),
+        (r"^kshot_rw\.(.+)$", r"head.shot_weighting.kshot_rw.\1"),
+        (t + r"down_sample_layers\.(\d+)\.0\.projection\.(.+)$", r"decoder.transformer.stages.\1.embed.\2"),
+        (t + r"down_sample_layers\.(\d+)\.0\.norm\.(.+)$", r"decoder.transformer.stages.\1.embed_norm.\2"),
+        (t + r"down_sample_layers\.(\d+)\.3\.(.+)$", r"decoder.transformer.stages.\1.norm.\2"),
+        (t + r"down_sample_layers\.(\d+)\.([12])\.attn\.sr\.(.+)$", r"decoder.transformer.stages.\1.layers.<\2>.attn.sr.0.\3"),
+        (t + r"down_sample_layers\.(\d+)\.([12])\.attn\.norm\.(.+)$", r"decoder.transformer.stages.\1.layers.<\2>.attn.sr_norm.\3"),
+        (t + r"down_sample_layers\.(\d+)\.([12])\.attn\.attn\.linear_([qkvo])\.(.+)$",
+         r"decoder.transformer.stages.\1.layers.<\2>.attn.\3.\4"),
+        (t + r"down_sample_layers\.(\d+)\.([12])\." + layer + r"\.(.+)$", r"decoder.transformer.stages.\1.layers.<\2>.\3.\4"),
+        (t + r"match_layers\.(\d+)\.0\.attn\.attn\.linear_([qkvo])\.(.+)$", r"decoder.transformer.match.\1.attn.\2.\3"),
+        (t + r"match_layers\.(\d+)\.0\." + layer + r"\.(.+)$", r"decoder.transformer.match.\1.\2.\3"),
+        (t + r"match_layers\.(\d+)\.1\.conv\.(.+)$", r"decoder.transformer.fuse.\1.0.\2"),
+        (t + r"match_layers\.(\d+)\.1\.bn\.(.+)$", r"decoder.transformer.fuse.\1.1.\2"),
+        (t + r"parse_layers\.(.+)$", r"decoder.transformer.parse.\1"),
+        (t + r"cls\.(.+)$", r"decoder.transformer.cls.\1"),
+    ]
+
+    def f(key: str):
+        out = _backbone(key, "encoder.model.", vgg) or _sub(key, rules)
+        if out is not None and "<" in out:  # the reference's encoder layers 1, 2 of a stage -> fsseg's 0, 1
+            out = re.sub(r"<([12])>", lambda m: str(int(m.group(1)) - 1), out)
+        return out
+
+    return f
+
+
 LAYOUTS: dict[str, Callable[[bool], Callable[[str], object]]] = {
     "pspnet-backbone": lambda vgg: _pspnet_backbone,
     "bam-base": _bam_base,
     "bam": _bam,
     "pfenet": _pfenet,
+    "sccan": _sccan,
+    "hdmnet": _hdmnet,
 }
 
 
@@ -224,6 +324,21 @@ def convert_state_dict(
     return out
 
 
+def hdmnet_stage1_subset(source: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The backbone and base learner inside an HDMNet checkpoint, in the ``bam-base`` layout (PSPNet's
+    ``cls.{0,1}`` and ``base_learnear.2`` = ``cls.4``)."""
+    out = {}
+    for key, value in source.items():
+        if re.match(r"(layer[0-4]|ppm|cls\.[01])\.", key):
+            out[key] = value
+        elif key.startswith("base_learnear.2."):
+            out["cls.4." + key[len("base_learnear.2."):]] = value
+    return out
+
+
+STAGE1_SUBSETS: dict[str, Callable[[Mapping[str, Tensor]], dict[str, Tensor]]] = {}  # filled below
+
+
 def bam_stage1_subset(source: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """The backbone and base learner inside a BAM stage-2 checkpoint, in the ``bam-base`` layout."""
     out = {}
@@ -235,3 +350,6 @@ def bam_stage1_subset(source: Mapping[str, Tensor]) -> dict[str, Tensor]:
         elif key.startswith("learner_base.1."):
             out["cls." + key[len("learner_base.1."):]] = value
     return out
+
+
+STAGE1_SUBSETS.update({"bam": bam_stage1_subset, "hdmnet": hdmnet_stage1_subset})

@@ -6,6 +6,8 @@
         # -> the fold's stage-1 file where stage 2 looks for it (auto = the experiment's base_learner_path)
     fsseg-convert bam BAM/exp/.../best.pth bam_fold0.ckpt method=bam encoder=resnet50 recipe=bam_pascal data.fold=0
     fsseg-convert pfenet PFENet/exp/.../best.pth pfenet_fold0.ckpt method=pfenet encoder=resnet50 recipe=pascal data.fold=0
+    fsseg-convert sccan SCCAN/exp/.../best.pth sccan_fold0.ckpt method=sccan encoder=resnet50 recipe=sccan_pascal data.fold=0
+    fsseg-convert hdmnet HDMNet/exp/.../best.pth hdmnet_fold0.ckpt method=hdmnet encoder=resnet50 recipe=hdmnet_pascal data.fold=0
         # -> fsseg-eval run_dir=<a run of that experiment> checkpoint=<the .ckpt>
 
 Arguments after the output path are Hydra overrides of the training config: they say which fsseg module the
@@ -23,7 +25,7 @@ from pathlib import Path
 import torch
 
 from fsseg.cli.common import config_dir, instantiate
-from fsseg.convert import LAYOUTS, ConvertError, bam_stage1_subset, convert_state_dict, read_reference
+from fsseg.convert import LAYOUTS, STAGE1_SUBSETS, ConvertError, convert_state_dict, read_reference
 from fsseg.errors import FsSegError
 
 
@@ -59,8 +61,8 @@ def convert(layout: str, src: str | Path, out: str, overrides: list[str]) -> Pat
         return _stage1(source, str(src), out, overrides)
     with tempfile.TemporaryDirectory() as tmp:
         staged = None
-        if layout == "bam":  # BAM's checkpoint holds the stage-1 parts too: they become the fold's stage-1 file
-            staged = _stage1(bam_stage1_subset(source), str(src), str(Path(tmp) / "stage1.pt"), overrides)
+        if layout in STAGE1_SUBSETS:  # BAM's/HDMNet's checkpoint holds the stage-1 parts: the fold's stage-1 file
+            staged = _stage1(STAGE1_SUBSETS[layout](source), str(src), str(Path(tmp) / "stage1.pt"), overrides)
             overrides = [*overrides, f"base_learner_path={staged}"]
         cfg = _compose([*overrides, "encoder.weights=none"])
         model = instantiate(cfg.model, num_eval_classes=5)

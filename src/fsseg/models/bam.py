@@ -31,6 +31,7 @@ __all__ = [
     "BAMEnsemble",
     "BAMMetaDecoder",
     "BaseLearner",
+    "BaseLearnerFeatures",
     "FrozenSubModel",
     "GramShotWeighting",
     "PyramidPooling",
@@ -104,6 +105,15 @@ class BaseLearner(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.cls(self.ppm(x))
 
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """PSPNet's ``cls[0:2](ppm(x))``: the 512-d conv3x3 + BN feature before the ReLU ("feature 5", which
+        HDMNet's and AENet's priors read)."""
+        return self.cls[1](self.cls[0](self.ppm(x)))
+
+    def classify(self, feature: torch.Tensor) -> torch.Tensor:
+        """The rest of the classifier on `features` (a non-inplace ReLU: the feature stays usable)."""
+        return self.cls[4](self.cls[3](F.relu(feature)))
+
     def base_index_label(self, label: torch.Tensor) -> torch.Tensor:
         """Dataset class ids -> base-learner channels: base class -> its index + 1, everything else 0, 255 kept."""
         lut = torch.zeros(256, dtype=torch.long, device=label.device)
@@ -129,6 +139,30 @@ class FrozenSubModel(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         with torch.no_grad():
             return self.module(*args, **kwargs)
+
+
+class BaseLearnerFeatures(nn.Module):
+    """The frozen base learner's feature 5 (`BaseLearner.features`) of the query and the supports, read from
+    encoder tap ``tap``, and the query's base logits: for heads whose prior reads feature 5 (HDMNet, SCCAN-Plus).
+    The head then provides ``base_logits`` and the `BAMEnsemble` (built without a learner) uses them."""
+
+    def __init__(self, base_learner: nn.Module, tap: str = "base") -> None:
+        super().__init__()
+        self.learner = FrozenSubModel(base_learner)
+        self.tap = tap
+
+    def forward(
+        self, query: Mapping[str, torch.Tensor], support: Mapping[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> query feature 5 (B, F, h, w), support feature 5 (B, K, F, h, w), query base logits (B, 1 + C, h, w)."""
+        if self.tap not in query:
+            raise ConfigError(f"the base learner reads encoder tap {self.tap!r}; the encoder has {sorted(query)}")
+        b, k = support[self.tap].shape[:2]
+        learner = self.learner.module
+        with torch.no_grad():  # one pass over query and supports (frozen BN: batch-independent)
+            feats = learner.features(torch.cat([query[self.tap], support[self.tap].flatten(0, 1)]))
+            q, s = feats[:b], feats[b:].unflatten(0, (b, k))
+            return q, s, learner.classify(q)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -276,13 +310,17 @@ class BAMEnsemble(nn.Module):
 
     def forward(self, out: Mapping[str, Any], context: Any) -> dict[str, torch.Tensor]:
         meta = out["logits"]
-        if self.base_learner is None:
+        extra = {}
+        if self.base_learner is not None:
+            taps = out["query_taps"]
+            if self.base_tap not in taps:
+                raise ConfigError(f"BAMEnsemble reads encoder tap {self.base_tap!r}; the encoder has {sorted(taps)}")
+            base = extra["base_logits"] = resize(self.base_learner(taps[self.base_tap]), meta.shape[-2:])
+        elif "base_logits" in out:  # computed by an earlier part (a head reading the base learner's feature 5)
+            base = resize(out["base_logits"], meta.shape[-2:])
+        else:
             raise ConfigError("BAMEnsemble has no base learner: give model.ensemble.base_learner")
-        taps = out["query_taps"]
-        if self.base_tap not in taps:
-            raise ConfigError(f"BAMEnsemble reads encoder tap {self.base_tap!r}; the encoder has {sorted(taps)}")
-        base = resize(self.base_learner(taps[self.base_tap]), meta.shape[-2:])
-        return {"meta_logits": meta, "base_logits": base, "logits": self.combine(meta, base, out["scene_difference"], context)}
+        return {"meta_logits": meta, **extra, "logits": self.combine(meta, base, out["scene_difference"], context)}
 
     def combine(
         self, meta: torch.Tensor, base: torch.Tensor, scene_difference: torch.Tensor, context: Any

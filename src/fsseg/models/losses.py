@@ -143,14 +143,20 @@ class EnsembleNLL(nn.Module):
 
 
 class OutputCE(AuxLoss):
-    """Cross-entropy of a named output against the query mask (BAM's CE on the meta learner, weight 1.0)."""
+    """Cross-entropy of a named output against the query mask (BAM's CE on the meta learner, weight 1.0); ``loss``
+    replaces the cross-entropy (SCCAN-Plus: the weighted Dice on the meta learner)."""
 
     def __init__(
-        self, weight: float = 1.0, key: str = "meta_logits", term: str = "meta", ignore_as_background: bool = False
+        self,
+        weight: float = 1.0,
+        key: str = "meta_logits",
+        term: str = "meta",
+        ignore_as_background: bool = False,
+        loss: nn.Module | None = None,
     ) -> None:
         super().__init__(weight)
         self.key, self.term = key, term
-        self.loss = CrossEntropy(ignore_as_background)
+        self.loss = loss if loss is not None else CrossEntropy(ignore_as_background)
 
     def forward(self, outputs, batch, model) -> dict[str, torch.Tensor]:
         return {self.term: self.loss(outputs[self.key], batch[QUERY_MASK])}
@@ -190,8 +196,12 @@ class BaseLearnerCE(AuxLoss):
 
     def forward(self, outputs, batch, model) -> dict[str, torch.Tensor]:
         from fsseg.data.batch import QUERY_BASE_LABEL
+        from fsseg.models.bam import BaseLearner
 
+        learner = next((m for m in model.modules() if isinstance(m, BaseLearner)), None)  # ensemble's or head's
+        if learner is None:
+            raise ConfigError("aux base_ce needs a base learner in the model (a BAM-based method)")
         with torch.no_grad():
-            target = model.ensemble.base_learner.module.base_index_label(batch[QUERY_BASE_LABEL])
+            target = learner.base_index_label(batch[QUERY_BASE_LABEL])
             logits = upsample_logits(outputs[self.key], target.shape[-2:])
             return {"base": F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX)}

@@ -194,8 +194,8 @@ class FewShotSegmenter(L.LightningModule):
             raise ConfigError(f"model.vote_k must be an integer >= 1 (k of 'v-k'); got {vote_k!r}")
         if shot_fusion == "vote" and vote_k is None:
             raise ConfigError("model.shot_fusion=vote needs model.vote_k (foreground where >= vote_k shots agree)")
-        if support_masking not in ("none", "deepest"):
-            raise ConfigError(f"model.support_masking must be 'none' or 'deepest'; got {support_masking!r}")
+        if support_masking not in ("none", "deepest", "image"):
+            raise ConfigError(f"model.support_masking must be 'none', 'deepest' or 'image'; got {support_masking!r}")
         self.support_masking = support_masking
         if isinstance(finite_check_every, bool) or not isinstance(finite_check_every, int) or finite_check_every < 1:
             raise ConfigError(
@@ -265,7 +265,9 @@ class FewShotSegmenter(L.LightningModule):
         q, s = batch[B.QUERY_IMG], batch[B.SUPPORT_IMGS]
         b, k = s.shape[:2]
         batch_stats = self.training and getattr(self.encoder, "bn", "frozen") == "train"
-        if self.support_masking == "none" and not batch_stats:
+        if self.support_masking == "image":  # HDMNet: each support image x its mask before the backbone
+            s = s * binary_mask(batch[B.SUPPORT_MASKS]).unsqueeze(2).to(s.dtype)
+        if self.support_masking in ("none", "image") and not batch_stats:
             feats = self.encoder(torch.cat([q, s.flatten(0, 1)], dim=0))
             query = {name: f[:b] for name, f in feats.items()}
             support = {name: f[b:].view(b, k, *f.shape[1:]) for name, f in feats.items()}
