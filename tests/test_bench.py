@@ -55,3 +55,17 @@ def test_bam_bench_prints_its_evaluation_cost_relative_to_pfenet(capsys):
     # BAM runs the encoder to its last stage (the base learner's input) and adds the base learner and ASPP:
     # strictly more work than PFENet on the same episodes
     assert float(m.group(2)) > 1.0
+
+
+def test_i2r_bench_prints_its_cost_relative_to_bam_and_dicms_share(capsys):
+    import re
+
+    from fsseg.bench import i2r
+
+    i2r.main(["--skip-473", "--repeats", "1", "--threads", "1"])
+    out = capsys.readouterr().out
+    m = re.search(r"I2R/BAM evaluation: ([\d.]+)x time, ([\d.]+)x FLOPs", out)
+    assert m, out
+    # I2R adds the CAMs (a forward and a backward through the classifier) and the attention decoder to BAM's work
+    assert float(m.group(2)) > 1.0
+    assert re.search(r"DICM masks of 5 cross blocks .* = [\d.]+%", out), out

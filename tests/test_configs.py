@@ -55,8 +55,13 @@ def _stage1_file(overrides: list[str], tmp_path: Path) -> list[str]:
     learner = BaseLearner(encoder.tap_channels["base"], n_base, list(range(1, n_base + 1)))
     meta = {"fold": 0, "encoder": encoder.name, "tap": "base", "in_dim": learner.in_dim,
             "base_class_ids": list(range(1, n_base + 1)), "bins": [1, 2, 3, 6]}  # fmt: skip
+    state = {f"head.{k}": v for k, v in learner.state_dict().items()}
+    domain_tap = cfg.get("base_task", {}).get("domain_tap")
+    if domain_tap:  # I2R's domain classifier beside the base learner
+        meta["domain_tap"] = domain_tap
+        state.update({"domain.weight": torch.zeros(n_base, encoder.tap_channels[domain_tap]), "domain.bias": torch.zeros(n_base)})
     path = tmp_path / "fold0.pt"
-    write_artifact(path, {f"head.{k}": v for k, v in learner.state_dict().items()}, meta)
+    write_artifact(path, state, meta)
     torch.manual_seed(0)
     return [f"base_learner_path={path}"]
 

@@ -45,7 +45,8 @@ def i2r_run(synth_root, stage1):
 
 def test_i2r_trains_and_evaluates_with_cams(i2r_run, stage1, tmp_path):
     cfg, metrics = i2r_run
-    assert cfg.trainer.inference_mode is False and cfg.encoder.keep_head is True
+    # the embedded recipe's CAMs come from the stage-1 domain classifier (no ImageNet head kept)
+    assert cfg.trainer.inference_mode is False and cfg.encoder.keep_head is False and cfg.head.classifier is not None
     assert 0.0 <= metrics["miou"] <= 1.0 and len(metrics["class_iou"]) == 5
     assert metrics["prior_ce"] > 0  # Table 4
     assert {"mask_ratio_cab0", "mask_ratio_cab1"} <= set(metrics)  # Table 5, measured with the query mask
@@ -97,7 +98,7 @@ def test_ablation_rows_compose_and_step(synth_root, stage1):
     rows = [
         ["head.pmgm=false", "decoder.support_branch=false", "decoder.attention_mask=none"],
         ["head.pmgm=false", "decoder.support_branch=true", "decoder.attention_mask=dicm"],
-        ["head.pmgm=true", "decoder.support_branch=true", "decoder.attention_mask=cyctr"],
+        ["head.pmgm=true", "decoder.support_branch=true", "decoder.attention_mask=cyctr", "cam_classifier=imagenet"],
         ["head.pmgm=true", "decoder.attention_mask=dicm", "decoder.eval_attention_mask=column", "head.cam_threshold=adaptive",
          "head.cam_method=gradcampp"],
     ]

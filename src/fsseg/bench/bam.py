@@ -37,7 +37,13 @@ def _model(overrides: list[str], tmp: Path):
             learner = BaseLearner(encoder.tap_channels["base"], 15, list(range(6, 21)))
             meta = {"fold": 0, "encoder": encoder.name, "tap": "base", "in_dim": learner.in_dim,
                     "base_class_ids": list(range(6, 21)), "bins": [1, 2, 3, 6]}  # fmt: skip
-            path = write_artifact(tmp / f"{encoder.name}.pt", {f"head.{k}": v for k, v in learner.state_dict().items()}, meta)
+            state = {f"head.{k}": v for k, v in learner.state_dict().items()}
+            domain_tap = cfg.get("base_task", {}).get("domain_tap")
+            if domain_tap:  # I2R's stage-1 domain classifier (recipe i2r_synth)
+                meta["domain_tap"] = domain_tap
+                c = encoder.tap_channels[domain_tap]
+                state.update({"domain.weight": torch.randn(15, c) / c**0.5, "domain.bias": torch.zeros(15)})
+            path = write_artifact(tmp / f"{encoder.name}.pt", state, meta)
             cfg = compose("train", overrides=[*overrides, "encoder.weights=none", f"base_learner_path={path}"])
         torch.manual_seed(0)
         return instantiate(cfg.model, num_eval_classes=5).eval()
