@@ -36,7 +36,8 @@ def predictor_overrides(overrides: Sequence[str], predictor: Mapping) -> list[st
     """The fsseg-train overrides of the run a host's predictor (conf/predictor) reads."""
     keep = [o for o in overrides if o.lstrip("+~").startswith(_PREDICTOR_KEEP)]
     own = [f"method={predictor['method']}"] + ([f"recipe={predictor['recipe']}"] if predictor.get("recipe") else [])
-    return [*own, *keep, f"hydra.run.dir={predictor['run']}", "trainer.enable_progress_bar=false"]
+    # prerequisites=auto: a predictor that is itself a stage-2 run (BAM) trains its own stage 1 first
+    return [*own, *keep, f"hydra.run.dir={predictor['run']}", "prerequisites=auto", "trainer.enable_progress_bar=false"]
 
 
 def _predictor_missing(predictor: Mapping) -> bool:

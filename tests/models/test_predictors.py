@@ -145,3 +145,111 @@ def test_frozen_predictor_output_checks_and_output_size():
         FrozenPredictor(inner, output="nope")(episode())
     with pytest.raises(ConfigError, match="output_size"):
         FrozenPredictor(inner, output_size=(0, 4))
+
+
+# ---------------------------------------------------------------------------------------------- SSP and Pro
+from fsseg.models.ssp import SelfMatchingLoss, SelfSupportMatching, SupportPrototypes  # noqa: E402
+
+
+def _cos(a, b):  # per-pixel cosine by hand: a (C, h, w), b (C,) or (C, h, w)
+    b = b[:, None, None] if b.dim() == 1 else b
+    return (a * b).sum(0) / (a.norm(dim=0) * b.norm(dim=0))
+
+
+def test_pro_logits_are_ten_times_cosine_to_masked_average_prototypes():
+    g = torch.Generator().manual_seed(1)
+    q, s = torch.randn(1, 3, 4, 4, generator=g), torch.randn(1, 1, 3, 4, 4, generator=g)
+    labels = torch.zeros(1, 1, 4, 4, dtype=torch.long)
+    labels[..., :2, :] = 1
+    labels[..., 3, 3] = 255  # neither FG nor BG
+    head = SupportPrototypes({"ssp": 3})
+    ctx = type("Ctx", (), {"support_labels": labels})()
+    guidance = head({"ssp": q}, {"ssp": s}, (labels == 1).float(), context=ctx)
+    fg = s[0, 0][:, :2, :].flatten(1).sum(1) / (8 + 1e-5)
+    bg_mask = torch.zeros(4, 4)
+    bg_mask[2:, :] = 1
+    bg_mask[3, 3] = 0
+    bg = (s[0, 0] * bg_mask).flatten(1).sum(1) / (7 + 1e-5)
+    torch.testing.assert_close(guidance["prototype"].flatten(), fg)
+    torch.testing.assert_close(guidance["bg_prototype"].flatten(), bg)
+    out = SelfSupportMatching(self_support=False)(guidance)
+    expected = torch.stack([_cos(q[0], bg), _cos(q[0], fg)]) * 10
+    torch.testing.assert_close(out["logits"][0], expected)
+
+
+def _self_support_loop(feat, logits, fg_t=0.7, bg_t=0.6, k=12):
+    """SSP's self-support step, one episode at a time with explicit index selection (the paper's description)."""
+    fps, bps, asbps = [], [], []
+    for e in range(feat.shape[0]):
+        f = feat[e].flatten(1)  # C, N
+        p = logits[e].softmax(0).flatten(1)  # 2, N
+        idx_fg = torch.nonzero(p[1] > fg_t).flatten()
+        if len(idx_fg) == 0:
+            idx_fg = torch.topk(p[1], k).indices
+        idx_bg = torch.nonzero(p[0] > bg_t).flatten()
+        if len(idx_bg) == 0:
+            idx_bg = torch.topk(p[0], k).indices
+        fg_feats, bg_feats = f[:, idx_fg], f[:, idx_bg]
+        fps.append(fg_feats.mean(1))
+        bps.append(bg_feats.mean(1))
+        local = torch.zeros_like(f)
+        for x in range(f.shape[1]):
+            w = torch.stack([2 * torch.dot(f[:, x], bg_feats[:, j]) / (f[:, x].norm() * bg_feats[:, j].norm())
+                             for j in range(bg_feats.shape[1])]).softmax(0)  # fmt: skip
+            local[:, x] = (bg_feats * w).sum(1)
+        asbps.append(local.view_as(feat[e]))
+    return torch.stack(fps), torch.stack(bps), torch.stack(asbps)
+
+
+def test_ssp_self_support_matches_a_direct_loop_including_the_top_k_fallback():
+    g = torch.Generator().manual_seed(2)
+    feat = torch.randn(3, 5, 5, 5, generator=g)
+    logits = torch.randn(3, 2, 5, 5, generator=g) * 2
+    logits[1, 1] = -5.0  # episode 1: no pixel has p_fg > 0.7 -> top-12 fallback for FG
+    logits[1, 0] = 0.0
+    logits[2, 0] = 0.0  # episode 2: p_bg = sigmoid(-l1) > 0.6 nowhere -> top-12 fallback for BG
+    logits[2, 1] = -0.2 + torch.rand(5, 5, generator=g) * 0.1
+    dec = SelfSupportMatching(fallback_k=12)
+    probs = logits.softmax(1)
+    assert not (probs[1, 1] > 0.7).any() and not (probs[2, 0] > 0.6).any()
+    ssfp, ssbp, asbp = dec.self_support_prototypes(feat, logits)
+    want = _self_support_loop(feat, logits)
+    for got, exp in zip((ssfp, ssbp, asbp), want, strict=True):
+        torch.testing.assert_close(got, exp, rtol=1e-5, atol=1e-5)
+    # out_1 by hand from those prototypes: FP1 = 0.5 FP + 0.5 SSFP, BP1 = 0.3 SSBP + 0.7 ASBP
+    fp, bp = torch.randn(3, 5, generator=g), torch.randn(3, 5, generator=g)
+    guidance = {"query_feat": feat, "prototype": fp[..., None, None], "bg_prototype": bp[..., None, None]}
+    out = dec(guidance)
+    out0 = torch.stack([torch.stack([_cos(feat[e], bp[e]), _cos(feat[e], fp[e])]) * 10 for e in range(3)])
+    torch.testing.assert_close(out["ssp_out0"], out0)
+    s_fp, s_bp, a_bp = _self_support_loop(feat, out0)
+    fp1, bp1 = 0.5 * fp + 0.5 * s_fp, 0.3 * s_bp[..., None, None] + 0.7 * a_bp
+    out1 = torch.stack([torch.stack([_cos(feat[e], bp1[e]), _cos(feat[e], fp1[e])]) * 10 for e in range(3)])
+    torch.testing.assert_close(out["logits"], out1, rtol=1e-5, atol=1e-5)
+    assert "ssp_out1" not in out
+    # refinement: out_2 = 0.7 sim(FP2, BP2) + 0.3 out_1, with the mixes of SSP's refinement
+    ref = SelfSupportMatching(refine=True)(guidance)
+    s_fp2, s_bp2, a_bp2 = _self_support_loop(feat, out1)
+    fp2 = 0.5 * fp + 0.2 * fp1 + 0.3 * (0.5 * fp + 0.5 * s_fp2)
+    bp2 = 0.5 * bp[..., None, None] + 0.2 * bp1 + 0.3 * (0.3 * s_bp2[..., None, None] + 0.7 * a_bp2)
+    out2 = torch.stack([torch.stack([_cos(feat[e], bp2[e]), _cos(feat[e], fp2[e])]) * 10 for e in range(3)])
+    torch.testing.assert_close(ref["logits"], 0.7 * out2 + 0.3 * out1, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ref["ssp_out1"], out1, rtol=1e-5, atol=1e-5)
+
+
+def test_ssp_self_matching_loss_against_hand_cross_entropy():
+    g = torch.Generator().manual_seed(3)
+    feat = torch.randn(1, 4, 2, 2, generator=g)
+    mask = torch.tensor([[[1, 0], [0, 255]]])
+    loss = SelfMatchingLoss(side="query")({"query_feat": feat}, {B.QUERY_MASK: mask}, None)["query_self"]
+    f = feat[0].flatten(1)
+    fp, bp = f[:, 0] / (1 + 1e-5), (f[:, 1] + f[:, 2]) / (2 + 1e-5)
+    terms = []
+    for x, y in ((0, 1), (1, 0), (2, 0)):
+        lg = 10 * torch.stack([torch.cosine_similarity(f[:, x], bp, 0), torch.cosine_similarity(f[:, x], fp, 0)])
+        terms.append(-lg.log_softmax(0)[y])
+    torch.testing.assert_close(loss, torch.stack(terms).mean())
+    with pytest.raises(ConfigError, match="side"):
+        SelfMatchingLoss(side="both")
+    with pytest.raises(ConfigError, match="self_support"):
+        SelfSupportMatching(self_support=False, refine=True)

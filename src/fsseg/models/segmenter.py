@@ -78,6 +78,7 @@ class EpisodeContext:
     class_id: torch.Tensor | None = None
     query_mask: torch.Tensor | None = None
     query_base_label: torch.Tensor | None = None
+    support_labels: torch.Tensor | None = None  # the support masks as given (0, 1, 255 = neither), (B, K, H, W)
     m_pro: torch.Tensor | None = None  # a frozen predictor's query foreground probability (B, 1, h, w), if any
 
     @classmethod
@@ -85,6 +86,7 @@ class EpisodeContext:
         return cls(
             class_idx=batch.get(B.CLASS_IDX),
             class_id=batch.get(B.CLASS_ID),
+            support_labels=batch.get(B.SUPPORT_MASKS),
             query_mask=batch.get(B.QUERY_MASK) if training else None,
             query_base_label=batch.get(B.QUERY_BASE_LABEL) if training else None,
         )
@@ -97,6 +99,7 @@ def _takes_context(part: nn.Module) -> bool:
         return False
 
 
+SCHEDULES = ("poly", "constant", "step")  # per-iteration lr factor (`configure_optimizers`)
 PREDICTOR_KEYS = ("m_pro",)  # guidance a frozen predictor adds (`fsseg.models.predictors`)
 
 
@@ -176,6 +179,8 @@ class FewShotSegmenter(L.LightningModule):
         lr_multiplier: float = 1.0,
         schedule: str = "poly",
         poly_power: float = 0.9,
+        step_milestones: Sequence[float] = (1 / 3, 2 / 3),
+        step_gamma: float = 0.1,
         param_groups: Sequence[Mapping[str, Any]] = (),
         num_eval_classes: int = 5,
         eval_resolution: str = "original",
@@ -199,8 +204,16 @@ class FewShotSegmenter(L.LightningModule):
             )
         if main_loss_weight < 0:
             raise ConfigError(f"model.main_loss_weight must be >= 0; got {main_loss_weight}")
-        if schedule not in ("poly", "constant"):
-            raise ConfigError(f"model.schedule must be 'poly' or 'constant'; got {schedule!r}")
+        if schedule not in SCHEDULES:
+            raise ConfigError(f"model.schedule must be one of {list(SCHEDULES)}; got {schedule!r}")
+        milestones = [float(m) for m in step_milestones]
+        if not all(0.0 < m < 1.0 for m in milestones) or milestones != sorted(milestones):
+            raise ConfigError(
+                f"optim.milestones must be increasing fractions of the training steps in (0, 1); got {list(step_milestones)}"
+            )
+        if not (math.isfinite(step_gamma) and 0.0 < step_gamma <= 1.0):
+            raise ConfigError(f"optim.gamma (step schedule factor) must be in (0, 1]; got {step_gamma}")
+        self.step_milestones, self.step_gamma = milestones, float(step_gamma)
         if eval_resolution not in ("original", "network"):
             raise ConfigError(f"model.eval_resolution must be 'original' or 'network'; got {eval_resolution!r}")
         if shot_fusion not in ("average", "vote"):
@@ -676,8 +689,8 @@ class FewShotSegmenter(L.LightningModule):
             groups.insert(0, {"params": rest, "lr": self.base_lr * self.lr_multiplier, "schedule": self.schedule})
         schedules = [g.pop("schedule") for g in groups]
         for s in schedules:
-            if s not in ("poly", "constant"):
-                raise ConfigError(f"param group schedule must be 'poly' or 'constant'; got {s!r}")
+            if s not in SCHEDULES:
+                raise ConfigError(f"param group schedule must be one of {list(SCHEDULES)}; got {s!r}")
         # a group may name its own optimizer (CyCTR: AdamW for the transformer): several -> one CompositeOptimizer
         factories = [g.pop("optimizer", None) or self.optimizer_factory for g in groups]
         opt, order = build_optimizer(groups, factories)
@@ -688,7 +701,14 @@ class FewShotSegmenter(L.LightningModule):
         def poly(step: int) -> float:  # per-iteration poly decay: (1 - it/max_it)^power
             return max(0.0, 1.0 - step / total) ** power
 
-        lambdas = [poly if s == "poly" else (lambda step: 1.0) for s in schedules]
+        bounds = [m * total for m in self.step_milestones]
+        gamma = self.step_gamma
+
+        def step_decay(step: int) -> float:  # SSP: lr x gamma at each milestone (1/3 and 2/3 of the steps)
+            return gamma ** sum(step >= b for b in bounds)
+
+        factor = {"poly": poly, "step": step_decay, "constant": lambda step: 1.0}
+        lambdas = [factor[s] for s in schedules]
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda=lambdas)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
