@@ -28,11 +28,12 @@ PAPER_RECIPE = {
     ("aff", "coco"): "sccan_coco", ("sccan_plus", "pascal"): "sccan_plus_pascal", ("sccan_plus", "coco"): "sccan_plus_coco",
     ("hdmnet", "pascal"): "hdmnet_pascal", ("hdmnet", "coco"): "hdmnet_coco",
     ("ssp", "pascal"): "ssp_pascal", ("pro", "pascal"): "ssp_pascal", ("hpa", "pascal"): "hpa_pascal",
+    ("rare", "pascal"): "rare_pascal",
 }  # fmt: skip
 RESNETS = ("resnet50", "resnet101")  # the papers' backbones where they have no VGG-16 recipe
 ENCODERS = {"cyctr": RESNETS, "celp_cyctr": RESNETS, "sccan": RESNETS, "aff": RESNETS, "sccan_plus": RESNETS,
             "hdmnet": RESNETS, "i2r": ("resnet50_tv", "resnet101_tv"), "ssp": RESNETS, "pro": RESNETS,
-            "hpa": RESNETS}  # fmt: skip  # I2R: torchvision's ResNets
+            "hpa": RESNETS, "rare": ("vgg16_bn", "resnet50", "resnet101")}  # fmt: skip  # I2R: torchvision's ResNets
 COMPOSITIONS = [
     (m, e, r) for (m, d), r in PAPER_RECIPE.items() for e in ENCODERS.get(m, ("vgg16_bn", "resnet50", "resnet101"))
 ]  # fmt: skip
@@ -82,8 +83,8 @@ def test_experiment_composes_and_instantiates(name, tmp_path):
 
 def test_recipes_replace_the_per_combination_files():
     synth = {"synth", "cyctr_synth", "bam_synth", "i2r_synth", "sccan_synth", "sccan_plus_synth", "hdmnet_synth",
-             "ssp_synth", "hpa_synth"}  # fmt: skip
-    assert len(COMPOSITIONS) == 64 and {r for _, _, r in COMPOSITIONS} | synth == set(RECIPES)
+             "ssp_synth", "hpa_synth", "rare_synth"}  # fmt: skip
+    assert len(COMPOSITIONS) == 67 and {r for _, _, r in COMPOSITIONS} | synth == set(RECIPES)
     assert all("_effl0_synth" in name for name in EXPERIMENTS)  # aliases of method=<m> recipe=<synth recipe>
 
 
