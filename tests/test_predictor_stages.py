@@ -63,6 +63,12 @@ def test_ssp_trains_and_a_host_reads_it_frozen(ssp_run, synth_root):
     assert 0.0 <= host_metrics["miou"] <= 1.0
     host_state = torch.load(tmp / "host" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
     assert host_state and not [k for k in host_state if k.startswith("predictor.")]
+    # fsseg-eval rebuilds the host from its config: the predictor is reloaded from its run, same scores
+    from fsseg.cli.evaluate import evaluate
+
+    ckpt = tmp / "host" / "checkpoints" / "best.ckpt"
+    again = evaluate(host_cfg, ckpt, compose(["experiment=pfenet_effl0_synth", *TINY]).trainer, tmp / "host_eval")
+    assert again["miou"] == pytest.approx(host_metrics["miou"], abs=1e-6)
 
 
 def test_loader_refuses_another_fold_encoder_or_dataset(ssp_run, synth_root):
