@@ -1,6 +1,7 @@
 """Runs that need another run's product first (BAM's stage-2 needs its fold's stage-1 base learner).
 
-A run config names such a product by ``base_learner_path`` (conf/recipe/bam_*.yaml); the run that makes it
+A run config names such a product by ``base_learner_path`` (conf/recipe/bam_*.yaml) or by ``predictor.run`` (a
+frozen predictor run, conf/predictor); the run that makes the first
 is the same composition with ``task=base``. `ensure_prerequisites` trains what is missing before a run starts
 and never retrains an existing file (stage 2 checks that the file fits: fold, encoder, classes). Sweeps call it
 before every run; a plain ``fsseg-train`` of stage 2 without the file stops at once naming the command instead.
@@ -13,7 +14,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-__all__ = ["ensure_prerequisites", "stage1_overrides"]
+__all__ = ["ensure_prerequisites", "predictor_overrides", "stage1_overrides"]
 
 # run-specific overrides that do not describe what stage 1 computes (its seed is the recipe's default: every
 # stage-2 seed shares one stage-1 file, whichever runs first)
@@ -25,6 +26,45 @@ def stage1_overrides(overrides: Sequence[str], run_dir: str | Path) -> list[str]
     return [*keep, "task=base", f"hydra.run.dir={run_dir}", "trainer.enable_progress_bar=false"]
 
 
+# what a predictor run shares with its host: dataset, fold, encoder, paths, where it runs (not the host's method,
+# recipe or any model setting: the predictor's own method and recipe define it)
+_PREDICTOR_KEEP = ("data=", "data.fold=", "data.source", "encoder=", "paths.", "trainer=", "trainer.accelerator=",
+                   "trainer.devices=", "trainer.precision=")  # fmt: skip
+
+
+def predictor_overrides(overrides: Sequence[str], predictor: Mapping) -> list[str]:
+    """The fsseg-train overrides of the run a host's predictor (conf/predictor) reads."""
+    keep = [o for o in overrides if o.lstrip("+~").startswith(_PREDICTOR_KEEP)]
+    own = [f"method={predictor['method']}"] + ([f"recipe={predictor['recipe']}"] if predictor.get("recipe") else [])
+    # prerequisites=auto: a predictor that is itself a stage-2 run (BAM) trains its own stage 1 first
+    return [*own, *keep, f"hydra.run.dir={predictor['run']}", "prerequisites=auto", "trainer.enable_progress_bar=false"]
+
+
+def _predictor_missing(predictor: Mapping) -> bool:
+    run = Path(str(predictor["run"]))
+    which = str(predictor.get("checkpoint") or "best")
+    ckpt = run / "checkpoints" / f"{which}.ckpt" if which in ("best", "last") else Path(which)
+    return not ((run / "config.yaml").is_file() and ckpt.is_file())
+
+
+def _ensure_predictor(overrides: Sequence[str], predictor: Mapping, runner: Callable[[list[str]], None]) -> list[Path]:
+    """Train the predictor run a host names (``predictor.run``) when it has no checkpoint yet."""
+    import fcntl
+
+    run = Path(str(predictor["run"]))
+    if not _predictor_missing(predictor):
+        return []
+    run.parent.mkdir(parents=True, exist_ok=True)
+    with open(run.parent / f".{run.name}.lock", "w") as lock:  # parallel hosts of one fold train it once
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not _predictor_missing(predictor):
+            return []
+        runner(predictor_overrides(overrides, predictor))
+    if _predictor_missing(predictor):
+        raise RuntimeError(f"the predictor run finished without a checkpoint in {run} (see {run}/train.log)")
+    return [run]
+
+
 def _fsseg_train(overrides: list[str]) -> None:
     exe = Path(sys.executable).with_name("fsseg-train")
     cmd = [str(exe) if exe.exists() else "fsseg-train", *overrides]
@@ -34,7 +74,16 @@ def _fsseg_train(overrides: list[str]) -> None:
 def ensure_prerequisites(
     overrides: Sequence[str], cfg: Mapping, runner: Callable[[list[str]], None] = _fsseg_train
 ) -> list[Path]:
-    """Train the stage-1 file a run config needs when it is missing; returns the files trained."""
+    """Train the stage-1 file and the predictor run a run config needs when they are missing; returns what was
+    trained (files / run directories)."""
+    trained: list[Path] = []
+    predictor = cfg.get("predictor")
+    if isinstance(predictor, Mapping) and predictor.get("run") and predictor.get("method"):
+        trained += _ensure_predictor(overrides, predictor, runner)
+    return trained + _ensure_stage1(overrides, cfg, runner)
+
+
+def _ensure_stage1(overrides: Sequence[str], cfg: Mapping, runner: Callable[[list[str]], None]) -> list[Path]:
     path = cfg.get("base_learner_path")
     if not path or cfg.get("task_name") == "base":
         return []

@@ -153,7 +153,7 @@ _EQUIVALENT_TARGETS = {
     "fsseg.trainer.make_trainer": "lightning.Trainer",  # its keyword defaults are the Trainer's (inference_mode=True...)
 }
 # top-level train.yaml options added after runs were recorded, at their default
-_TOP_LEVEL_DEFAULTS = {"train": True, "ensemble": None, "prerequisites": "error", "init_from": None}
+_TOP_LEVEL_DEFAULTS = {"train": True, "ensemble": None, "prerequisites": "error", "init_from": None, "predictor": None}
 
 
 def without_defaults(node: Any, top: bool = True) -> Any:

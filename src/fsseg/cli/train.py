@@ -192,6 +192,8 @@ def _hydra_main(cfg: DictConfig) -> None:
             with stage1_deferred():
                 plain = OmegaConf.to_container(cfg, resolve=False)
                 plain["base_learner_path"] = cfg.get("base_learner_path")
+                if cfg.get("predictor") is not None:  # the predictor run's directory, resolved
+                    plain["predictor"] = OmegaConf.to_container(cfg.predictor, resolve=True)
             ensure_prerequisites(list(HydraConfig.get().overrides.task), plain)
         with guard_run(run_dir):  # FAILED marker on error; wandb finished in every case
             metrics = run(cfg, run_dir)

@@ -654,6 +654,10 @@ class FrozenEncoder(nn.Module):
             the fast path for GPU AMP); the returned taps are ordinary contiguous NCHW tensors either way.
         fold_bn: frozen encoders only: fold each BatchNorm into the convolution before it (`fold_batchnorms`);
             equal up to float round-off, not bit for bit, so off by default (published results stay exact).
+        trainable: partial fine-tuning (SSP trains ResNet layer2-3, its layer0/1 frozen): module-name prefixes of
+            the wrapped timm model (``layer2``, ``blocks.3``) whose weights train; every other weight is frozen, and
+            every BatchNorm keeps its affine parameters frozen and, with ``bn: frozen``, its statistics (eval mode),
+            as SSP's ``main.py``. Needs ``frozen: false``; null: ``frozen`` alone decides (all or nothing).
         keep_head: keep the full model's ImageNet classifier (ResNet, EfficientNet, VGG) in ``self.head``:
             the stages after the deepest tap (which `forward` still never runs) and the classifier, loaded
             strictly from the same weights, frozen, always in eval mode; `tail` turns a feature into ImageNet
@@ -682,6 +686,7 @@ class FrozenEncoder(nn.Module):
         fold_bn: bool = False,
         bn: str = "frozen",
         keep_head: bool = False,
+        trainable: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         _check_model_name(name)
@@ -745,6 +750,9 @@ class FrozenEncoder(nn.Module):
                 self.head.to(memory_format=torch.channels_last)
         if self.frozen:
             self.model.requires_grad_(False)
+        self.trainable = None if trainable is None else [str(t) for t in trainable]
+        if self.trainable is not None:
+            self._partial_fine_tuning(self.trainable)
         if self.head is not None:
             self.head.requires_grad_(False)
         self.train(self.training)
@@ -859,9 +867,31 @@ class FrozenEncoder(nn.Module):
             mask_pos += 1  # PFENet's VGG layer3 ends with its pool: mask after it
         return names, outputs, mask_pos
 
+    def _partial_fine_tuning(self, prefixes: list[str]) -> None:
+        if self.frozen:
+            raise ConfigError(f"encoder.trainable={prefixes} trains part of the encoder: set encoder.frozen=false")
+        names = [n for n, _ in self.model.named_modules() if n]
+        unknown = [p for p in prefixes if p not in names]
+        if not prefixes or unknown:
+            roots = sorted({n.split(".")[0] for n in names})
+            raise ConfigError(
+                f"encoder.trainable names no module of {self.name} ({unknown or prefixes}); expected module names "
+                f"such as {roots}"
+            )
+        self.model.requires_grad_(False)
+        for prefix in prefixes:
+            self.model.get_submodule(prefix).requires_grad_(True)
+        for m in self.model.modules():  # every BatchNorm's affine parameters stay fixed (SSP)
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.requires_grad_(False)
+
     # -- train/eval -----------------------------------------------------------------------------------------
     def train(self, mode: bool = True) -> FrozenEncoder:
         super().train(mode)
+        if getattr(self, "trainable", None) is not None and self.bn == "frozen":  # partial: BatchNorm in eval always
+            for m in self.model.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
         if self.frozen and self.bn == "frozen":
             self.model.eval()  # BatchNorm statistics (and dropout) fixed, whatever Lightning asks
         if self.head is not None:
@@ -955,5 +985,5 @@ class FrozenEncoder(nn.Module):
         )
         return (
             f"name={self.name!r}, weights={self.weights!r}, output_stride={self.output_stride}, "
-            f"frozen={self.frozen}, taps: {taps}"
+            f"frozen={self.frozen}, trainable={self.trainable}, taps: {taps}"
         )

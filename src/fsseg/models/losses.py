@@ -144,7 +144,8 @@ class EnsembleNLL(nn.Module):
 
 class OutputCE(AuxLoss):
     """Cross-entropy of a named output against the query mask (BAM's CE on the meta learner, weight 1.0); ``loss``
-    replaces the cross-entropy (SCCAN-Plus: the weighted Dice on the meta learner)."""
+    replaces the cross-entropy (SCCAN-Plus: the weighted Dice on the meta learner). ``optional``: no term when the
+    model does not produce ``key`` (SSP's first-pass output exists only with its refinement pass)."""
 
     def __init__(
         self,
@@ -153,12 +154,15 @@ class OutputCE(AuxLoss):
         term: str = "meta",
         ignore_as_background: bool = False,
         loss: nn.Module | None = None,
+        optional: bool = False,
     ) -> None:
         super().__init__(weight)
-        self.key, self.term = key, term
+        self.key, self.term, self.optional = key, term, bool(optional)
         self.loss = loss if loss is not None else CrossEntropy(ignore_as_background)
 
     def forward(self, outputs, batch, model) -> dict[str, torch.Tensor]:
+        if self.optional and self.key not in outputs:
+            return {}
         return {self.term: self.loss(outputs[self.key], batch[QUERY_MASK])}
 
 

@@ -9,6 +9,7 @@ A method is a config composing these parts; this module never switches on a meth
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 import random
@@ -77,12 +78,15 @@ class EpisodeContext:
     class_id: torch.Tensor | None = None
     query_mask: torch.Tensor | None = None
     query_base_label: torch.Tensor | None = None
+    support_labels: torch.Tensor | None = None  # the support masks as given (0, 1, 255 = neither), (B, K, H, W)
+    m_pro: torch.Tensor | None = None  # a frozen predictor's query foreground probability (B, 1, h, w), if any
 
     @classmethod
     def from_batch(cls, batch: Mapping[str, torch.Tensor], training: bool) -> EpisodeContext:
         return cls(
             class_idx=batch.get(B.CLASS_IDX),
             class_id=batch.get(B.CLASS_ID),
+            support_labels=batch.get(B.SUPPORT_MASKS),
             query_mask=batch.get(B.QUERY_MASK) if training else None,
             query_base_label=batch.get(B.QUERY_BASE_LABEL) if training else None,
         )
@@ -95,12 +99,25 @@ def _takes_context(part: nn.Module) -> bool:
         return False
 
 
-def _check_declared_keys(head: nn.Module, decoder: nn.Module) -> None:
-    """Parts may declare the guidance they provide / require (``provides`` / ``requires``): checked at build."""
+SCHEDULES = ("poly", "constant", "step")  # per-iteration lr factor (`configure_optimizers`)
+PREDICTOR_KEYS = ("m_pro",)  # guidance a frozen predictor adds (`fsseg.models.predictors`)
+
+
+def _check_declared_keys(head: nn.Module, decoder: nn.Module, predictor: nn.Module | None = None) -> None:
+    """Parts may declare the guidance they provide / require (``provides`` / ``requires``): checked at build.
+    A predictor provides ``m_pro`` to head and decoder; a part requiring it without a predictor is refused."""
+    extra = set(PREDICTOR_KEYS) if predictor is not None else set()
+    for part in (head, decoder):
+        needs = sorted(set(getattr(part, "requires", None) or ()) & set(PREDICTOR_KEYS))
+        if needs and predictor is None:
+            raise ConfigError(
+                f"{type(part).__name__} needs guidance {needs} from a frozen predictor, but predictor is null: "
+                f"choose one (predictor=ssp | pro | hpa | rare | bam)"
+            )
     provides, requires = getattr(head, "provides", None), getattr(decoder, "requires", None)
     if provides is None or requires is None:
         return
-    missing = sorted(set(requires) - set(provides))
+    missing = sorted(set(requires) - set(provides) - extra)
     if missing:
         raise ConfigError(
             f"decoder {type(decoder).__name__} needs guidance {missing} that head {type(head).__name__} does not "
@@ -162,6 +179,8 @@ class FewShotSegmenter(L.LightningModule):
         lr_multiplier: float = 1.0,
         schedule: str = "poly",
         poly_power: float = 0.9,
+        step_milestones: Sequence[float] = (1 / 3, 2 / 3),
+        step_gamma: float = 0.1,
         param_groups: Sequence[Mapping[str, Any]] = (),
         num_eval_classes: int = 5,
         eval_resolution: str = "original",
@@ -176,6 +195,7 @@ class FewShotSegmenter(L.LightningModule):
         channels_last: bool = False,
         encoder_bf16: bool = False,
         tta_scales: Sequence[float] = (1.0,),
+        predictor: nn.Module | None = None,
     ) -> None:
         super().__init__()
         if not (math.isfinite(base_lr) and base_lr > 0 and math.isfinite(lr_multiplier) and lr_multiplier > 0):
@@ -184,8 +204,16 @@ class FewShotSegmenter(L.LightningModule):
             )
         if main_loss_weight < 0:
             raise ConfigError(f"model.main_loss_weight must be >= 0; got {main_loss_weight}")
-        if schedule not in ("poly", "constant"):
-            raise ConfigError(f"model.schedule must be 'poly' or 'constant'; got {schedule!r}")
+        if schedule not in SCHEDULES:
+            raise ConfigError(f"model.schedule must be one of {list(SCHEDULES)}; got {schedule!r}")
+        milestones = [float(m) for m in step_milestones]
+        if not all(0.0 < m < 1.0 for m in milestones) or milestones != sorted(milestones):
+            raise ConfigError(
+                f"optim.milestones must be increasing fractions of the training steps in (0, 1); got {list(step_milestones)}"
+            )
+        if not (math.isfinite(step_gamma) and 0.0 < step_gamma <= 1.0):
+            raise ConfigError(f"optim.gamma (step schedule factor) must be in (0, 1]; got {step_gamma}")
+        self.step_milestones, self.step_gamma = milestones, float(step_gamma)
         if eval_resolution not in ("original", "network"):
             raise ConfigError(f"model.eval_resolution must be 'original' or 'network'; got {eval_resolution!r}")
         if shot_fusion not in ("average", "vote"):
@@ -225,7 +253,15 @@ class FewShotSegmenter(L.LightningModule):
         self.decoder = _build(decoder)
         self.ensemble = ensemble  # a stage after the decoder (BAM's learner ensemble), or None
         _check_sub_model_classes(self, base_class_ids)
-        _check_declared_keys(self.head, self.decoder)
+        # PAHNet's prototype predictor (fsseg.models.predictors.FrozenPredictor): run once per episode, frozen, in
+        # eval mode, under no_grad; its M_pro joins the guidance as "m_pro". Its weights stay out of this model's
+        # state_dict (hence out of checkpoints): the config names the predictor run they are loaded from.
+        self.predictor = predictor
+        if predictor is not None:
+            predictor.requires_grad_(False).eval()
+            self._register_state_dict_hook(_drop_predictor_keys)
+            self.register_load_state_dict_post_hook(_ignore_missing_predictor_keys)
+        _check_declared_keys(self.head, self.decoder, predictor)
         self._head_context = _takes_context(self.head)
         self._decoder_context = _takes_context(self.decoder)
         if batched_aux_decoder and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.decoder.modules()):
@@ -292,9 +328,18 @@ class FewShotSegmenter(L.LightningModule):
     def _guide(self, batch: Mapping[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, Any], EpisodeContext]:
         """Encoder and head: (outputs so far, the head's guidance, the episode context)."""
         context = EpisodeContext.from_batch(batch, training=self.training)
+        m_pro = None
+        if self.predictor is not None:  # before the head: head (context.m_pro) and decoder (guidance) may read it
+            if B.QUERY_IMG not in batch:
+                raise ConfigError("a predictor needs the episode's images; data.feature_cache holds taps only: set it to null")
+            with torch.no_grad():
+                m_pro = self.predictor(batch).detach()
+            context = dataclasses.replace(context, m_pro=m_pro)
         query, support = self._memory_format(*self.encode(batch))
         masks = binary_mask(batch[B.SUPPORT_MASKS])
         guidance = self.head(query, support, masks, context=context) if self._head_context else self.head(query, support, masks)
+        if m_pro is not None:
+            guidance = {**guidance, "m_pro": m_pro}
         out = dict(guidance)
         out["query_taps"], out["support_taps"] = query, support
         return out, guidance, context
@@ -625,7 +670,7 @@ class FewShotSegmenter(L.LightningModule):
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
-        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad and not n.startswith("predictor.")]
         groups: list[dict[str, Any]] = []
         taken: set[str] = set()
         for cfg in self.param_group_cfg:
@@ -644,8 +689,8 @@ class FewShotSegmenter(L.LightningModule):
             groups.insert(0, {"params": rest, "lr": self.base_lr * self.lr_multiplier, "schedule": self.schedule})
         schedules = [g.pop("schedule") for g in groups]
         for s in schedules:
-            if s not in ("poly", "constant"):
-                raise ConfigError(f"param group schedule must be 'poly' or 'constant'; got {s!r}")
+            if s not in SCHEDULES:
+                raise ConfigError(f"param group schedule must be one of {list(SCHEDULES)}; got {s!r}")
         # a group may name its own optimizer (CyCTR: AdamW for the transformer): several -> one CompositeOptimizer
         factories = [g.pop("optimizer", None) or self.optimizer_factory for g in groups]
         opt, order = build_optimizer(groups, factories)
@@ -656,7 +701,14 @@ class FewShotSegmenter(L.LightningModule):
         def poly(step: int) -> float:  # per-iteration poly decay: (1 - it/max_it)^power
             return max(0.0, 1.0 - step / total) ** power
 
-        lambdas = [poly if s == "poly" else (lambda step: 1.0) for s in schedules]
+        bounds = [m * total for m in self.step_milestones]
+        gamma = self.step_gamma
+
+        def step_decay(step: int) -> float:  # SSP: lr x gamma at each milestone (1/3 and 2/3 of the steps)
+            return gamma ** sum(step >= b for b in bounds)
+
+        factor = {"poly": poly, "step": step_decay, "constant": lambda step: 1.0}
+        lambdas = [factor[s] for s in schedules]
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda=lambdas)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
@@ -687,7 +739,21 @@ class FewShotSegmenter(L.LightningModule):
         super().train(mode)
         if hasattr(self.encoder, "train"):
             self.encoder.train(mode)  # a frozen encoder keeps itself in eval (its own override)
+        if self.predictor is not None:
+            self.predictor.eval()  # never trained: BatchNorm statistics and dropout fixed
         return self
+
+
+def _drop_predictor_keys(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
+    """state_dict hook: the frozen predictor's tensors are not part of the host's checkpoint."""
+    for key in [k for k in state_dict if k.startswith(prefix + "predictor.")]:
+        del state_dict[key]
+
+
+def _ignore_missing_predictor_keys(module: nn.Module, incompatible_keys: Any) -> None:
+    """load_state_dict hook: a host checkpoint has no predictor tensors (the predictor loads its own run)."""
+    missing = incompatible_keys.missing_keys
+    missing[:] = [k for k in missing if not k.startswith("predictor.")]
 
 
 # Optional guidance masks whose absence means "nothing marked": a part without one gets zeros shaped like the
