@@ -80,7 +80,8 @@ class HDMNetHead(nn.Module):
     """HDMNet's guidance (see the module docstring). Reads encoder taps ``mid``, ``high`` (layer4), the low tap
     of ``shot_weighting`` (layer2) and ``base_tap`` (the base learner's input).
 
-    ``prior_minmax``: false = the reference (raw max cosine, which HDMNet scales x10 in query_merge); true = PFENet's
+    ``prior``: ``hdmnet`` (the reference) or ``aenet`` (PAHNet's HDMNetPlus: AENet's [FG, relu(FG - BG)] as
+    SCCAN-Plus, on the reduced features' grid). ``prior_minmax``: false = the reference (raw max cosine, which HDMNet scales x10 in query_merge); true = PFENet's
     min-max normalisation. ``train_shot_weighting``: false = the reference (its ``kshot_rw`` is not in HDMNet's
     optimizer, so the 5-shot re-weighting stays at its initialisation); true = trained (PAHNet's HDMNetPlus).
 
@@ -104,8 +105,12 @@ class HDMNetHead(nn.Module):
         dropout: float = 0.5,
         prior_minmax: bool = False,
         train_shot_weighting: bool = False,
+        prior: str = "hdmnet",
     ) -> None:
         super().__init__()
+        if prior not in ("hdmnet", "aenet"):
+            raise ConfigError(f"head.prior must be 'hdmnet' (max cosine [feature 5, layer4]) or 'aenet' ([FG, relu(FG - BG)]); got {prior!r}")
+        self.prior_type = prior
         missing = sorted({"mid", "high", base_tap} - set(tap_channels))
         if missing:
             raise ConfigError(f"HDMNetHead needs encoder taps {missing} (head.base_tap={base_tap!r}); got {sorted(tap_channels)}")
@@ -126,10 +131,16 @@ class HDMNetHead(nn.Module):
         m = mask_to_feature(support_mask, s.shape[-2:])  # bilinear, as the reference's prototype mask
         protos = masked_average_pool(s, m.flatten(0, 1)).view(b, k, -1)
         qf5, sf5, base_logits = self.base(query, support)
-        prior = torch.cat(
-            [hdmnet_prior(qf5, sf5, support_mask, self.prior_minmax),
-             hdmnet_prior(query["high"], support["high"], support_mask, self.prior_minmax)], dim=1
-        )  # fmt: skip
+        if self.prior_type == "aenet":  # PAHNet's HDMNetPlus: AENet's prior on the reduced features' grid
+            from fsseg.models.sccan import aenet_prior
+
+            grid = tuple(q.shape[-2:])
+            prior = aenet_prior(query["high"], support["high"], qf5, sf5, mask_to_feature(support_mask, grid), grid)
+        else:
+            prior = torch.cat(
+                [hdmnet_prior(qf5, sf5, support_mask, self.prior_minmax),
+                 hdmnet_prior(query["high"], support["high"], support_mask, self.prior_minmax)], dim=1
+            )  # fmt: skip
         weights, est = self.shot_weighting(query, support)  # the weights only weigh the scene difference
         return {
             "query_feat": q, "support_feat": s.unflatten(0, (b, k)), "support_prototypes": protos,

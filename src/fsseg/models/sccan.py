@@ -412,18 +412,23 @@ class SCCANPlusHead(MaskAggregationHead):
         return out
 
     def fg_bg_prior(self, query, support, qf5: torch.Tensor, sf5: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-        """[FG, relu(FG - BG)] (B, 2, g, g), each channel from layer4 or feature 5 per episode and shot (the
-        layer with the larger maximum: raw FG cosine for FG, corr for corr), then averaged over shots."""
-        b, k = m.shape[:2]
-        layers = [(query["high"], support["high"]), (qf5, sf5)]
-        fg, corr, fg_max, corr_max = zip(*(
-            fg_bg_prior(q, resize(s.flatten(0, 1), self.grid).unflatten(0, (b, k)), m, self.grid) for q, s in layers
-        ))  # fmt: skip
-        use5_fg = (fg_max[0] < fg_max[1])[..., None, None]  # the reference's strict "<": ties keep layer4
-        use5_corr = (corr_max[0] < corr_max[1])[..., None, None]
-        fg_map = torch.where(use5_fg, fg[1], fg[0]).mean(dim=1, keepdim=True)
-        corr_map = torch.where(use5_corr, corr[1], corr[0]).mean(dim=1, keepdim=True)
-        return torch.cat([fg_map, corr_map], dim=1).to(query["high"].dtype)
+        return aenet_prior(query["high"], support["high"], qf5, sf5, m, self.grid)
+
+
+def aenet_prior(qh: torch.Tensor, sh: torch.Tensor, qf5: torch.Tensor, sf5: torch.Tensor, m: torch.Tensor, grid) -> torch.Tensor:
+    """AENet's prior [FG, relu(FG - BG)] (B, 2, g, g), each channel from layer4 (qh, sh) or feature 5 per episode
+    and shot (the layer with the larger maximum: raw FG cosine for FG, corr for corr), then averaged over shots.
+    m (B, K, 1, g, g): support masks on the grid (SCCAN-Plus; PAHNet's HDMNet ``head.prior=aenet``)."""
+    b, k = m.shape[:2]
+    layers = [(qh, sh), (qf5, sf5)]
+    fg, corr, fg_max, corr_max = zip(*(
+        fg_bg_prior(q, resize(s.flatten(0, 1), grid).unflatten(0, (b, k)), m, grid) for q, s in layers
+    ))  # fmt: skip
+    use5_fg = (fg_max[0] < fg_max[1])[..., None, None]  # the reference's strict "<": ties keep layer4
+    use5_corr = (corr_max[0] < corr_max[1])[..., None, None]
+    fg_map = torch.where(use5_fg, fg[1], fg[0]).mean(dim=1, keepdim=True)
+    corr_map = torch.where(use5_corr, corr[1], corr[0]).mean(dim=1, keepdim=True)
+    return torch.cat([fg_map, corr_map], dim=1).to(qh.dtype)
 
 
 # ------------------------------------------------------------------------------------------------ decoder
