@@ -72,13 +72,24 @@ SWEEP_ENV = $(if $(filter file,$(origin WANDB_MODE)),env -u WANDB_MODE,)
 reproduce-%: $(STAMP) ## Run a paper table and render it (resumable): make reproduce-apanet-table4 [PROFILE=embedded] [SWEEP_ARGS="--jobs 2"]
 	$(SWEEP_ENV) $(VENV)/bin/fsseg-sweep $* $(if $(PROFILE),--profile $(PROFILE)) $(SWEEP_ARGS)
 
-.PHONY: compare-apanet compare-celp compare-bam compare-i2r bias-apanet bias-celp base-learners
+.PHONY: compare-apanet compare-celp compare-bam compare-i2r bias-apanet bias-celp base-learners predictors
 BASE_LEARNERS ?= outputs/base_learners/synth_effl0
 base-learners: $(STAMP) ## BAM stage 1 on the embedded benchmark: the base learner of each fold (skipped where its file exists)
 	@for f in 0 1 2 3; do \
 	  test -f $(BASE_LEARNERS)/fold$$f.pt && { echo "base learner fold $$f: $(BASE_LEARNERS)/fold$$f.pt exists"; continue; }; \
 	  $(VENV)/bin/fsseg-train task=base method=bam recipe=bam_synth data.fold=$$f trainer.enable_progress_bar=false \
 	    hydra.run.dir=$(BASE_LEARNERS)/runs/fold$$f || exit 1; \
+	done
+
+PREDICTOR ?= ssp
+PREDICTORS ?= outputs/predictors
+PREDICTOR_RECIPE ?= $(if $(filter pro,$(PREDICTOR)),ssp_synth,$(PREDICTOR)_synth)
+predictors: $(STAMP) ## PAHNet's prototype predictor runs on the embedded benchmark, each fold (PREDICTOR=ssp|pro|hpa|rare|bam; skipped where a checkpoint exists)
+	@for f in 0 1 2 3; do \
+	  dir=$(PREDICTORS)/$(PREDICTOR)_$(PREDICTOR_RECIPE)/fold$$f; \
+	  test -f $$dir/checkpoints/best.ckpt && { echo "predictor $(PREDICTOR) fold $$f: $$dir exists"; continue; }; \
+	  $(VENV)/bin/fsseg-train method=$(PREDICTOR) recipe=$(PREDICTOR_RECIPE) data.fold=$$f prerequisites=auto \
+	    trainer.enable_progress_bar=false hydra.run.dir=$$dir || exit 1; \
 	done
 
 compare-bam: base-learners ## Embedded benchmark, 4 folds x 3 seeds: PFENet, PFENet under BAM's filter, BAM (resumable)

@@ -27,10 +27,13 @@ PAPER_RECIPE = {
     ("sccan", "pascal"): "sccan_pascal", ("sccan", "coco"): "sccan_coco", ("aff", "pascal"): "sccan_pascal",
     ("aff", "coco"): "sccan_coco", ("sccan_plus", "pascal"): "sccan_plus_pascal", ("sccan_plus", "coco"): "sccan_plus_coco",
     ("hdmnet", "pascal"): "hdmnet_pascal", ("hdmnet", "coco"): "hdmnet_coco",
+    ("ssp", "pascal"): "ssp_pascal", ("pro", "pascal"): "ssp_pascal", ("hpa", "pascal"): "hpa_pascal",
+    ("rare", "pascal"): "rare_pascal",
 }  # fmt: skip
 RESNETS = ("resnet50", "resnet101")  # the papers' backbones where they have no VGG-16 recipe
 ENCODERS = {"cyctr": RESNETS, "celp_cyctr": RESNETS, "sccan": RESNETS, "aff": RESNETS, "sccan_plus": RESNETS,
-            "hdmnet": RESNETS, "i2r": ("resnet50_tv", "resnet101_tv")}  # fmt: skip  # I2R: torchvision's ResNets
+            "hdmnet": RESNETS, "i2r": ("resnet50_tv", "resnet101_tv"), "ssp": RESNETS, "pro": RESNETS,
+            "hpa": RESNETS, "rare": ("vgg16_bn", "resnet50", "resnet101")}  # fmt: skip  # I2R: torchvision's ResNets
 COMPOSITIONS = [
     (m, e, r) for (m, d), r in PAPER_RECIPE.items() for e in ENCODERS.get(m, ("vgg16_bn", "resnet50", "resnet101"))
 ]  # fmt: skip
@@ -79,8 +82,9 @@ def test_experiment_composes_and_instantiates(name, tmp_path):
 
 
 def test_recipes_replace_the_per_combination_files():
-    synth = {"synth", "cyctr_synth", "bam_synth", "i2r_synth", "sccan_synth", "sccan_plus_synth", "hdmnet_synth"}
-    assert len(COMPOSITIONS) == 58 and {r for _, _, r in COMPOSITIONS} | synth == set(RECIPES)
+    synth = {"synth", "cyctr_synth", "bam_synth", "i2r_synth", "sccan_synth", "sccan_plus_synth", "hdmnet_synth",
+             "ssp_synth", "hpa_synth", "rare_synth"}  # fmt: skip
+    assert len(COMPOSITIONS) == 67 and {r for _, _, r in COMPOSITIONS} | synth == set(RECIPES)
     assert all("_effl0_synth" in name for name in EXPERIMENTS)  # aliases of method=<m> recipe=<synth recipe>
 
 
@@ -156,3 +160,15 @@ def test_readme_commands_compose_and_instantiate(args, tmp_path):
     extra = {"base_class_ids": list(range(6, 21)), "fold": 0, "dataset": "synth"} if "task=base" in overrides else {"num_eval_classes": 5}
     model = instantiate(cfg.model, **extra)
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) > 0
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (CONF / "predictor").glob("*.yaml")))
+def test_predictor_composes_and_names_a_trainable_run(name):
+    cfg = compose(["experiment=pfenet_effl0_synth", f"predictor={name}", "data.fold=1"])
+    if name == "none":
+        assert cfg.model.predictor is None
+        return
+    p = cfg.model.predictor
+    assert p.method == name and p.fold == 1 and p.run.endswith(f"predictors/{name}_{p.recipe}/fold1")
+    assert p.encoder == cfg.encoder.name and p.dataset == cfg.data.source.root
+    assert compose([f"method={p.method}", f"recipe={p.recipe}"]).method_name == name  # the run it names composes

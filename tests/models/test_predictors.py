@@ -253,3 +253,19 @@ def test_ssp_self_matching_loss_against_hand_cross_entropy():
         SelfMatchingLoss(side="both")
     with pytest.raises(ConfigError, match="self_support"):
         SelfSupportMatching(self_support=False, refine=True)
+
+
+def test_bam_predictor_reads_the_meta_learners_logits_not_the_ensembles():
+    class BamLike(nn.Module):  # what a BAM run returns: the ensemble's logits and the meta learner's
+        def forward(self, batch):
+            q = batch[B.QUERY_IMG][:, :2, ::4, ::4]
+            return {"logits": -q, "meta_logits": q}
+
+    batch = episode()
+    m = FrozenPredictor(BamLike(), output="meta_logits")(batch)
+    q = batch[B.QUERY_IMG][:, :2, ::4, ::4]
+    torch.testing.assert_close(m, torch.sigmoid(q[:, 1:2] - q[:, 0:1]))
+    from fsseg_testing import compose
+
+    cfg = compose(["experiment=pfenet_effl0_synth", "predictor=bam", "data.fold=2"])
+    assert cfg.model.predictor.output == "meta_logits" and cfg.model.predictor.run.endswith("predictors/bam_bam_synth/fold2")
