@@ -344,3 +344,21 @@ def test_block_count_mismatch_and_wrong_host_are_refused():
         SCCANDecoder(16, grid_size=8, attention="global", score_calibration=lambda dim, heads: WindowScoreCalibration(dim, heads))
     with pytest.raises(ConfigError, match="low <= high"):
         WindowScoreCalibration(8, 2, low=0.8, high=0.2)
+
+
+@pytest.mark.parametrize(("affinity", "prototype"), [(True, False), (False, True)])
+def test_one_branch_pfe_builds_only_its_parameters_and_all_get_gradients(affinity, prototype):
+    pfe = PrototypeEnhancement(8, affinity=affinity, prototype=prototype)
+    x, y = torch.randn(2, 12, 8), torch.randn(2, 20, 8)
+    ms, mp = torch.rand(2, 20), torch.rand(2, 12)
+    xo, yo, aff = pfe(x, y, ms, mp)
+    assert (aff is not None) == affinity
+    (xo.sum() + yo.sum() + (aff.sum() if aff is not None else 0)).backward()
+    assert all(p.grad is not None for p in pfe.parameters())
+    full = count_parameters(PrototypeEnhancement(8))
+    assert count_parameters(pfe) == full - 2 * (2 * 8 * 8) - 2 * (8 * 8) - (8 * 8 if not affinity else 0)
+    with pytest.raises(ConfigError, match="at least one"):
+        PrototypeEnhancement(8, affinity=False, prototype=False)
+    if not affinity:
+        with pytest.raises(ConfigError, match="~aux.affinity_mask"):
+            AffinityMaskLoss()({"logits": xo}, {"query_mask": torch.zeros(2, 4, 4, dtype=torch.long)}, None)

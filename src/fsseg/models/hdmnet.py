@@ -360,7 +360,8 @@ class HierarchicalTransformer(nn.Module):
             if self.enhancements is not None:  # PFE on the stage's tokens; M_pro bilinear (align_corners) here
                 p = resize(m_pro.to(xq.dtype), size).flatten(1)
                 xq, tokens, aff = self.enhancements[i](xq, tokens, m, p)
-                affs.append(aff.view(b, 2, *size))
+                if aff is not None:
+                    affs.append(aff.view(b, 2, *size))
             if self.calibrated:  # ASC reads M_pro resized nearest, as the reference
                 p_asc = F.interpolate(m_pro.to(xq.dtype), size=size, mode="nearest").flatten(1)
             x, weight = self.match[i](xq, size, tokens, m, p_asc)

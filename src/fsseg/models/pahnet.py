@@ -82,18 +82,31 @@ class PrototypeEnhancement(nn.Module):
         x_m = Wfx [Wx1 [x; P1]; Wx2 [x; P2]] + x;  y_m likewise                    (Linear 2C -> C, no bias)
         x_out = xn + FFN_x(LN2(x_m));  y_out = yn + FFN_y(LN2(y_m))                (the reference's LN1(x) base)
 
-    Returns x_out, y_out and the M_aff logits (B, 2, N) ([background, foreground], before the softmax)."""
+    Returns x_out, y_out and the M_aff logits (B, 2, N) ([background, foreground], before the softmax; None
+    without the affinity branch). ``affinity`` / ``prototype`` switch the two branches (supplement Table 3: "M_aff
+    only" / "M_pro only"); with one branch the final projections read C channels (fsseg's reading: the ablation's
+    code is not public); a branch that is off builds no parameters (nothing without a gradient)."""
 
-    def __init__(self, dim: int, mlp_ratio: float = 4.0, drop: float = 0.0, temperature: float = 10.0) -> None:
+    def __init__(
+        self, dim: int, mlp_ratio: float = 4.0, drop: float = 0.0, temperature: float = 10.0, affinity: bool = True,
+        prototype: bool = True,
+    ) -> None:  # fmt: skip
         super().__init__()
         if dim < 1 or mlp_ratio <= 0:
             raise ConfigError(f"block_enhancement needs dim >= 1 and mlp_ratio > 0; got {dim}, {mlp_ratio}")
-        self.temperature = float(temperature)
+        if not (affinity or prototype):
+            raise ConfigError("block_enhancement needs at least one of affinity / prototype (or block_enhancement=null)")
+        self.temperature, self.affinity, self.prototype = float(temperature), bool(affinity), bool(prototype)
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.q, self.k, self.v = (nn.Linear(dim, dim, bias=False) for _ in range(3))
-        self.proj_x1, self.proj_x2, self.proj_y1, self.proj_y2, self.final_proj_x, self.final_proj_y = (
-            nn.Linear(2 * dim, dim, bias=False) for _ in range(6)
-        )
+        self.q, self.v = nn.Linear(dim, dim, bias=False), nn.Linear(dim, dim, bias=False)
+        self.k = nn.Linear(dim, dim, bias=False) if affinity else None
+        self.proj_x1 = nn.Linear(2 * dim, dim, bias=False) if affinity else None
+        self.proj_y1 = nn.Linear(2 * dim, dim, bias=False) if affinity else None
+        self.proj_x2 = nn.Linear(2 * dim, dim, bias=False) if prototype else None
+        self.proj_y2 = nn.Linear(2 * dim, dim, bias=False) if prototype else None
+        branches = int(affinity) + int(prototype)
+        self.final_proj_x = nn.Linear(branches * dim, dim, bias=False)
+        self.final_proj_y = nn.Linear(branches * dim, dim, bias=False)
         hidden = int(dim * mlp_ratio)
         self.ffn_x, self.ffn_y = (
             nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(drop), nn.Linear(hidden, dim), nn.Dropout(drop))
@@ -109,21 +122,26 @@ class PrototypeEnhancement(nn.Module):
         self, x: torch.Tensor, y: torch.Tensor, support_mask: torch.Tensor, m_pro: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         xn, yn = self.norm1(x), self.norm1(y)
-        qs, kq, vq = self.q(yn), self.k(xn), self.v(xn)
-        fg, bg = _map(qs, support_mask), _map(qs, 1 - support_mask)  # B, C
-        sim = torch.stack([F.cosine_similarity(kq, p[:, None], dim=-1) for p in (bg, fg)], dim=1)  # B, 2, N
-        aff_logits = self.temperature * sim
-        m_aff = aff_logits.softmax(dim=1)[:, 1]
-        p1 = self._fuse(_map(vq, m_aff), fg)  # affinity branch
-        p2 = self._fuse(_map(vq, m_pro), fg)  # prototype branch
+        qs, vq = self.q(yn), self.v(xn)
+        fg = _map(qs, support_mask)  # B, C
+        protos, aff_logits = [], None
+        if self.affinity:  # affinity branch: the block's own M_aff
+            bg = _map(qs, 1 - support_mask)
+            kq = self.k(xn)
+            sim = torch.stack([F.cosine_similarity(kq, p[:, None], dim=-1) for p in (bg, fg)], dim=1)  # B, 2, N
+            aff_logits = self.temperature * sim
+            protos.append(self._fuse(_map(vq, aff_logits.softmax(dim=1)[:, 1]), fg))
+        if self.prototype:  # prototype branch: the predictor's M_pro
+            protos.append(self._fuse(_map(vq, m_pro), fg))
+        projs_x = [p for p in (self.proj_x1, self.proj_x2) if p is not None]
+        projs_y = [p for p in (self.proj_y1, self.proj_y2) if p is not None]
 
-        def inject(t: torch.Tensor, proj1: nn.Module, proj2: nn.Module, final: nn.Module) -> torch.Tensor:
-            a = proj1(torch.cat([t, p1[:, None].expand_as(t)], dim=-1))
-            b = proj2(torch.cat([t, p2[:, None].expand_as(t)], dim=-1))
-            return final(torch.cat([a, b], dim=-1)) + t
+        def inject(t: torch.Tensor, projs: list[nn.Module], final: nn.Module) -> torch.Tensor:
+            parts = [proj(torch.cat([t, p[:, None].expand_as(t)], dim=-1)) for proj, p in zip(projs, protos)]
+            return final(torch.cat(parts, dim=-1)) + t
 
-        x_m = inject(x, self.proj_x1, self.proj_x2, self.final_proj_x)
-        y_m = inject(y, self.proj_y1, self.proj_y2, self.final_proj_y)
+        x_m = inject(x, projs_x, self.final_proj_x)
+        y_m = inject(y, projs_y, self.final_proj_y)
         return xn + self.ffn_x(self.norm2(x_m)), yn + self.ffn_y(self.norm2(y_m)), aff_logits
 
 
@@ -262,6 +280,11 @@ class AffinityMaskLoss(AuxLoss):
         return (loss * valid).sum() / valid.sum().clamp(min=1)
 
     def forward(self, outputs: Mapping[str, Any], batch, model) -> dict[str, torch.Tensor]:
-        maps = outputs[self.key]
+        maps = outputs.get(self.key)
+        if not maps:
+            raise ConfigError(
+                f"aux.affinity_mask reads output {self.key!r}, which the decoder does not produce (no PFE affinity "
+                f"branch: decoder.block_enhancement null or affinity=false); drop the loss with ~aux.affinity_mask"
+            )
         target = batch[QUERY_MASK]
         return {"aff": sum(self.term(m, target) for m in maps) / len(maps)}

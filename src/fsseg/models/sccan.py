@@ -549,6 +549,7 @@ class SCCANDecoder(nn.Module):
             if self.enhancements is not None:
                 xq, xs, aff = self.enhancements[i](q.reshape(b, h * w, c), s.reshape(b, h * w, c), mt.reshape(b, -1), pt.reshape(b, -1))
                 q, s = xq.view(b, h, w, c), xs.view(b, h, w, c)
-                affs.append(aff.view(b, 2, h, w))
+                if aff is not None:
+                    affs.append(aff.view(b, 2, h, w))
             q, s = block(q, s, mt, pt) if self.calibrated else block(q, s, mt)
         return q, s, affs
