@@ -362,3 +362,23 @@ def test_one_branch_pfe_builds_only_its_parameters_and_all_get_gradients(affinit
     if not affinity:
         with pytest.raises(ConfigError, match="~aux.affinity_mask"):
             AffinityMaskLoss()({"logits": xo}, {"query_mask": torch.zeros(2, 4, 4, dtype=torch.long)}, None)
+
+
+def test_model_cost_counts_multiply_adds_and_the_module_only_share_by_hand():
+    from fsseg.cost import model_cost
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c, self.l = torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.Linear(4, 5)
+
+        def forward(self, batch):
+            y = self.l(self.c(batch["query_img"]).flatten(2).transpose(1, 2))  # 1, 64, 5
+            return {"logits": torch.bmm(y, y.transpose(1, 2))}
+
+    cost = model_cost(Tiny(), 8)
+    conv, linear, bmm = 64 * 4 * 27, 64 * 4 * 5, 64 * 64 * 5  # multiply-adds by hand
+    assert cost["gflops"] * 1e9 == pytest.approx(conv + linear + bmm)
+    assert cost["gflops_torch"] == pytest.approx(2 * cost["gflops"])
+    assert cost["gflops_modules"] * 1e9 == pytest.approx(conv + linear)
+    assert cost["params_m"] * 1e6 == 4 * 27 + 4 + 4 * 5 + 5 and cost["predictor_gflops"] == 0

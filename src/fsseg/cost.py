@@ -4,7 +4,9 @@ and the FLOPs of one evaluation episode, counted by ``torch.utils.flop_counter``
 
 FLOPs convention: ``torch.utils.flop_counter`` counts a multiply-add as 2 FLOPs; the papers' "FLOPs" (fvcore /
 thop style) count it as one. ``gflops`` is therefore the counter's total / 2 / 1e9 (multiply-adds), and
-``gflops_torch`` the raw total / 1e9. A frozen prototype predictor runs once per episode before the host; its
+``gflops_torch`` the raw total / 1e9; ``gflops_modules`` counts only convolutions and linear layers (aten
+convolution / addmm / mm), what module-hook counters such as thop see (they miss batched matmuls: attention
+scores, HDMNet's all-pairs cosine prior). A frozen prototype predictor runs once per episode before the host; its
 share is ``predictor_gflops`` and is NOT in ``gflops`` (Table 5's +0.6 G for PAHNet cannot include an SSP
 ResNet-50 forward). Train with ``count_cost=true`` (fsseg-train) to add these keys to a run's metrics.
 """
@@ -35,10 +37,16 @@ def episode_batch(size: int, shots: int = 1, batch: int = 1, seed: int = 0) -> d
     }
 
 
-def _flops(fn) -> int:
+MODULE_OPS = ("convolution", "addmm", "mm")  # what module-hook counters (thop) see: Conv and Linear layers
+
+
+def _flops(fn) -> tuple[int, int]:
+    """(all counted FLOPs, those of convolutions and linear layers only)."""
     with FlopCounterMode(display=False) as counter:
         fn()
-    return int(counter.get_total_flops())
+    ops = counter.get_flop_counts().get("Global", {})
+    modules = sum(int(v) for op, v in ops.items() if str(op).split(".")[1] in MODULE_OPS)
+    return int(counter.get_total_flops()), modules
 
 
 @torch.no_grad()
@@ -52,9 +60,9 @@ def model_cost(model: nn.Module, size: int, shots: int = 1) -> dict[str, Any]:
     model.eval()
     batch = episode_batch(size, shots)
     try:
-        total = _flops(lambda: model(batch))
+        total, total_mod = _flops(lambda: model(batch))
         predictor = getattr(model, "predictor", None)
-        pred = _flops(lambda: predictor(batch)) if predictor is not None else 0
+        pred, pred_mod = _flops(lambda: predictor(batch)) if predictor is not None else (0, 0)
     finally:
         model.train(was_training)
     host = total - pred
@@ -62,6 +70,7 @@ def model_cost(model: nn.Module, size: int, shots: int = 1) -> dict[str, Any]:
         "params_m": count_parameters(model) / 1e6,
         "gflops": host / 2 / 1e9,
         "gflops_torch": host / 1e9,
+        "gflops_modules": (total_mod - pred_mod) / 2 / 1e9,
         "predictor_gflops": pred / 2 / 1e9,
         "cost_size": int(size),
     }

@@ -87,7 +87,7 @@ def run(name: str, extra: list[str], size: int, batch_size: int, repeats: int, c
             cb, cp = model_cost(base, size), model_cost(full, size)
         print(f"    {host:10s} params {cb['params_m']:.3f} M -> +PAHNet {cp['params_m']:.3f} M;  "
               f"GFLOPs (multiply-adds) {cb['gflops']:.1f} -> {cp['gflops']:.1f}  (+{cp['gflops'] - cb['gflops']:.2f});  "
-              f"predictor {cp['predictor_gflops']:.1f}")  # fmt: skip
+              f"conv/linear only {cb['gflops_modules']:.1f} -> {cp['gflops_modules']:.1f};  predictor {cp['predictor_gflops']:.1f}")  # fmt: skip
         if count_only:
             continue
         batch = episode_batch(size, 1, batch_size)
