@@ -382,3 +382,22 @@ def test_model_cost_counts_multiply_adds_and_the_module_only_share_by_hand():
     assert cost["gflops_torch"] == pytest.approx(2 * cost["gflops"])
     assert cost["gflops_modules"] * 1e9 == pytest.approx(conv + linear)
     assert cost["params_m"] * 1e6 == 4 * 27 + 4 + 4 * 5 + 5 and cost["predictor_gflops"] == 0
+
+
+def test_hdmnet_head_prior_option_is_checked_and_aenet_gives_fg_and_corr_channels():
+    from fsseg.models.bam import BaseLearner, GramShotWeighting
+    from fsseg.models.hdmnet import HDMNetHead
+
+    taps = {"mid": 24, "high": 32, "low": 8, "base": 32}
+    with pytest.raises(ConfigError, match="head.prior"):
+        HDMNetHead(taps, BaseLearner(32, 15), GramShotWeighting(1), reduce_dim=8, prior="pfenet")
+    torch.manual_seed(0)
+    head = HDMNetHead(taps, BaseLearner(32, 15), GramShotWeighting(1), reduce_dim=8, prior="aenet").eval()
+    query = {"mid": torch.randn(2, 24, 6, 6), "high": torch.randn(2, 32, 6, 6), "low": torch.randn(2, 8, 6, 6), "base": torch.randn(2, 32, 6, 6)}
+    support = {k: v[:, None] + 0.1 for k, v in query.items()}
+    mask = torch.zeros(2, 1, 24, 24)
+    mask[..., 6:18, 6:18] = 1
+    prior = head(query, support, mask)["prior"]
+    assert prior.shape == (2, 2, 6, 6)
+    fg, corr = prior[:, 0], prior[:, 1]
+    assert fg.min() >= 0 and fg.max() <= 1 + 1e-6 and corr.min() >= 0  # min-max FG similarity, relu(FG - BG)
