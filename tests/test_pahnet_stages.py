@@ -78,3 +78,23 @@ def test_pahnet_trains_under_ddp_without_unused_parameters(synth_root, predictor
     out = proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.returncode == 0, out
     assert "find_unused_parameters" not in out
+
+
+def test_cost_is_counted_without_training(synth_root, predictor_tmp):
+    """Table 5's rows: count_cost=true, train=false, test_after_fit=false -> parameters and FLOPs, no step."""
+    tmp = predictor_tmp / "cost"
+    tmp.mkdir()
+    over = ["experiment=hdmnet_pahnet_effl0_synth", "encoder.weights=none"]
+    cfg = compose(over)
+    stage1 = _stage1_file(tmp, cfg.encoder)
+    cfg = compose([*over, f"data.source.root={synth_root}", f"paths.cache_dir={tmp / 'cache'}", *TINY,
+                   f"paths.output_dir={predictor_tmp / 'outputs'}", f"base_learner_path={stage1}", "count_cost=true",
+                   "train=false", "test_after_fit=false"])  # fmt: skip
+    metrics = run(cfg, tmp / "run")
+    assert not (tmp / "run" / "checkpoints").exists() or not any((tmp / "run" / "checkpoints").iterdir())
+    model = instantiate(cfg.model, num_eval_classes=5)
+    from fsseg.models.segmenter import count_parameters
+
+    assert metrics["params_m"] == pytest.approx(count_parameters(model) / 1e6)
+    assert metrics["gflops"] > metrics["gflops_modules"] > 0 and metrics["predictor_gflops"] > 0
+    assert metrics["cost_size"] == 64
