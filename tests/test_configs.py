@@ -193,3 +193,8 @@ def test_predictor_composes_and_names_a_trainable_run(name):
     assert p.method == name and p.fold == 1 and p.run.endswith(f"predictors/{name}_{p.recipe}/fold1")
     assert p.encoder == cfg.encoder.name and p.dataset == cfg.data.source.root
     assert compose([f"method={p.method}", f"recipe={p.recipe}"]).method_name == name  # the run it names composes
+
+
+def test_unknown_predictor_is_named_with_the_choices():
+    with pytest.raises(MissingConfigException, match=r"predictor/nope(.|\n)*ssp"):
+        compose(["predictor=nope"])

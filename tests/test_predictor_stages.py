@@ -63,6 +63,12 @@ def test_ssp_trains_and_a_host_reads_it_frozen(ssp_run, synth_root):
     assert 0.0 <= host_metrics["miou"] <= 1.0
     host_state = torch.load(tmp / "host" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
     assert host_state and not [k for k in host_state if k.startswith("predictor.")]
+    # fsseg-eval rebuilds the host from its config: the predictor is reloaded from its run, same scores
+    from fsseg.cli.evaluate import evaluate
+
+    ckpt = tmp / "host" / "checkpoints" / "best.ckpt"
+    again = evaluate(host_cfg, ckpt, compose(["experiment=pfenet_effl0_synth", *TINY]).trainer, tmp / "host_eval")
+    assert again["miou"] == pytest.approx(host_metrics["miou"], abs=1e-6)
 
 
 def test_loader_refuses_another_fold_encoder_or_dataset(ssp_run, synth_root):
@@ -101,3 +107,21 @@ def test_prerequisites_auto_trains_a_missing_predictor_once(tmp_path):
     assert ensure_prerequisites(host, {"predictor": pred}, runner) == [] and len(calls) == 1  # present: not again
     assert predictor_overrides(["method=x", "recipe=y", "predictor=ssp"], {**pred, "recipe": None}) == [
         "method=ssp", f"hydra.run.dir={pred['run']}", "prerequisites=auto", "trainer.enable_progress_bar=false"]
+
+
+@pytest.mark.parametrize(("method", "extra"), [("hpa", ["head.bank_max_images=24", "head.reduce_dim=16"]),
+                                               ("rare", ["head.reduce_dim=16"])])  # fmt: skip
+def test_hpa_and_rare_train_and_load_as_predictors(method, extra, synth_root, tmp_path):
+    cfg = compose([f"method={method}", f"recipe={method}_synth", *_paths(synth_root, tmp_path), *TINY, *extra])
+    run_dir = tmp_path / "outputs" / "predictors" / f"{method}_{method}_synth" / "fold0"
+    metrics = run(cfg, run_dir)
+    assert 0.0 <= metrics["miou"] <= 1.0
+    pred = load_predictor(run_dir, 0, "tf_efficientnet_lite0", str(synth_root), method)
+    batch = {B.QUERY_IMG: torch.randn(2, 3, 64, 64), B.SUPPORT_IMGS: torch.randn(2, 1, 3, 64, 64),
+             B.SUPPORT_MASKS: (torch.rand(2, 1, 64, 64) > 0.5).long(), B.CLASS_IDX: torch.zeros(2, dtype=torch.long)}  # fmt: skip
+    m_pro = pred(batch)
+    assert m_pro.shape == (2, 1, 8, 8) and bool(((m_pro >= 0) & (m_pro <= 1)).all())
+    if method == "hpa":  # the bank came with the weights: loaded, not recomputed (no source access needed)
+        state = torch.load(run_dir / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+        assert bool(pred.model.head.bank_ready) and state["head.bank"].abs().sum() > 0
+        torch.testing.assert_close(pred.model.head.bank, state["head.bank"])

@@ -148,7 +148,7 @@ def test_frozen_predictor_output_checks_and_output_size():
 
 
 # ---------------------------------------------------------------------------------------------- SSP and Pro
-from fsseg.models.ssp import SelfMatchingLoss, SelfSupportMatching, SupportPrototypes  # noqa: E402
+from fsseg.models.ssp import SelfMatchingLoss, SelfSupportMatching, SupportPrototypes
 
 
 def _cos(a, b):  # per-pixel cosine by hand: a (C, h, w), b (C,) or (C, h, w)

@@ -9,7 +9,12 @@ import torch
 
 from fsseg.data import batch as B
 from fsseg.models.rare import (
-    PrototypeDistanceLoss, RAREDecoder, RAREHead, UnidirectionalRefine, _closest_shot, error_prone_region,
+    PrototypeDistanceLoss,
+    RAREDecoder,
+    RAREHead,
+    UnidirectionalRefine,
+    _closest_shot,
+    error_prone_region,
     query_error_region_target,
 )  # fmt: skip
 

@@ -336,6 +336,11 @@ class ActivationMapLoss(AuxLoss):
 
 
 __all__ = [
-    "ActivationMapLoss", "CrossReferencedDecoder", "FeatureReweighting", "HPAHead", "PrototypeActivation",
-    "base_prototype_bank", "bank_key",
+    "ActivationMapLoss",
+    "CrossReferencedDecoder",
+    "FeatureReweighting",
+    "HPAHead",
+    "PrototypeActivation",
+    "bank_key",
+    "base_prototype_bank",
 ]  # fmt: skip
