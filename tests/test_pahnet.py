@@ -20,7 +20,7 @@ from fsseg.models.pahnet import (
     WindowScoreCalibration,
     confidence_levels,
 )
-from fsseg.models.sccan import SCCABlock, SCCANDecoder, SCCAttention
+from fsseg.models.sccan import SCCABlock, SCCANDecoder
 from fsseg.models.segmenter import count_parameters
 
 
@@ -64,7 +64,7 @@ def _pfe_by_hand(pfe: PrototypeEnhancement, x, y, ms, mp):
             s = (cos(qp, fg) + 1) / 2
             protos.append(s * fg + (1 - s) * qp)
 
-        def inject(t, a, c, f):
+        def inject(t, a, c, f, protos=protos):
             u = torch.cat([t, protos[0].expand_as(t)], -1) @ W[f"{a}.weight"].T
             v = torch.cat([t, protos[1].expand_as(t)], -1) @ W[f"{c}.weight"].T
             return torch.cat([u, v], -1) @ W[f"{f}.weight"].T + t

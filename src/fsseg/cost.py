@@ -27,7 +27,7 @@ def episode_batch(size: int, shots: int = 1, batch: int = 1, seed: int = 0) -> d
     from fsseg.data import batch as B
 
     g = torch.Generator().manual_seed(seed)
-    mask = lambda *s: (torch.rand(*s, generator=g) > 0.6).long()  # noqa: E731
+    mask = lambda *s: (torch.rand(*s, generator=g) > 0.6).long()
     return {
         B.QUERY_IMG: torch.randn(batch, 3, size, size, generator=g),
         B.SUPPORT_IMGS: torch.randn(batch, shots, 3, size, size, generator=g),

@@ -49,8 +49,8 @@ def _pahnet_model(overrides: list[str], predictor, tmp: Path):
     from hydra import compose, initialize_config_dir
 
     from fsseg.cli.common import config_dir, instantiate
-    from fsseg.models.base_learner import write_artifact
     from fsseg.models.bam import BaseLearner
+    from fsseg.models.base_learner import write_artifact
 
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose("train", overrides=[*overrides, "encoder.weights=none"])
@@ -92,7 +92,7 @@ def run(name: str, extra: list[str], size: int, batch_size: int, repeats: int, c
             continue
         batch = episode_batch(size, 1, batch_size)
         full.train()
-        steps = {"host step": _step(full, batch), "predictor": lambda: full.predictor(batch)}
+        steps = {"host step": _step(full, batch), "predictor": lambda m=full, b=batch: m.predictor(b)}
         times = interleaved(steps, repeats)
         print(f"    {host:10s} +PAHNet training step {times['host step'] * 1e3:.1f} ms (predictor included); predictor "
               f"forward {times['predictor'] * 1e3:.1f} ms = {times['predictor'] / times['host step']:.2f}x of the step")  # fmt: skip

@@ -36,7 +36,6 @@ from fsseg.data.batch import QUERY_MASK
 from fsseg.errors import ConfigError
 from fsseg.models.bam import BaseLearnerFeatures
 from fsseg.models.losses import AuxLoss
-from fsseg.models.pahnet import build_per_block
 from fsseg.models.ops import (
     cosine_similarity_map,
     full_precision,
@@ -45,6 +44,7 @@ from fsseg.models.ops import (
     minmax_normalise,
     resize,
 )
+from fsseg.models.pahnet import build_per_block
 from fsseg.models.pfenet import _reduction
 
 __all__ = [

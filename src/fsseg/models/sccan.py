@@ -35,7 +35,6 @@ from torch import nn
 
 from fsseg.errors import ConfigError
 from fsseg.models.bam import ASPP, BaseLearnerFeatures
-from fsseg.models.pahnet import build_per_block
 from fsseg.models.ops import (
     MAP_EPS,
     cosine_similarity_map,
@@ -45,6 +44,7 @@ from fsseg.models.ops import (
     minmax_normalise,
     resize,
 )
+from fsseg.models.pahnet import build_per_block
 from fsseg.models.pfenet import _reduction
 
 COS_EPS = 1e-7  # the references' cosine epsilon (added to the product of the norms)
