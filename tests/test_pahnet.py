@@ -401,3 +401,33 @@ def test_hdmnet_head_prior_option_is_checked_and_aenet_gives_fg_and_corr_channel
     assert prior.shape == (2, 2, 6, 6)
     fg, corr = prior[:, 0], prior[:, 1]
     assert fg.min() >= 0 and fg.max() <= 1 + 1e-6 and corr.min() >= 0  # min-max FG similarity, relu(FG - BG)
+
+
+def test_hosts_without_the_parts_give_the_pre_pahnet_outputs():
+    """Reference numbers computed with the SCCAN / HDMNet modules as they were before PAHNet's hooks (fsseg main at
+    3ae77c7, float64, the same seeds): the hooks leave the hosts' own code path unchanged."""
+    g = torch.Generator().manual_seed(0)
+    b, d, gs = 2, 16, 8
+    guid = {"query_feat": torch.randn(b, d, gs, gs, generator=g), "support_fused": torch.randn(b, d, gs, gs, generator=g),
+            "support_mask_fused": (torch.rand(b, 1, gs, gs, generator=g) > 0.5).float(),
+            "prototype": torch.randn(b, d, 1, 1, generator=g), "prior": torch.rand(b, 2, gs, gs, generator=g)}  # fmt: skip
+    want = {"scca": (12.169688582488288, 38.51996489048625, -0.1431378397484922),
+            "global": (1.6397323771308163, 25.801736794154973, -0.07081604553015772)}  # fmt: skip
+    for attn, (total, absolute, one) in want.items():
+        torch.manual_seed(1)
+        dec = SCCANDecoder(dim=d, grid_size=gs, attention=attn, num_blocks=2, num_heads=2, window_size=4, prior_channels=2,
+                           dilations=(1, 2, 3)).double().eval()  # fmt: skip
+        out = dec({k: v.double() for k, v in guid.items()})["logits"]
+        assert (out.sum().item(), out.abs().sum().item(), out[0, 1, 3, 5].item()) == pytest.approx((total, absolute, one), rel=1e-9)
+    gh = {"query_feat": torch.randn(b, 16, gs, gs, generator=g), "support_feat": torch.randn(b, 2, 16, gs, gs, generator=g),
+          "support_prototypes": torch.randn(b, 2, 16, generator=g), "prototype": torch.randn(b, 16, 1, 1, generator=g),
+          "prior": torch.rand(b, 2, gs, gs, generator=g),
+          "support_mask": (torch.rand(b, 2, 32, 32, generator=g) > 0.5).float()}  # fmt: skip
+    torch.manual_seed(2)
+    dec = HDMNetDecoder(in_dim=16, dim=8, num_heads=(2, 2, 2)).double().eval()
+    out = dec({k: v.double() for k, v in gh.items()})
+    assert sorted(out) == ["distill_weights", "logits"]
+    assert (out["logits"].sum().item(), out["logits"].abs().sum().item()) == pytest.approx((18.174688493827276, 18.2168482921461), rel=1e-9)
+    assert [w.sum().item() for w in out["distill_weights"]] == pytest.approx(
+        [16.549512271582437, -13.146402602241759, -70.99603572939876], rel=1e-9
+    )
