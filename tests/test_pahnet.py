@@ -431,3 +431,20 @@ def test_hosts_without_the_parts_give_the_pre_pahnet_outputs():
     assert [w.sum().item() for w in out["distill_weights"]] == pytest.approx(
         [16.549512271582437, -13.146402602241759, -70.99603572939876], rel=1e-9
     )
+
+
+def test_hdmnet_with_pahnet_two_shots_returns_three_affinity_maps_and_every_parameter_gets_a_gradient():
+    torch.manual_seed(0)
+    dec = HDMNetDecoder(
+        in_dim=16, dim=8, num_heads=(2, 2, 2), block_enhancement=lambda dim: PrototypeEnhancement(dim),
+        score_calibration=lambda dim: QueryAxisScoreCalibration(dim), support_pair_bias=-100.0,
+    )  # fmt: skip
+    assert "m_pro" in dec.requires
+    b, k, g = 2, 2, 8
+    gh = {"query_feat": torch.randn(b, 16, g, g), "support_feat": torch.randn(b, k, 16, g, g),
+          "support_prototypes": torch.randn(b, k, 16), "prototype": torch.randn(b, 16, 1, 1), "prior": torch.rand(b, 2, g, g),
+          "support_mask": (torch.rand(b, k, 32, 32) > 0.5).float(), "m_pro": torch.rand(b, 1, 16, 16)}  # fmt: skip
+    out = dec(gh)
+    assert [a.shape[-1] for a in out["affinity_logits"]] == [2, 4, 8]  # coarse to fine, as the distillation weights
+    (out["logits"].sum() + sum(w.sum() for w in out["distill_weights"]) + sum(a.sum() for a in out["affinity_logits"])).backward()
+    assert [n for n, p in dec.named_parameters() if p.grad is None] == []
