@@ -72,7 +72,7 @@ SWEEP_ENV = $(if $(filter file,$(origin WANDB_MODE)),env -u WANDB_MODE,)
 reproduce-%: $(STAMP) ## Run a paper table and render it (resumable): make reproduce-apanet-table4 [PROFILE=embedded] [SWEEP_ARGS="--jobs 2"]
 	$(SWEEP_ENV) $(VENV)/bin/fsseg-sweep $* $(if $(PROFILE),--profile $(PROFILE)) $(SWEEP_ARGS)
 
-.PHONY: compare-apanet compare-celp compare-bam compare-i2r compare-affinity bias-apanet bias-celp base-learners predictors
+.PHONY: compare-apanet compare-celp compare-bam compare-i2r compare-affinity compare-pahnet bias-apanet bias-celp base-learners predictors
 BASE_LEARNERS ?= outputs/base_learners/synth_effl0
 base-learners: $(STAMP) ## BAM stage 1 on the embedded benchmark: the base learner of each fold (skipped where its file exists)
 	@for f in 0 1 2 3; do \
@@ -100,6 +100,9 @@ compare-i2r: base-learners ## Embedded benchmark, 4 folds x 3 seeds: BAM vs I2R 
 
 compare-affinity: base-learners ## Embedded benchmark, 4 folds x 3 seeds: PFENet, SCCAN, HDMNet, Aff with FP / FN rates (PFENet's runs shared with compare-bam; resumable)
 	$(SWEEP_ENV) $(VENV)/bin/fsseg-sweep affinity-compare --profile folds $(SWEEP_ARGS)
+
+compare-pahnet: base-learners ## Embedded benchmark, 4 folds x 3 seeds: SCCAN-Plus / HDMNet with and without PAHNet (SSP), FP/FN of the seven Table 1 methods (predictor runs trained first by prerequisites=auto; resumable)
+	$(SWEEP_ENV) $(VENV)/bin/fsseg-sweep pahnet-compare --profile folds $(SWEEP_ARGS)
 
 compare-apanet: $(STAMP) ## Embedded benchmark, 4 folds x 3 seeds: PFENet vs APANet and the n sweep (~3.3 h on 2 CPU cores, resumable)
 	$(SWEEP_ENV) $(VENV)/bin/fsseg-sweep apanet-table4 --profile folds $(SWEEP_ARGS)

@@ -69,3 +69,17 @@ def test_i2r_bench_prints_its_cost_relative_to_bam_and_dicms_share(capsys):
     # I2R adds the CAMs (a forward and a backward through the classifier) and the attention decoder to BAM's work
     assert float(m.group(2)) > 1.0
     assert re.search(r"DICM masks of 5 cross blocks .* = [\d.]+%", out), out
+
+
+def test_pahnet_bench_counts_parameters_and_flops_without_training(capsys):
+    """Counts only (no timing): random stage-1 file and random SSP predictor, embedded size."""
+    import re
+
+    from fsseg.bench import pahnet
+
+    pahnet.main(["--skip-473", "--count-only", "--threads", "1"])
+    out = capsys.readouterr().out
+    rows = dict(re.findall(r"(HDMNet|SCCAN-Plus)\s+params ([\d.]+ M -> \+PAHNet [\d.]+) M", out))
+    before, after = (float(v) for v in rows["HDMNet"].replace(" M -> +PAHNet", "").split())
+    assert after - before == pytest.approx(0.384, abs=1e-3)  # 3 x (PFE 127,872 + ASC 128) at C = 64
+    assert "SCCAN-Plus" in rows and "predictor" in out

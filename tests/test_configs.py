@@ -29,11 +29,14 @@ PAPER_RECIPE = {
     ("hdmnet", "pascal"): "hdmnet_pascal", ("hdmnet", "coco"): "hdmnet_coco",
     ("ssp", "pascal"): "ssp_pascal", ("pro", "pascal"): "ssp_pascal", ("hpa", "pascal"): "hpa_pascal",
     ("rare", "pascal"): "rare_pascal",
+    ("sccan_plus_pahnet", "pascal"): "sccan_plus_pahnet_pascal", ("sccan_plus_pahnet", "coco"): "sccan_plus_pahnet_coco",
+    ("hdmnet_pahnet", "pascal"): "hdmnet_pahnet_pascal", ("hdmnet_pahnet", "coco"): "hdmnet_pahnet_coco",
 }  # fmt: skip
 RESNETS = ("resnet50", "resnet101")  # the papers' backbones where they have no VGG-16 recipe
 ENCODERS = {"cyctr": RESNETS, "celp_cyctr": RESNETS, "sccan": RESNETS, "aff": RESNETS, "sccan_plus": RESNETS,
             "hdmnet": RESNETS, "i2r": ("resnet50_tv", "resnet101_tv"), "ssp": RESNETS, "pro": RESNETS,
-            "hpa": RESNETS, "rare": ("vgg16_bn", "resnet50", "resnet101")}  # fmt: skip  # I2R: torchvision's ResNets
+            "hpa": RESNETS, "rare": ("vgg16_bn", "resnet50", "resnet101"), "sccan_plus_pahnet": RESNETS,
+            "hdmnet_pahnet": RESNETS}  # fmt: skip  # I2R: torchvision's ResNets
 COMPOSITIONS = [
     (m, e, r) for (m, d), r in PAPER_RECIPE.items() for e in ENCODERS.get(m, ("vgg16_bn", "resnet50", "resnet101"))
 ]  # fmt: skip
@@ -69,6 +72,22 @@ def _stage1_file(overrides: list[str], tmp_path: Path) -> list[str]:
     return [f"base_learner_path={path}"]
 
 
+def _model_args(cfg) -> dict:
+    """A composition with a predictor (PAHNet) reads a trained predictor run: a frozen stand-in replaces it here
+    (test_pahnet_stages.py loads a real one)."""
+    if cfg.get("predictor") is None:
+        return {}
+    import torch
+
+    from fsseg.models.predictors import FrozenPredictor
+
+    class Constant(torch.nn.Module):
+        def forward(self, batch):
+            return {"logits": torch.zeros(1, 2, 8, 8)}
+
+    return {"predictor": FrozenPredictor(Constant())}
+
+
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_experiment_composes_and_instantiates(name, tmp_path):
     extra = _stage1_file([f"experiment={name}"], tmp_path)
@@ -76,15 +95,17 @@ def test_experiment_composes_and_instantiates(name, tmp_path):
     assert cfg.method_name in name
     data = instantiate(cfg.data)  # constructors do not touch the disk
     assert data.shots == 1 and data.fold == 0
-    model = instantiate(cfg.model, num_eval_classes=data.num_novel_classes if Path(cfg.data.source.root).exists() else 5)
+    model = instantiate(
+        cfg.model, num_eval_classes=data.num_novel_classes if Path(cfg.data.source.root).exists() else 5, **_model_args(cfg)
+    )
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) > 0
     assert not any(p.requires_grad for p in model.encoder.parameters())
 
 
 def test_recipes_replace_the_per_combination_files():
     synth = {"synth", "cyctr_synth", "bam_synth", "i2r_synth", "sccan_synth", "sccan_plus_synth", "hdmnet_synth",
-             "ssp_synth", "hpa_synth", "rare_synth"}  # fmt: skip
-    assert len(COMPOSITIONS) == 67 and {r for _, _, r in COMPOSITIONS} | synth == set(RECIPES)
+             "ssp_synth", "hpa_synth", "rare_synth", "sccan_plus_pahnet_synth", "hdmnet_pahnet_synth"}  # fmt: skip
+    assert len(COMPOSITIONS) == 75 and {r for _, _, r in COMPOSITIONS} | synth == set(RECIPES)
     assert all("_effl0_synth" in name for name in EXPERIMENTS)  # aliases of method=<m> recipe=<synth recipe>
 
 
@@ -95,7 +116,7 @@ def test_paper_composition_composes_and_instantiates(method, encoder, recipe, tm
     assert cfg.method_name == method and list(cfg.tags) == [method, recipe.rsplit("_", 1)[-1]]
     data = instantiate(cfg.data)
     assert type(data.source).__name__ == ("PascalVOC" if "pascal" in recipe else "COCO")
-    model = instantiate(cfg.model, num_eval_classes=5 if "pascal" in recipe else 20)
+    model = instantiate(cfg.model, num_eval_classes=5 if "pascal" in recipe else 20, **_model_args(cfg))
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) > 0
 
 

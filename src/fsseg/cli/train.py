@@ -121,6 +121,11 @@ def run(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None = None) -> 
         runs.check_same_config(run_dir, yaml.safe_load(config_yaml), Path(resume))
     (run_dir / "metrics.json").unlink(missing_ok=True)  # a re-run is not finished until it writes this again
     datamodule, model, trainer = build(cfg, run_dir, extra_callbacks)
+    cost = None
+    if cfg.get("count_cost", False):  # parameters and FLOPs of the model as built (PAHNet Table 5), before training
+        from fsseg.cost import model_cost
+
+        cost = model_cost(model, int(cfg.data.eval_size), int(cfg.data.shots))
     if trainer.global_rank == 0:
         runs.record_config(run_dir, config_yaml)  # before training: resume=auto compares with it
     if train:
@@ -143,6 +148,8 @@ def run(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None = None) -> 
         metrics = metrics_from_trainer(trainer, "test")
         metrics["checkpoint"] = runs.relative_to_run(ckpt, run_dir)  # None: the weights as built (train=false)
         metrics["trained"] = train
+    if cost is not None:
+        metrics.update(cost)
     if trainer.global_rank == 0:
         manifest = datamodule.eval_manifest
         provenance.write_run_record(

@@ -44,6 +44,7 @@ from fsseg.models.ops import (
     minmax_normalise,
     resize,
 )
+from fsseg.models.pahnet import build_per_block
 from fsseg.models.pfenet import _reduction
 
 __all__ = [
@@ -79,7 +80,8 @@ class HDMNetHead(nn.Module):
     """HDMNet's guidance (see the module docstring). Reads encoder taps ``mid``, ``high`` (layer4), the low tap
     of ``shot_weighting`` (layer2) and ``base_tap`` (the base learner's input).
 
-    ``prior_minmax``: false = the reference (raw max cosine, which HDMNet scales x10 in query_merge); true = PFENet's
+    ``prior``: ``hdmnet`` (the reference) or ``aenet`` (PAHNet's HDMNetPlus: AENet's [FG, relu(FG - BG)] as
+    SCCAN-Plus, on the reduced features' grid). ``prior_minmax``: false = the reference (raw max cosine, which HDMNet scales x10 in query_merge); true = PFENet's
     min-max normalisation. ``train_shot_weighting``: false = the reference (its ``kshot_rw`` is not in HDMNet's
     optimizer, so the 5-shot re-weighting stays at its initialisation); true = trained (PAHNet's HDMNetPlus).
 
@@ -103,8 +105,12 @@ class HDMNetHead(nn.Module):
         dropout: float = 0.5,
         prior_minmax: bool = False,
         train_shot_weighting: bool = False,
+        prior: str = "hdmnet",
     ) -> None:
         super().__init__()
+        if prior not in ("hdmnet", "aenet"):
+            raise ConfigError(f"head.prior must be 'hdmnet' (max cosine [feature 5, layer4]) or 'aenet' ([FG, relu(FG - BG)]); got {prior!r}")
+        self.prior_type = prior
         missing = sorted({"mid", "high", base_tap} - set(tap_channels))
         if missing:
             raise ConfigError(f"HDMNetHead needs encoder taps {missing} (head.base_tap={base_tap!r}); got {sorted(tap_channels)}")
@@ -125,10 +131,16 @@ class HDMNetHead(nn.Module):
         m = mask_to_feature(support_mask, s.shape[-2:])  # bilinear, as the reference's prototype mask
         protos = masked_average_pool(s, m.flatten(0, 1)).view(b, k, -1)
         qf5, sf5, base_logits = self.base(query, support)
-        prior = torch.cat(
-            [hdmnet_prior(qf5, sf5, support_mask, self.prior_minmax),
-             hdmnet_prior(query["high"], support["high"], support_mask, self.prior_minmax)], dim=1
-        )  # fmt: skip
+        if self.prior_type == "aenet":  # PAHNet's HDMNetPlus: AENet's prior on the reduced features' grid
+            from fsseg.models.sccan import aenet_prior
+
+            grid = tuple(q.shape[-2:])
+            prior = aenet_prior(query["high"], support["high"], qf5, sf5, mask_to_feature(support_mask, grid), grid)
+        else:
+            prior = torch.cat(
+                [hdmnet_prior(qf5, sf5, support_mask, self.prior_minmax),
+                 hdmnet_prior(query["high"], support["high"], support_mask, self.prior_minmax)], dim=1
+            )  # fmt: skip
         weights, est = self.shot_weighting(query, support)  # the weights only weigh the scene difference
         return {
             "query_feat": q, "support_feat": s.unflatten(0, (b, k)), "support_prototypes": protos,
@@ -173,11 +185,21 @@ class SelfAttention(nn.Module):
         self.sr = nn.Sequential(nn.Conv2d(dim, dim, sr, stride=sr)) if sr > 1 else None
         self.sr_norm = nn.LayerNorm(dim, eps=LN_EPS) if sr > 1 else None
 
-    def forward(self, x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, size: Sequence[int], pair_bias: float | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``pair_bias`` with ``mask`` (N, 1, h, w) binary at the token grid (supports only; PAHNet's HDMNet):
+        ``pair_bias`` (-100) added to the scores of FG-BG pairs, the keys' mask resized bilinearly (align_corners)
+        to the reduced grid and binarised at 0.5; only where keys are spatially reduced (sr > 1), as the reference."""
         b, n, c = x.shape
         kv = x if self.sr is None else self.sr_norm(_tokens(self.sr(_grid(x, size))))
         q, k, v = (t.view(b, -1, self.heads, c // self.heads).transpose(1, 2) for t in (self.q(x), self.k(kv), self.v(kv)))
-        return self.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c))
+        bias = None
+        if pair_bias is not None and mask is not None and self.sr is not None:
+            mq = (mask.flatten(1) >= 0.5).to(q.dtype)  # N, n
+            st = self.sr[0].stride
+            side = (size[0] // st[0], size[1] // st[1])  # the reduction conv's output grid (k = s, no padding)
+            mk = (F.interpolate(mask.to(q.dtype), size=side, mode="bilinear", align_corners=True).flatten(1) >= 0.5).to(q.dtype)
+            bias = torch.where((mq[:, :, None] + mk[:, None, :]) == 1, float(pair_bias), 0.0).to(q.dtype)[:, None]
+        return self.o(F.scaled_dot_product_attention(q, k, v, attn_mask=bias).transpose(1, 2).reshape(b, n, c))
 
 
 class MatchingAttention(nn.Module):
@@ -186,7 +208,7 @@ class MatchingAttention(nn.Module):
     after the softmax (no renormalisation); out = o(A V). The distillation weight of a query position is the mean
     of S over support-foreground keys (0 without foreground), averaged over heads."""
 
-    def __init__(self, dim: int, heads: int, temperature: float = 0.1) -> None:
+    def __init__(self, dim: int, heads: int, temperature: float = 0.1, calibration: nn.Module | None = None) -> None:
         super().__init__()
         if heads < 1 or dim % heads:
             raise ConfigError(f"decoder.match_heads ({heads}) must divide decoder.dim ({dim})")
@@ -194,6 +216,7 @@ class MatchingAttention(nn.Module):
             raise ConfigError(f"decoder.temperature must be > 0; got {temperature}")
         self.heads, self.temperature = heads, float(temperature)
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim, bias=False) for _ in range(4))
+        self.calibration = calibration  # PAHNet's ASC (fsseg.models.pahnet.QueryAxisScoreCalibration); None: HDMNet
 
     def attention(self, x: torch.Tensor, source: torch.Tensor, mask: torch.Tensor):
         """x (B, Nq, C), source (B, Ns, C), mask (B, Ns) in {0, 1} -> attention (B, h, Nq, Ns), values, scores."""
@@ -204,8 +227,17 @@ class MatchingAttention(nn.Module):
         attn = scores.softmax(dim=-2) * keep  # softmax over the query axis, background keys zeroed
         return attn, v, scores
 
-    def forward(self, x: torch.Tensor, source: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, source: torch.Tensor, mask: torch.Tensor, m_pro: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         b, n, c = x.shape
+        if self.calibration is not None:  # PAHNet: ASC replaces the background-key zeroing and the FG-only weight
+            if m_pro is None:
+                raise ConfigError("decoder.score_calibration needs guidance 'm_pro' from a predictor (predictor=ssp | ...)")
+            q, k, v = (t.view(b, -1, self.heads, c // self.heads).transpose(1, 2) for t in (self.q(x), self.k(source), self.v(source)))
+            scores = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1) / self.temperature
+            attn, weight = self.calibration.attention(scores, m_pro, mask)
+            return self.o((attn @ v).transpose(1, 2).reshape(b, n, c)), weight
         attn, v, scores = self.attention(x, source, mask)
         keep = mask[:, None, None, :].to(scores.dtype)
         weight = ((scores * keep).sum(-1) / (keep.sum(-1) + 1e-9)).mean(dim=1)  # B, Nq
@@ -216,19 +248,24 @@ class EncoderLayer(nn.Module):
     """Pre-LayerNorm transformer layer (SegFormer): x + drop(attn(LN1 x [, LN1 source])), then x + MixFFN(LN2 x).
     With ``match=True`` the attention is `MatchingAttention` over a source (one LN1 for both)."""
 
-    def __init__(self, dim: int, heads: int, sr: int, mlp_ratio: int, drop: float, match: bool = False, temperature: float = 0.1):
+    def __init__(
+        self, dim: int, heads: int, sr: int, mlp_ratio: int, drop: float, match: bool = False, temperature: float = 0.1,
+        calibration: nn.Module | None = None,
+    ):  # fmt: skip
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(dim, eps=LN_EPS), nn.LayerNorm(dim, eps=LN_EPS)
-        self.attn = MatchingAttention(dim, heads, temperature) if match else SelfAttention(dim, heads, sr)
+        self.attn = MatchingAttention(dim, heads, temperature, calibration) if match else SelfAttention(dim, heads, sr)
         self.drop = nn.Dropout(drop)
         self.ffn = MixFFN(dim, mlp_ratio * dim, drop)
 
-    def forward(self, x, size, source=None, mask=None):
+    def forward(self, x, size, source=None, mask=None, m_pro=None, pair_bias=None):
         weight = None
         if source is None:
-            x = x + self.drop(self.attn(self.norm1(x), size))
+            x = x + self.drop(self.attn(self.norm1(x), size) if pair_bias is None else self.attn(self.norm1(x), size, pair_bias, mask))
         else:
-            out, weight = self.attn(self.norm1(x), self.norm1(source), mask)
+            out, weight = self.attn(self.norm1(x), self.norm1(source), mask) if m_pro is None else self.attn(
+                self.norm1(x), self.norm1(source), mask, m_pro
+            )
             x = x + self.drop(out)
         return x + self.ffn(self.norm2(x), size), weight
 
@@ -243,12 +280,19 @@ class Stage(nn.Module):
         self.layers = nn.ModuleList(EncoderLayer(dim, heads, sr, mlp_ratio, drop) for _ in range(2))
         self.norm = nn.LayerNorm(dim, eps=LN_EPS)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, pair_bias: float | None = None) -> torch.Tensor:
+        """``mask`` (N, 1, H, W) and ``pair_bias``: the supports' FG-BG pair bias in the self-attention (PAHNet),
+        the mask resized nearest to this stage's grid."""
         x = self.embed(x)
         size = x.shape[-2:]
         t = self.embed_norm(_tokens(x))
-        for layer in self.layers:
-            t = layer(t, size)[0]
+        if pair_bias is None or mask is None:
+            for layer in self.layers:
+                t = layer(t, size)[0]
+        else:
+            m = F.interpolate(mask.to(t.dtype), size=size, mode="nearest")
+            for layer in self.layers:
+                t = layer(t, size, mask=m, pair_bias=pair_bias)[0]
         return _grid(self.norm(t), size)
 
 
@@ -262,7 +306,8 @@ class HierarchicalTransformer(nn.Module):
     def __init__(
         self, dim: int, prior_channels: int, heads: Sequence[int], match_heads: int, patch_sizes: Sequence[int],
         strides: Sequence[int], sr_ratios: Sequence[int], mlp_ratio: int, drop: float, temperature: float,
-        num_classes: int,
+        num_classes: int, block_enhancement: Any = None, score_calibration: Any = None,
+        support_pair_bias: float | None = None,
     ) -> None:  # fmt: skip
         super().__init__()
         n = len(heads)
@@ -271,10 +316,18 @@ class HierarchicalTransformer(nn.Module):
                 "decoder.num_heads, patch_sizes, strides and sr_ratios need one entry per stage; got "
                 f"{list(heads)}, {list(patch_sizes)}, {list(strides)}, {list(sr_ratios)}"
             )
+        enhancements = build_per_block(block_enhancement, n, "decoder.block_enhancement", dim=dim)
+        calibrations = build_per_block(score_calibration, n, "decoder.score_calibration", dim=dim)
         self.stages = nn.ModuleList(
             Stage(dim, patch_sizes[i], strides[i], heads[i], sr_ratios[i], mlp_ratio, drop) for i in range(n)
         )
-        self.match = nn.ModuleList(EncoderLayer(dim, match_heads, 1, mlp_ratio, drop, True, temperature) for _ in range(n))
+        self.match = nn.ModuleList(
+            EncoderLayer(dim, match_heads, 1, mlp_ratio, drop, True, temperature, None if calibrations is None else calibrations[i])
+            for i in range(n)
+        )  # fmt: skip
+        self.enhancements = None if enhancements is None else nn.ModuleList(enhancements)
+        self.calibrated = calibrations is not None
+        self.support_pair_bias = None if support_pair_bias is None else float(support_pair_bias)
         self.fuse = nn.ModuleList(
             nn.Sequential(nn.Conv2d(dim + prior_channels, dim, 3, padding=1, bias=False), nn.BatchNorm2d(dim), nn.ReLU(inplace=True))
             for _ in range(n)
@@ -285,21 +338,33 @@ class HierarchicalTransformer(nn.Module):
         )  # fmt: skip
         self.cls = nn.Sequential(*_conv_bn(dim, 4 * dim, 1), *_conv_bn(4 * dim, 4 * dim, 3), nn.Conv2d(4 * dim, num_classes, 1))
 
-    def forward(self, q: torch.Tensor, s: torch.Tensor, mask: torch.Tensor, prior: torch.Tensor):
+    def forward(
+        self, q: torch.Tensor, s: torch.Tensor, mask: torch.Tensor, prior: torch.Tensor, m_pro: torch.Tensor | None = None
+    ):
         """q (B, C, h, w); s (B*K, C, h, w) (shots folded, shot-major within an episode); mask (B, K, H, W);
-        prior (B, P, h, w) -> logits at the first stage's size and the distillation weights, coarse to fine."""
+        prior (B, P, h, w); m_pro (B, 1, h', w') (PAHNet's parts only) -> logits at the first stage's size, the
+        distillation weights (coarse to fine) and the PFE's M_aff logits (coarse to fine; empty without PFE)."""
         b, k = mask.shape[:2]
         levels = []
+        smask = mask.flatten(0, 1)[:, None].float() if self.support_pair_bias is not None else None
         for stage in self.stages:
-            q, s = stage(q), stage(s)
+            q, s = stage(q), stage(s) if smask is None else stage(s, smask, self.support_pair_bias)
             m = F.interpolate(mask.flatten(0, 1)[:, None].float(), size=s.shape[-2:], mode="nearest")
             tokens = _tokens(s).unflatten(0, (b, k)).flatten(1, 2)  # B, K*l, C (all shots)
             levels.append((q, tokens, m.view(b, -1)))
-        outs, weights = None, []
+        outs, weights, affs = None, [], []
         for i in reversed(range(len(levels))):
             qi, tokens, m = levels[i]
             size = qi.shape[-2:]
-            x, weight = self.match[i](_tokens(qi), size, tokens, m)
+            xq, p_asc = _tokens(qi), None
+            if self.enhancements is not None:  # PFE on the stage's tokens; M_pro bilinear (align_corners) here
+                p = resize(m_pro.to(xq.dtype), size).flatten(1)
+                xq, tokens, aff = self.enhancements[i](xq, tokens, m, p)
+                if aff is not None:
+                    affs.append(aff.view(b, 2, *size))
+            if self.calibrated:  # ASC reads M_pro resized nearest, as the reference
+                p_asc = F.interpolate(m_pro.to(xq.dtype), size=size, mode="nearest").flatten(1)
+            x, weight = self.match[i](xq, size, tokens, m, p_asc)
             weights.append(weight.view(b, *size))
             x = self.fuse[i](torch.cat([_grid(x, size), resize(prior, size)], dim=1))
             if outs is None:
@@ -307,7 +372,7 @@ class HierarchicalTransformer(nn.Module):
             else:
                 up = F.interpolate(outs, size=size, mode="bilinear", align_corners=False)
                 outs = up + self.parse[i](x + up)
-        return self.cls(outs), weights
+        return self.cls(outs), weights, affs
 
 
 class HDMNetDecoder(nn.Module):
@@ -343,15 +408,20 @@ class HDMNetDecoder(nn.Module):
         temperature: float = 0.1,
         num_classes: int = 2,
         bn_eval: bool = False,
+        block_enhancement: Any = None,
+        score_calibration: Any = None,
+        support_pair_bias: float | None = None,
     ) -> None:
         super().__init__()
         self.query_merge = nn.Sequential(nn.Conv2d(2 * in_dim + prior_channels, dim, 1, bias=False), nn.ReLU(inplace=True))
         self.support_merge = nn.Sequential(nn.Conv2d(2 * in_dim, dim, 1, bias=False), nn.ReLU(inplace=True))
         self.transformer = HierarchicalTransformer(
             dim, prior_channels, num_heads, match_heads, patch_sizes, strides, sr_ratios, mlp_ratio, dropout,
-            temperature, num_classes,
+            temperature, num_classes, block_enhancement, score_calibration, support_pair_bias,
         )  # fmt: skip
         self.prior_scale, self.bn_eval = float(prior_scale), bool(bn_eval)
+        if self.transformer.enhancements is not None or self.transformer.calibrated:
+            self.requires = (*type(self).requires, "m_pro")
 
     def train(self, mode: bool = True) -> HDMNetDecoder:
         super().train(mode)
@@ -368,8 +438,11 @@ class HDMNetDecoder(nn.Module):
         q = self.query_merge(torch.cat([q, guidance["prototype"].expand(-1, -1, *size), prior * self.prior_scale], dim=1))
         s_proto = guidance["support_prototypes"].flatten(0, 1)[:, :, None, None].expand(-1, -1, *s.shape[-2:])
         s = self.support_merge(torch.cat([s.flatten(0, 1), s_proto], dim=1))
-        logits, weights = self.transformer(q, s, guidance["support_mask"], prior)
-        return {"logits": logits, "distill_weights": weights}
+        logits, weights, affs = self.transformer(q, s, guidance["support_mask"], prior, guidance.get("m_pro"))
+        out = {"logits": logits, "distill_weights": weights}
+        if affs:
+            out["affinity_logits"] = affs
+        return out
 
 
 # ------------------------------------------------------------------------------------------------ distillation

@@ -44,6 +44,7 @@ from fsseg.models.ops import (
     minmax_normalise,
     resize,
 )
+from fsseg.models.pahnet import build_per_block
 from fsseg.models.pfenet import _reduction
 
 COS_EPS = 1e-7  # the references' cosine epsilon (added to the product of the norms)
@@ -133,22 +134,32 @@ class SCCAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.attn_drop, self.proj_drop = nn.Dropout(attn_drop), nn.Dropout(proj_drop)
 
-    def weights(self, x: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (N, n, C), context (N, m, C) or None -> attention (N, heads, n, n [+ m]) and values."""
+    def weights(
+        self, x: torch.Tensor, context: torch.Tensor | None = None, cross_fn=None, self_bias: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (N, n, C), context (N, m, C) or None -> attention (N, heads, n, n [+ m]) and values. ``cross_fn``
+        maps the cross scores before the softmax and ``self_bias`` is added to the self scores (PAHNet's ASC,
+        `fsseg.models.pahnet.WindowScoreCalibration`); None: SCCAN's attention."""
         nb, n = x.shape[:2]
         src = x if context is None else torch.cat([x, context], dim=1)
         q = self.q(x).view(nb, n, self.heads, -1).transpose(1, 2)
         k, v = self.kv(src).view(nb, src.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)
         logits = q @ k.transpose(-2, -1)
         own = logits[..., :n] * self.scale
+        if self_bias is not None:
+            own = own + self_bias
         if context is not None:
             kc = k[:, :, n:]
             cross = logits[..., n:] / (q.norm(dim=-1, keepdim=True) @ kc.norm(dim=-1, keepdim=True).transpose(-2, -1) + COS_EPS)
+            if cross_fn is not None:
+                cross = cross_fn(cross)
             own = torch.cat([own, cross], dim=-1)
         return own.softmax(dim=-1), v
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        attn, v = self.weights(x, context)
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor | None = None, cross_fn=None, self_bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        attn, v = self.weights(x, context, cross_fn, self_bias)
         out = (self.attn_drop(attn) @ v).transpose(1, 2).reshape(x.shape)
         return self.proj_drop(self.proj(out))
 
@@ -171,43 +182,70 @@ class SCCABlock(nn.Module):
 
     def __init__(
         self, dim: int, heads: int, window: int, shifted: bool, mlp_ratio: float = 1.0,
-        drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0,
+        drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0, calibration: nn.Module | None = None,
+        support_branch: bool = True,
     ) -> None:  # fmt: skip
         super().__init__()
         self.window, self.shifted = int(window), bool(shifted)
+        self.calibration = calibration  # PAHNet's ASC (fsseg.models.pahnet.WindowScoreCalibration); None: SCCAN
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)  # shared by query and support
         self.attn_q = SCCAttention(dim, heads, attn_drop=attn_drop, proj_drop=drop)
-        self.attn_s = SCCAttention(dim, heads, attn_drop=attn_drop, proj_drop=drop)
+        # support_branch=false (the last block's support output feeds nothing): no parameters without a gradient
+        self.attn_s = SCCAttention(dim, heads, attn_drop=attn_drop, proj_drop=drop) if support_branch else None
         hidden = int(dim * mlp_ratio)
-        self.mlp_q, self.mlp_s = Mlp(dim, hidden, drop), Mlp(dim, hidden, drop)
+        self.mlp_q, self.mlp_s = Mlp(dim, hidden, drop), (Mlp(dim, hidden, drop) if support_branch else None)
         self.drop_path = _drop_path(drop_path)
 
     def attend(
-        self, q: torch.Tensor, s: torch.Tensor, mask: torch.Tensor
+        self, q: torch.Tensor, s: torch.Tensor, mask: torch.Tensor, m_pro: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Normalised grids q, s (B, H, W, C), mask (B, H, W, 1) -> attention outputs of query and support
-        (B, H, W, C) and the aligned support window of every query window (B, nWindows)."""
+        (B, H, W, C) and the aligned support window of every query window (B, nWindows). ``m_pro`` (B, H, W, 1):
+        the predictor's query probability, read by the calibration (PAHNet's ASC) when the block has one."""
         h, w = q.shape[1:3]
         win = self.window
         if h % win or w % win:
             raise ConfigError(f"decoder.window_size ({win}) must divide the token grid ({h} x {w})")
         if self.shifted:
             q, s, mask = shift_pad(q, win), shift_pad(s, win), shift_pad(mask, win)
+            if m_pro is not None:
+                m_pro = shift_pad(m_pro, win)  # zero padding = confident background, as the reference
         hp, wp = q.shape[1:3]
         idx = align_windows(q, s, mask, win)
         qw, sw = window_partition(q, win), window_partition(s, win)  # B, n, win*win, C
         aligned = torch.gather(sw, 1, idx[:, :, None, None].expand(-1, -1, *sw.shape[2:]))
-        out_q = self.attn_q(qw.flatten(0, 1), aligned.flatten(0, 1)).view_as(qw)
-        out_s = self.attn_s(sw.flatten(0, 1)).view_as(sw)
+        if self.calibration is None:
+            out_q = self.attn_q(qw.flatten(0, 1), aligned.flatten(0, 1)).view_as(qw)
+            out_s = None if self.attn_s is None else self.attn_s(sw.flatten(0, 1)).view_as(sw)
+        else:
+            if m_pro is None:
+                raise ConfigError("decoder.score_calibration needs guidance 'm_pro' from a predictor (predictor=ssp | ...)")
+            mw = window_partition(mask, win)[..., 0]  # B, n, win*win
+            m_aligned = torch.gather(mw, 1, idx[:, :, None].expand(-1, -1, mw.shape[2])).flatten(0, 1)
+            p = window_partition(m_pro, win)[..., 0].flatten(0, 1)
+            cal = self.calibration
+            out_q = self.attn_q(
+                qw.flatten(0, 1), aligned.flatten(0, 1), cross_fn=lambda c: cal.calibrate(c, p, m_aligned)
+            ).view_as(qw)
+            out_s = None
+            if self.attn_s is not None:
+                out_s = self.attn_s(sw.flatten(0, 1), self_bias=cal.support_bias(mw.flatten(0, 1))).view_as(sw)
+        if out_s is None:
+            out_q = window_merge(out_q, win, hp, wp)
+            return (shift_crop(out_q, win, h, w) if self.shifted else out_q), None, idx
         out_q, out_s = window_merge(out_q, win, hp, wp), window_merge(out_s, win, hp, wp)
         if self.shifted:
             out_q, out_s = shift_crop(out_q, win, h, w), shift_crop(out_s, win, h, w)
         return out_q, out_s, idx
 
-    def forward(self, q: torch.Tensor, s: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out_q, out_s, _ = self.attend(self.norm1(q), self.norm1(s), mask)
+    def forward(
+        self, q: torch.Tensor, s: torch.Tensor, mask: torch.Tensor, m_pro: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        out_q, out_s, _ = self.attend(self.norm1(q), self.norm1(s), mask, m_pro)
         q = q + self.drop_path(out_q)
         q = q + self.drop_path(self.mlp_q(self.norm2(q)))
+        if out_s is None:  # no support branch: the support tokens pass unchanged (nothing reads them)
+            return q, s
         s = s + self.drop_path(out_s)
         s = s + self.drop_path(self.mlp_s(self.norm2(s)))
         return q, s
@@ -374,18 +412,23 @@ class SCCANPlusHead(MaskAggregationHead):
         return out
 
     def fg_bg_prior(self, query, support, qf5: torch.Tensor, sf5: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-        """[FG, relu(FG - BG)] (B, 2, g, g), each channel from layer4 or feature 5 per episode and shot (the
-        layer with the larger maximum: raw FG cosine for FG, corr for corr), then averaged over shots."""
-        b, k = m.shape[:2]
-        layers = [(query["high"], support["high"]), (qf5, sf5)]
-        fg, corr, fg_max, corr_max = zip(*(
-            fg_bg_prior(q, resize(s.flatten(0, 1), self.grid).unflatten(0, (b, k)), m, self.grid) for q, s in layers
-        ))  # fmt: skip
-        use5_fg = (fg_max[0] < fg_max[1])[..., None, None]  # the reference's strict "<": ties keep layer4
-        use5_corr = (corr_max[0] < corr_max[1])[..., None, None]
-        fg_map = torch.where(use5_fg, fg[1], fg[0]).mean(dim=1, keepdim=True)
-        corr_map = torch.where(use5_corr, corr[1], corr[0]).mean(dim=1, keepdim=True)
-        return torch.cat([fg_map, corr_map], dim=1).to(query["high"].dtype)
+        return aenet_prior(query["high"], support["high"], qf5, sf5, m, self.grid)
+
+
+def aenet_prior(qh: torch.Tensor, sh: torch.Tensor, qf5: torch.Tensor, sf5: torch.Tensor, m: torch.Tensor, grid) -> torch.Tensor:
+    """AENet's prior [FG, relu(FG - BG)] (B, 2, g, g), each channel from layer4 (qh, sh) or feature 5 per episode
+    and shot (the layer with the larger maximum: raw FG cosine for FG, corr for corr), then averaged over shots.
+    m (B, K, 1, g, g): support masks on the grid (SCCAN-Plus; PAHNet's HDMNet ``head.prior=aenet``)."""
+    b, k = m.shape[:2]
+    layers = [(qh, sh), (qf5, sf5)]
+    fg, corr, fg_max, corr_max = zip(*(
+        fg_bg_prior(q, resize(s.flatten(0, 1), grid).unflatten(0, (b, k)), m, grid) for q, s in layers
+    ))  # fmt: skip
+    use5_fg = (fg_max[0] < fg_max[1])[..., None, None]  # the reference's strict "<": ties keep layer4
+    use5_corr = (corr_max[0] < corr_max[1])[..., None, None]
+    fg_map = torch.where(use5_fg, fg[1], fg[0]).mean(dim=1, keepdim=True)
+    corr_map = torch.where(use5_corr, corr[1], corr[0]).mean(dim=1, keepdim=True)
+    return torch.cat([fg_map, corr_map], dim=1).to(qh.dtype)
 
 
 # ------------------------------------------------------------------------------------------------ decoder
@@ -399,8 +442,17 @@ class SCCANDecoder(nn.Module):
         num_blocks, num_heads, window_size, mlp_ratio: SCCAN's 8, 8, 8, 1.
         prior_channels: 1 (SCCAN, Aff) or 2 (SCCAN-Plus).
         dilations: ASPP's (6, 12, 18) at 64 x 64 tokens.
+        block_enhancement: PAHNet's PFE before every block: a factory (``_partial_``, called with ``dim``) or a
+            list of one per block (`fsseg.models.pahnet.PrototypeEnhancement`); None: SCCAN.
+        score_calibration: PAHNet's ASC inside every SCCA block: a factory (called with ``dim``, ``heads``) or a
+            list of one per block (`fsseg.models.pahnet.WindowScoreCalibration`); None: SCCAN.
+        final_support_branch: true = the reference (the last SCCA block also updates the support tokens, which
+            nothing reads: its attn_s / mlp_s never get a gradient, so DDP needs find_unused_parameters); false:
+            the last block has no support branch (DDP-safe; PAHNet's configs).
 
-    Returns logits (B, 2, g, g).
+    Returns logits (B, 2, g, g); with ``block_enhancement`` also affinity_logits (one (B, 2, g, g) per block).
+    Either PAHNet part reads guidance ``m_pro`` (a predictor's query probability), resized bilinearly
+    (align_corners) to the grid (the reference's SSP output is the 64 x 64 grid already).
     """
 
     requires = ("query_feat", "support_fused", "support_mask_fused", "prototype", "prior")
@@ -421,6 +473,9 @@ class SCCANDecoder(nn.Module):
         dilations: Sequence[int] = (6, 12, 18),
         num_classes: int = 2,
         dropout: float = 0.1,
+        block_enhancement: Any = None,
+        score_calibration: Any = None,
+        final_support_branch: bool = True,
     ) -> None:
         super().__init__()
         if attention not in ("scca", "global"):
@@ -434,14 +489,25 @@ class SCCANDecoder(nn.Module):
         self.init_merge_query = nn.Conv2d(2 * dim + prior_channels, dim, 1, bias=False)
         self.init_merge_support = nn.Conv2d(2 * dim + 1, dim, 1, bias=False)
         rates = torch.linspace(0, drop_path, num_blocks).tolist()  # stochastic depth rule (0 in SCCAN)
+        enhancements = build_per_block(block_enhancement, num_blocks, "decoder.block_enhancement", dim=dim)
+        calibrations = build_per_block(score_calibration, num_blocks, "decoder.score_calibration", dim=dim, heads=num_heads)
+        if calibrations is not None and attention != "scca":
+            raise ConfigError("decoder.score_calibration (PAHNet's ASC) needs decoder.attention=scca (window attention)")
+        if enhancements is not None or calibrations is not None:
+            self.requires = (*type(self).requires, "m_pro")
         if attention == "scca":
             blocks = [
-                SCCABlock(dim, num_heads, window_size, i % 2 == 1, mlp_ratio, drop, attn_drop, rates[i])
+                SCCABlock(
+                    dim, num_heads, window_size, i % 2 == 1, mlp_ratio, drop, attn_drop, rates[i],
+                    None if calibrations is None else calibrations[i], final_support_branch or i < num_blocks - 1,
+                )
                 for i in range(num_blocks)
-            ]
+            ]  # fmt: skip
         else:
             blocks = [GlobalCrossBlock(dim, num_heads, mlp_ratio, drop, attn_drop, rates[i]) for i in range(num_blocks)]
         self.transformer = nn.ModuleDict({"blocks": nn.ModuleList(blocks), "norm": nn.LayerNorm(dim)})
+        self.enhancements = None if enhancements is None else nn.ModuleList(enhancements)
+        self.calibrated = calibrations is not None
         self.aspp = ASPP(dim, dilations)
         self.res1 = nn.Sequential(nn.Conv2d((2 + len(dilations)) * dim, dim, 1, bias=False), nn.ReLU(inplace=True))
         self.res2 = nn.Sequential(
@@ -460,9 +526,30 @@ class SCCANDecoder(nn.Module):
         q = self.init_merge_query(torch.cat([q, proto, resize(guidance["prior"], size)], dim=1))
         s = self.init_merge_support(torch.cat([s, proto, m], dim=1))
         q, s, mt = q.permute(0, 2, 3, 1), s.permute(0, 2, 3, 1), m.permute(0, 2, 3, 1)  # token grids (B, H, W, C)
-        for block in self.transformer["blocks"]:
-            q, s = block(q, s, mt)
+        out: dict[str, Any] = {}
+        if self.enhancements is None and not self.calibrated:
+            for block in self.transformer["blocks"]:
+                q, s = block(q, s, mt)
+        else:
+            q, s, out["affinity_logits"] = self.pahnet_blocks(q, s, mt, guidance["m_pro"])
         x = F.relu(self.transformer["norm"](q).permute(0, 3, 1, 2))
         x = self.res1(self.aspp(x))
         x = self.res2(x) + x
-        return {"logits": self.cls(x)}
+        out["logits"] = self.cls(x)
+        if not out.get("affinity_logits"):
+            out.pop("affinity_logits", None)
+        return out
+
+    def pahnet_blocks(self, q, s, mt, m_pro: torch.Tensor):
+        """The blocks with PAHNet's parts: PFE before each block (on the flattened grids), ASC inside it."""
+        b, h, w, c = q.shape
+        pt = resize(m_pro.to(q.dtype), (h, w)).permute(0, 2, 3, 1)  # B, H, W, 1 (bilinear, align_corners)
+        affs = []
+        for i, block in enumerate(self.transformer["blocks"]):
+            if self.enhancements is not None:
+                xq, xs, aff = self.enhancements[i](q.reshape(b, h * w, c), s.reshape(b, h * w, c), mt.reshape(b, -1), pt.reshape(b, -1))
+                q, s = xq.view(b, h, w, c), xs.view(b, h, w, c)
+                if aff is not None:
+                    affs.append(aff.view(b, 2, h, w))
+            q, s = block(q, s, mt, pt) if self.calibrated else block(q, s, mt)
+        return q, s, affs
