@@ -28,7 +28,7 @@ PAPER_RECIPE = {
     ("aff", "coco"): "sccan_coco", ("sccan_plus", "pascal"): "sccan_plus_pascal", ("sccan_plus", "coco"): "sccan_plus_coco",
     ("hdmnet", "pascal"): "hdmnet_pascal", ("hdmnet", "coco"): "hdmnet_coco",
     ("ssp", "pascal"): "ssp_pascal", ("pro", "pascal"): "ssp_pascal", ("hpa", "pascal"): "hpa_pascal",
-    ("rare", "pascal"): "rare_pascal",
+    ("rare", "pascal"): "rare_pascal", ("ssp", "coco"): "ssp_coco", ("pro", "coco"): "ssp_coco",
     ("sccan_plus_pahnet", "pascal"): "sccan_plus_pahnet_pascal", ("sccan_plus_pahnet", "coco"): "sccan_plus_pahnet_coco",
     ("hdmnet_pahnet", "pascal"): "hdmnet_pahnet_pascal", ("hdmnet_pahnet", "coco"): "hdmnet_pahnet_coco",
 }  # fmt: skip
@@ -105,7 +105,7 @@ def test_experiment_composes_and_instantiates(name, tmp_path):
 def test_recipes_replace_the_per_combination_files():
     synth = {"synth", "cyctr_synth", "bam_synth", "i2r_synth", "sccan_synth", "sccan_plus_synth", "hdmnet_synth",
              "ssp_synth", "hpa_synth", "rare_synth", "sccan_plus_pahnet_synth", "hdmnet_pahnet_synth"}  # fmt: skip
-    assert len(COMPOSITIONS) == 75 and {r for _, _, r in COMPOSITIONS} | synth == set(RECIPES)
+    assert len(COMPOSITIONS) == 79 and {r for _, _, r in COMPOSITIONS} | synth == set(RECIPES)
     assert all("_effl0_synth" in name for name in EXPERIMENTS)  # aliases of method=<m> recipe=<synth recipe>
 
 
