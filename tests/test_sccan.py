@@ -328,3 +328,32 @@ def test_plus_prior_keeps_per_shot_and_channel_the_layer_with_the_larger_maximum
         expect[b, 1] += use_corr[1] / 2
     np.testing.assert_allclose(prior.view(2, 2, 9).numpy(), expect, rtol=1e-5, atol=1e-5)
     assert len(chosen) > 1  # the draw exercises both layers
+
+
+# ---- DDP: the reference's last support branch gets no gradient ---------------------------------------------
+@pytest.mark.parametrize("final_support_branch", [True, False])
+def test_ddp_without_find_unused_is_refused_only_where_a_parameter_gets_no_gradient(final_support_branch):
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import DDPStrategy
+    from test_convert import SMALL, _episode
+
+    from fsseg.data import batch as B
+
+    over = ["method=sccan", "encoder=resnet50", "recipe=sccan_pascal", *SMALL, "head.grid_size=8", "decoder.window_size=4",
+            "decoder.num_blocks=2", "encoder.weights=none", f"decoder.final_support_branch={final_support_branch}"]  # fmt: skip
+    model = instantiate(compose(over).model, num_eval_classes=5).train()
+    batch = _episode()
+    batch[B.QUERY_MASK] = torch.randint(0, 2, (2, 65, 65))
+    model(batch)["logits"].sum().backward()  # the declaration is checked against what autograd reaches
+    no_grad = {n for n, p in model.named_parameters() if p.requires_grad and p.grad is None}
+    assert {f"decoder.{n}" for n in model.decoder.parameters_without_gradient()} == no_grad
+    assert bool(no_grad) == final_support_branch
+    model._trainer = SimpleNamespace(strategy=DDPStrategy())
+    if final_support_branch:
+        with pytest.raises(ConfigError, match=r"final_support_branch=false.*ddp_find_unused_parameters_true"):
+            model._check_ddp_gradients()
+    else:
+        model._check_ddp_gradients()
+    model._trainer = SimpleNamespace(strategy=DDPStrategy(find_unused_parameters=True))
+    model._check_ddp_gradients()

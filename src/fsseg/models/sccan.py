@@ -457,6 +457,15 @@ class SCCANDecoder(nn.Module):
 
     requires = ("query_feat", "support_fused", "support_mask_fused", "prototype", "prior")
 
+    def parameters_without_gradient(self) -> list[str]:
+        """Names of parameters no loss reaches (the last SCCA block's support branch, as the reference builds it):
+        the segmenter refuses DDP without find_unused_parameters for them, before training starts."""
+        if not self._idle_support_branch:
+            return []
+        last = self.transformer["blocks"][-1]
+        return [f"transformer.blocks.{len(self.transformer['blocks']) - 1}.{n}" for n, _ in last.named_parameters()
+                if n.startswith(("attn_s.", "mlp_s."))]
+
     def __init__(
         self,
         dim: int = 256,
@@ -506,6 +515,7 @@ class SCCANDecoder(nn.Module):
         else:
             blocks = [GlobalCrossBlock(dim, num_heads, mlp_ratio, drop, attn_drop, rates[i]) for i in range(num_blocks)]
         self.transformer = nn.ModuleDict({"blocks": nn.ModuleList(blocks), "norm": nn.LayerNorm(dim)})
+        self._idle_support_branch = attention == "scca" and final_support_branch
         self.enhancements = None if enhancements is None else nn.ModuleList(enhancements)
         self.calibrated = calibrations is not None
         self.aspp = ASPP(dim, dilations)

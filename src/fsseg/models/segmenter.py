@@ -388,8 +388,26 @@ class FewShotSegmenter(L.LightningModule):
                 part.compile()
 
     def on_fit_start(self) -> None:
+        self._check_ddp_gradients()
         self._check_autograd_at_eval()
         self.prepare_for_device()
+
+    def _check_ddp_gradients(self) -> None:
+        """DDP without find_unused_parameters fails at the second step when a trainable parameter gets no gradient:
+        parts that know theirs (`parameters_without_gradient`) are refused here, before any step, naming the fix."""
+        from lightning.pytorch.strategies import DDPStrategy
+
+        strategy = getattr(self._trainer, "strategy", None) if self._trainer is not None else None
+        if not isinstance(strategy, DDPStrategy) or strategy._ddp_kwargs.get("find_unused_parameters", False):
+            return
+        idle = [f"{name}.{p}" for name in ("head", "decoder", "ensemble") for p in
+                getattr(getattr(self, name), "parameters_without_gradient", lambda: [])()]  # fmt: skip
+        if idle:
+            raise ConfigError(
+                f"DDP without find_unused_parameters, but {len(idle)} trainable parameters never get a gradient "
+                f"(e.g. {idle[:2]}): set decoder.final_support_branch=false (outputs unchanged) or "
+                f"trainer.strategy=ddp_find_unused_parameters_true"
+            )
 
     def on_test_start(self) -> None:
         self._check_autograd_at_eval()
