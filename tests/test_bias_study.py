@@ -138,3 +138,56 @@ def test_make_targets_run_the_study_and_the_figure():
     assert "-m fsseg.cli.bias_study run" in out.stdout, out.stdout + out.stderr
     assert "-m fsseg.cli.bias_study figure" in out.stdout
     assert "--latent-share 0.4" in out.stdout and "--latent-share 0.6" in out.stdout
+
+
+def test_run_stages_stop_at_the_first_column_that_meets_the_rule(tmp_path, monkeypatch):
+    """The driver's staging with the trainers replaced by fakes that write run directories: stage 1 runs the
+    columns cheapest first and stops at 7k (the first that meets the rule); stages 2 and 3 get the picked point as
+    overrides; BAM gets that dataset's base learners; fsseg-lps runs once per fold; pick.json and the figure exist."""
+    import fsseg.cli.bias
+    import fsseg.cli.lps
+    import fsseg.cli.sweep
+
+    data = tmp_path / "data"
+    dsets = {"synth": _dataset(data / "synth", (190, 1000)), "synth_latent40": _dataset(data / "synth_latent40", (400, 1000)),
+             "synth_latent60": _dataset(data / "synth_latent60", (600, 1000))}  # fmt: skip
+    out = tmp_path / "sweeps"
+    calls: list[list[str]] = []
+    # (length, dial) -> keep, drop, keep's bias: only (7000, synth_latent40) and (20000, *) meet the rule
+    values = {2000: (0.40, 0.42, 1.0), 7000: (0.40, 0.43, 4.0), 20000: (0.40, 0.47, 4.0)}
+
+    def fake_sweep(argv):
+        calls.append(list(argv))
+        if argv[0] == "bias-stage1" and not (out / "bias-stage1" / argv[2]).exists():  # resumable: done is done
+            length = {"len2k": 2000, "len7k": 7000, "len20k": 20000, "len50k": 50000}[argv[2]]
+            for name, ds in dsets.items():
+                keep, drop, b = values[length]
+                if name == "synth_latent40" and length == 7000:
+                    drop = 0.47
+                _run(out / "bias-stage1" / argv[2], ds, flt="keep", length=length, miou=keep, evals=_evals(b))
+                _run(out / "bias-stage1" / argv[2], ds, flt="drop", length=length, miou=drop, evals=_evals(0.0))
+        return 0
+
+    monkeypatch.setattr(fsseg.cli.sweep, "main", fake_sweep)
+    monkeypatch.setattr(fsseg.cli.bias, "main", lambda argv: calls.append(["fsseg-bias", *argv]) or 0)
+    monkeypatch.setattr(fsseg.cli.lps, "main", lambda argv: calls.append(["fsseg-lps", *argv]))
+    monkeypatch.setattr(bias_study, "ensure_datasets", lambda d: None)
+    assert bias_study.run_study(str(out), 1, 300, 3, data) == 0
+    sweeps = [c for c in calls if c[0] not in ("fsseg-bias", "fsseg-lps")]
+    point = ["data.train_episodes_per_epoch=7000", "trainer.max_epochs=1", "data.source.root=${paths.data_dir}/synth_latent40"]
+    assert [c[:3] for c in sweeps[:2]] == [["bias-stage1", "--profile", "len2k"], ["bias-stage1", "--profile", "len7k"]]
+    assert sweeps[2][:4] == ["bias-stage2", *point]
+    assert [c[:3] for c in sweeps[3:]] == [[n, "--profile", "bias"] for n in ("apanet-table4", "celp-table1", "bam-compare")]
+    assert all(c[3:6] == point for c in sweeps[3:])
+    assert any(o.startswith("base_learner_path=") and "synth_latent40" in o for o in sweeps[5])
+    assert not any(o.startswith("base_learner_path=") for o in sweeps[3] + sweeps[4])
+    assert len(sweeps) == 6  # no 20k/50k column once the rule held
+    lps = [c for c in calls if c[0] == "fsseg-lps"]
+    assert [c[1:3] for c in lps] == [[f"data.fold={f}", point[2]] for f in range(4)]
+    pick_json = json.loads((out / "bias-stage1" / "pick.json").read_text())
+    assert pick_json["choice"]["dial"] == "synth_latent40" and pick_json["choice"]["gap"] == pytest.approx(7.0)
+    assert (out / "bias-stage1" / "bias_curves.png").is_file() and (out / "bias-study" / "bias_curves.csv").is_file()
+    # stage 1 only: no stage 2 or 3
+    calls.clear()
+    assert bias_study.run_study(str(out), 1, 300, 1, data) == 0
+    assert {c[0] for c in calls if c[0] not in ("fsseg-bias", "fsseg-lps")} == {"bias-stage1"}
