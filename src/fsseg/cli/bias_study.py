@@ -299,11 +299,8 @@ def run_study(out: str, jobs: int, episodes: int, until: int, data_dir: Path) ->
         from fsseg.cli.lps import main as lps_main
 
         dial = result["choice"]["dial"]
-        for name, rows in STAGE3:
-            extra = []
-            if name == "bam-compare" and dial != "synth":  # that dataset's own stage-1 base learners
-                extra = [f"base_learner_path=${{paths.output_dir}}/base_learners/synth_effl0_{dial}/fold${{data.fold}}.pt"]
-            _check(sweep_main([name, "--profile", "bias", *over, *extra, *common]), f"fsseg-sweep {name} --profile bias")
+        for name, rows in STAGE3:  # bam-compare's BAM row names that dataset's own stage-1 base learners itself
+            _check(sweep_main([name, "--profile", "bias", *over, *common]), f"fsseg-sweep {name} --profile bias")
             _check(bias_main([name, "--profile", "bias", "--out", out, "--episodes", str(episodes),
                               *(["--rows", *rows] if rows else [])]), f"fsseg-bias {name}")  # fmt: skip
         for fold in range(4):
