@@ -315,8 +315,10 @@ def run_study(out: str, jobs: int, episodes: int, until: int, data_dir: Path) ->
 
 
 def _report(result: dict) -> str:
-    lines = [f"bias study, stage 1 (rule: drop - keep >= {result.get('rule', {}).get('min_gap', MIN_GAP):g} and "
-             f"keep's fsseg-bias >= {result.get('rule', {}).get('min_bias', MIN_BIAS):g}, novel-mIoU points):"]
+    rule = result.get("rule", {})
+    head = (f"bias study, stage 1 (rule: drop - keep >= {rule.get('min_gap', MIN_GAP):g} and "
+            f"keep's fsseg-bias >= {rule.get('min_bias', MIN_BIAS):g}, novel-mIoU points):")
+    lines = [head]
     for c in result.get("candidates", []):
         b = "—" if c["bias_keep"] is None else f"{c['bias_keep']:+.1f}"
         lines.append(f"  {c['length']:>6} episodes, {c['dial']:<15} keep {c['keep']:.1f}  drop {c['drop']:.1f}  "
