@@ -113,6 +113,18 @@ bias-apanet: $(STAMP) ## compare-apanet's PFENet and APANet runs on novel object
 bias-celp: $(STAMP) ## compare-celp's four methods on novel objects seen as background in training (fsseg-bias)
 	$(VENV)/bin/fsseg-bias celp-table1 --profile folds
 
+.PHONY: synth-dial bias-study bias-figure
+BIAS_ARGS ?=
+synth-dial: $(STAMP) ## The bias dial's benchmarks: data/synth_latent40 and data/synth_latent60 (fsseg-synth --latent-share; idempotent)
+	$(VENV)/bin/fsseg-synth --out $(DATA)/synth_latent40 --seed 0 --latent-share 0.4
+	$(VENV)/bin/fsseg-synth --out $(DATA)/synth_latent60 --seed 0 --latent-share 0.6
+
+bias-study: $(STAMP) ## Issue 20's staged bias study: stage 1 (keep vs drop x length x dial, fold 0), the picked point on 4 folds x 3 seeds, then APANet/CELP/BAM there (resumable) [BIAS_ARGS="--until 1 --jobs 2"]
+	$(SWEEP_ENV) FSSEG_DATA=$(DATA) $(PY) -m fsseg.cli.bias_study run $(BIAS_ARGS)
+
+bias-figure: $(STAMP) ## Novel mIoU and fsseg-bias's measure against training length, from the bias study's run directories (PNG + CSV)
+	$(PY) -m fsseg.cli.bias_study figure $(wildcard outputs/sweeps/bias-stage1 outputs/sweeps/bias-stage2 outputs/sweeps/apanet-table4/bias outputs/sweeps/celp-table1/bias outputs/sweeps/bam-compare/bias)
+
 compare-celp: $(STAMP) ## Embedded benchmark, 4 folds x 3 seeds: PFENet, CELP, CyCTR, CyCTR+CELP, then the delta sweep (84 runs trained, delta = 0.65 re-used; ~4.5 h, resumable)
 	$(SWEEP_ENV) $(VENV)/bin/fsseg-sweep celp-table1 --profile folds $(SWEEP_ARGS)
 	$(SWEEP_ENV) $(VENV)/bin/fsseg-sweep celp-table5 --profile folds $(SWEEP_ARGS)

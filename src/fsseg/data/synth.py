@@ -71,6 +71,7 @@ import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import cv2
@@ -87,6 +88,13 @@ NUM_CLASSES = 20
 NUM_FOLDS = 4
 SPLIT_CODES = {"train": 0, "val": 1}
 _BANK_STREAM = 7  # SeedSequence stream of the per-run texture bank (splits use 0 and 1)
+_LATENT_STREAM = 8  # SeedSequence stream of the latent-novel-object dial (its own, so default images are untouched)
+# modelled minus measured share of the default benchmark (seed 0, 4000 training images: modelled 0.1975, measured
+# 0.1852 / 0.1960 / 0.1821 / 0.1926 over folds 0-3, mean 0.189): placements that fail and base classes under min_pixels
+_SHARE_OFFSET = 0.0085
+LATENT_COUNT_MAX = 4  # latent objects per (image, fold) at most: the default images hold 1-4 objects
+LATENT_EXTENT_RANGE = (0.08, 0.50)  # latent objects' diameter / image side: smaller ones are mostly 255 band,
+#                                     larger ones than the default's largest (0.50) rarely fit beside the others
 
 SHAPES = ("disc", "triangle", "star", "cross", "crescent", "heart")
 TEXTURES = ("stripes", "checker", "dots", "blotch", "shaded")
@@ -164,6 +172,12 @@ class SynthParams:
     recommended_min_pixels: int = 512  # 2 * 16 * 16
     version: str = VERSION
     photos: tuple = field(default=_PHOTO_NAMES)
+    # The latent-novel-object dial (issue 20): None = the generator as it always was (byte-identical output).
+    # Target share of a fold's base-class training images that hold an object of that fold's novel classes
+    # (meta.json novel_in_train.*.frac_base_images_with_novel); reached by adding objects to training images only.
+    latent_share: float | None = None
+    latent_count: int = 1  # objects added per (image, fold) that receives latent objects
+    latent_extent: tuple | None = None  # (lo, hi) diameter / image side of the added objects; None = extent_bins
 
     def validate(self) -> None:
         if self.seed < 0:
@@ -176,9 +190,39 @@ class SynthParams:
             raise ConfigError(f"band_width must be >= 2, got {self.band_width}")
         if not 0 < self.short_min <= self.size:
             raise ConfigError(f"short_min {self.short_min} must be in (0, size={self.size}]")
+        self._validate_latent()
+
+    def _validate_latent(self) -> None:
+        if self.latent_share is None:
+            if self.latent_count != 1 or self.latent_extent is not None:
+                raise ConfigError("--latent-count/--latent-size change the latent novel objects that --latent-share "
+                                  "adds: give --latent-share too")
+            return
+        s = self.latent_share
+        if not isinstance(s, (int, float)) or not 0.0 <= s <= 1.0:
+            raise ConfigError(f"--latent-share={s}: expected a share in [0, 1] of a fold's base-class training "
+                              "images that hold one of its novel classes")
+        if not isinstance(self.latent_count, int) or not 1 <= self.latent_count <= LATENT_COUNT_MAX:
+            raise ConfigError(f"--latent-count={self.latent_count}: expected an integer in [1, {LATENT_COUNT_MAX}] "
+                              "(latent objects added per image and fold)")
+        if self.latent_extent is not None:
+            ext = tuple(self.latent_extent)
+            a, b = LATENT_EXTENT_RANGE
+            if len(ext) != 2 or not a <= ext[0] <= ext[1] <= b:
+                raise ConfigError(f"--latent-size={list(self.latent_extent)}: expected LO HI with {a} <= LO <= HI <= "
+                                  f"{b} (object diameter / image side; smaller objects are mostly the 255 band, larger "
+                                  "ones cannot be placed beside the others)")
+        floor = default_latent_share(self)
+        if s < floor - 1e-9:
+            raise ConfigError(f"--latent-share={s}: below what the default generator already produces (~{floor:.2f}); "
+                              "the dial only adds novel objects, so omit --latent-share for the default benchmark")
 
     def to_json(self) -> dict:
-        return json.loads(json.dumps(asdict(self)))
+        d = json.loads(json.dumps(asdict(self)))
+        if self.latent_share is None:  # the default benchmark's meta.json stays byte-identical
+            for k in ("latent_share", "latent_count", "latent_extent"):
+                d.pop(k)
+        return d
 
     def split_sizes(self) -> dict[str, int]:
         return {"train": self.n_train, "val": self.n_val}
@@ -611,6 +655,120 @@ def boundary_band(inst: np.ndarray, width: int) -> np.ndarray:
     return e.astype(bool)
 
 
+def _place_object(rng: np.random.Generator, bank: _Bank, params: SynthParams, img: np.ndarray, inst: np.ndarray,
+                  kept: list[int], full: list[int], cls: int, ext: float, attempts: int = 8) -> bool:
+    """Place one object of class ``cls`` (diameter ``ext`` x image side, shrunk by 0.9 whenever it would hide
+    more than ``1 - min_visible_frac`` of an earlier object); updates img, inst, kept, full. False if no try fits."""
+    H, W = inst.shape
+    side = float(np.sqrt(H * W))
+    shape, tex, _ = _CLASS_SPECS[cls - 1]
+    for _attempt in range(attempts):
+        r = _radius(shape, side * ext)
+        cx, cy = rng.uniform(0.15 * r, W - 0.15 * r), rng.uniform(0.15 * r, H - 0.15 * r)
+        pl = _place_shape(rng, shape, r, cx, cy)
+        if pl is None:
+            continue
+        clip = _clip_hard(pl, H, W)
+        if clip is None:
+            continue
+        sy, sx, hard = clip
+        area = int(hard.sum())
+        if area < params.min_in_frame_frac * pl.hard.sum() or area == 0:
+            continue
+        if kept:
+            counts = np.bincount(inst[sy, sx][hard], minlength=len(kept) + 1)[1:]
+            vis = np.bincount(inst.ravel(), minlength=len(kept) + 1)[1:]
+            if np.any(vis - counts < params.min_visible_frac * np.asarray(full)):
+                ext *= 0.9
+                continue
+        c1, c2 = _class_colours(rng, cls)
+        _composite(img, pl, _texture(rng, bank, tex, pl, c1, c2))
+        inst[sy, sx][hard] = len(kept) + 1
+        kept.append(cls)
+        full.append(area)
+        return True
+    return False
+
+
+# --------------------------------------------------------------------------------------------- latent dial
+
+
+def _fold_of(cls: int) -> int:
+    return (cls - 1) // 5
+
+
+@lru_cache(maxsize=8)
+def _fold_count_hist(objects_per_image_p: tuple, p_same_class: float, draws: int = 20000) -> tuple:
+    """P(an image's sampled classes span k = 1..4 folds), from ``_sample_classes`` itself (fixed generator:
+    the calibration is a property of the generator, not of a dataset seed)."""
+    p = SynthParams(objects_per_image_p=objects_per_image_p, p_same_class=p_same_class)
+    rng = np.random.default_rng(np.random.SeedSequence([_LATENT_STREAM, 0]))
+    hist = np.zeros(NUM_FOLDS + 1)
+    for _ in range(draws):
+        hist[len({_fold_of(c) for c in _sample_classes(rng, p)})] += 1
+    return tuple(hist / draws)
+
+
+def modelled_share(params: SynthParams, rate: float) -> float:
+    """Share of a fold's base-class training images holding one of its novel classes when every training image
+    receives, for each fold absent from it, latent objects of that fold with probability ``rate``.
+
+    Pooled over (image, fold) pairs, for an image whose classes span k folds: each of its k folds f is novel in a
+    base image if k >= 2, or, for k = 1, if any of the 3 absent folds was added (1 - (1 - rate)^3); each of the
+    4 - k absent folds counts as a base image that holds f with probability ``rate``. Assumes every object is
+    placed and every base class qualifies (min_pixels), so it reads a few points above the measured share."""
+    h = _fold_count_hist(tuple(params.objects_per_image_p), float(params.p_same_class))
+    q1 = 1 - (1 - rate) ** (NUM_FOLDS - 1)
+    num = h[1] * q1 + sum(h[k] * k for k in range(2, NUM_FOLDS + 1)) + sum(
+        h[k] * (NUM_FOLDS - k) * rate for k in range(1, NUM_FOLDS + 1))
+    den = h[1] * q1 + sum(h[k] * k for k in range(2, NUM_FOLDS + 1)) + sum(
+        h[k] * (NUM_FOLDS - k) for k in range(1, NUM_FOLDS + 1))
+    return float(num / den)
+
+
+def default_latent_share(params: SynthParams) -> float:
+    """The share the generator gives without latent objects (modelled at rate 0, less the measured offset)."""
+    return modelled_share(params, 0.0) - _SHARE_OFFSET
+
+
+def latent_rate(params: SynthParams) -> float:
+    """The per-(image, absent fold) probability of adding latent objects that gives ``latent_share`` (bisection
+    on :func:`modelled_share`, offset by the measured default's shortfall against the model, ``_SHARE_OFFSET``)."""
+    target = min(1.0, params.latent_share + _SHARE_OFFSET)
+    lo, hi = 0.0, 1.0
+    if modelled_share(params, hi) <= target:
+        return 1.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if modelled_share(params, mid) < target else (lo, mid)
+    return (lo + hi) / 2
+
+
+def latent_dirname(share: float) -> str:
+    """The data directory name of a dial setting: 0.4 -> synth_latent40."""
+    return f"synth_latent{round(100 * share):02d}"
+
+
+def _add_latent_objects(params: SynthParams, index: int, bank: _Bank, img: np.ndarray, inst: np.ndarray,
+                        kept: list[int], full: list[int]) -> None:
+    """The dial: for each fold with no object in this training image, with probability ``latent_rate``, add
+    ``latent_count`` objects of that fold's classes on top (own random stream: the image's other content and
+    every image without latent objects are unchanged)."""
+    rng = np.random.default_rng(np.random.SeedSequence([params.seed, _LATENT_STREAM, index]))
+    rate = latent_rate(params)
+    present = {_fold_of(c) for c in kept}
+    for f in range(NUM_FOLDS):
+        if f in present or rng.random() >= rate:
+            continue
+        for _ in range(params.latent_count):
+            cls = fold_classes(f)[int(rng.integers(5))]
+            if params.latent_extent is None:
+                ext = _sample_extent(rng, params)
+            else:
+                ext = float(rng.uniform(*params.latent_extent))
+            _place_object(rng, bank, params, img, inst, kept, full, cls, ext, attempts=16)
+
+
 def render_image(params: SynthParams, split: str, index: int, bank: _Bank | None = None):
     """Render one image; returns (rgb uint8 HxWx3, label uint8 HxW, list of instance classes)."""
     bank = bank or _get_bank(params)
@@ -634,33 +792,9 @@ def render_image(params: SynthParams, split: str, index: int, bank: _Bank | None
     full: list[int] = []
     kept: list[int] = []
     for cls in _sample_classes(rng, params):
-        shape, tex, _ = _CLASS_SPECS[cls - 1]
-        ext = _sample_extent(rng, params)
-        for _attempt in range(8):
-            r = _radius(shape, side * ext)
-            cx, cy = rng.uniform(0.15 * r, W - 0.15 * r), rng.uniform(0.15 * r, H - 0.15 * r)
-            pl = _place_shape(rng, shape, r, cx, cy)
-            if pl is None:
-                continue
-            clip = _clip_hard(pl, H, W)
-            if clip is None:
-                continue
-            sy, sx, hard = clip
-            area = int(hard.sum())
-            if area < params.min_in_frame_frac * pl.hard.sum() or area == 0:
-                continue
-            if kept:
-                counts = np.bincount(inst[sy, sx][hard], minlength=len(kept) + 1)[1:]
-                vis = np.bincount(inst.ravel(), minlength=len(kept) + 1)[1:]
-                if np.any(vis - counts < params.min_visible_frac * np.asarray(full)):
-                    ext *= 0.9
-                    continue
-            c1, c2 = _class_colours(rng, cls)
-            _composite(img, pl, _texture(rng, bank, tex, pl, c1, c2))
-            inst[sy, sx][hard] = len(kept) + 1
-            kept.append(cls)
-            full.append(area)
-            break
+        _place_object(rng, bank, params, img, inst, kept, full, cls, _sample_extent(rng, params))
+    if params.latent_share is not None and split == "train" and kept:
+        _add_latent_objects(params, index, bank, img, inst, kept, full)
 
     if rng.random() < params.p_occluder and kept:  # thin occluders over the objects (label 0)
         m = np.zeros((H, W), np.uint8)
@@ -984,12 +1118,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                     help="worker processes (the output does not depend on it)")
     ap.add_argument("--force", action="store_true", help="replace a benchmark made with other parameters")
+    ap.add_argument("--latent-share", type=float, default=None, metavar="S",
+                    help="the bias dial: share of a fold's base-class training images that hold one of its novel "
+                         "classes (default: the generator's own, ~0.19; allowed: that to 1). Training images only; "
+                         "write each setting to its own directory (e.g. data/synth_latent40)")
+    ap.add_argument("--latent-count", type=int, default=1, metavar="N",
+                    help=f"latent objects added per (image, fold) that receives them (1..{LATENT_COUNT_MAX}; default 1)")
+    ap.add_argument("--latent-size", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                    help="diameter of the added objects as a fraction of the image side, uniform in [LO, HI] "
+                         f"(within {list(LATENT_EXTENT_RANGE)}; default: the size distribution of every object)")
     a = ap.parse_args(argv)
     short_min = max(1, round(a.size * SynthParams.short_min / SynthParams.size))
     min_px = max(32, round(SynthParams.recommended_min_pixels * (a.size / SynthParams.size) ** 2))
-    params = SynthParams(seed=a.seed, n_train=a.train, n_val=a.val, size=a.size, short_min=short_min,
-                         recommended_min_pixels=min_px)
     try:
+        params = SynthParams(seed=a.seed, n_train=a.train, n_val=a.val, size=a.size, short_min=short_min,
+                             recommended_min_pixels=min_px, latent_share=a.latent_share,
+                             latent_count=a.latent_count,
+                             latent_extent=None if a.latent_size is None else tuple(a.latent_size))
+        params.validate()
+        if params.latent_share is not None and Path(a.out).resolve().name == "synth":
+            raise ConfigError(f"--out {a.out}: a --latent-share benchmark goes to its own directory (e.g. "
+                              f"{Path(a.out).parent / latent_dirname(params.latent_share)}), never the default's")
         res = generate(a.out, params, workers=a.workers, force=a.force)
     except ConfigError as e:
         print(f"fsseg-synth: error: {e}", file=sys.stderr)
@@ -1005,6 +1154,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{_dir_size(Path(a.out)) / 2**20:.1f} MiB in {res['seconds']:.1f} s "
               f"with {a.workers} worker(s)")
         print(f"fsseg-synth: novel objects inside base-class training images: {frac}")
+        share = ", ".join(f"fold{f} {nov[str(f)]['frac_base_images_with_novel']:.3f}" for f in range(NUM_FOLDS))
+        print(f"fsseg-synth: base-class training images holding a novel object (the --latent-share measure): {share}"
+              + ("" if params.latent_share is None else f" (asked {params.latent_share}, rate {latent_rate(params):.3f})"))
         qual = min(c["images_ge_min_pixels"] for c in st["val"]["per_class"])
         print(f"fsseg-synth: recommended min_pixels {params.recommended_min_pixels}; "
               f"fewest val images per class at that size: {qual}")

@@ -1,0 +1,376 @@
+"""fsseg-bias-study: the staged, resumable study of the base-class bias on the embedded benchmark (issue 20).
+
+    make bias-study                 # = python -m fsseg.cli.bias_study run   (stages 1-3, cheapest first, resumable)
+    make bias-figure                # = python -m fsseg.cli.bias_study figure outputs/sweeps/bias-stage1 ...
+    python -m fsseg.cli.bias_study pick      # the stage-1 point the rule picks (or why none), as JSON
+
+The bias: under PFENet's protocol (``data.train_filter=keep``) novel objects inside base-class training images
+are trained as background; BAM's filter (``drop``) removes those images. Stages:
+
+1. ``bias-stage1`` (sweeps/bias/stage1.yaml): fold 0, seed 0, PFENet keep vs drop x the latent-novel dial
+   (data/synth, synth_latent40, synth_latent60: ``fsseg-synth --latent-share``), one column (training length) at a
+   time, 2k, 7k, 20k then 50k episodes; ``fsseg-bias`` scores every run. After each column the rule (:func:`pick`)
+   looks at every finished run; stage 1 stops at the first column where it holds.
+2. ``bias-stage2``: the picked (length, dial) point on 4 folds x 3 seeds (mean ± 95% CI, paired drop - keep).
+3. profile ``bias`` of apanet-table4 (PFENet vs APANet n = 3), celp-table1 (PFENet vs PFENet+CELP) and
+   bam-compare (PFENet, PFENet drop, BAM) at that point, with ``fsseg-bias`` on every run and ``fsseg-lps``
+   (CELP's pseudo-masks on that dataset, per fold).
+
+The point is passed to stages 2 and 3 as overrides (``data.train_episodes_per_epoch``, ``data.source.root``) read
+from ``outputs/sweeps/bias-stage1/pick.json``, never typed by hand. If no point meets the rule within 50k
+episodes, the study stops after stage 1 and says so (the figure shows the curves).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from fsseg.errors import ConfigError
+
+STAGE1, STAGE2 = "bias-stage1", "bias-stage2"
+COLUMNS = ("len2k", "len7k", "len20k", "len50k")  # stage-1 profiles, cheapest first
+DIALS = {"synth": None, "synth_latent40": 0.4, "synth_latent60": 0.6}  # data directory -> --latent-share
+STAGE3 = (("apanet-table4", ["n = 0 (baseline)", "n = 3"]), ("celp-table1", None), ("bam-compare", None))
+# The pick rule (issue 20): novel pixels trained as background cost at least MIN_GAP novel-mIoU points (drop - keep),
+# and fsseg-bias's difference of differences on the keep run is clearly non-zero: at least MIN_BIAS points, above
+# every one of the 12 compare-apanet points at 2k episodes (all within [-2.6, +1.4], docs/notes.md).
+MIN_GAP = 5.0
+MIN_BIAS = 3.0
+PICK_FILE = "pick.json"
+
+
+@dataclass(frozen=True)
+class RunPoint:
+    """What the study reads from one finished run directory (mIoU and bias in %, bias None until fsseg-bias ran)."""
+
+    run_dir: str
+    method: str
+    train_filter: str
+    dial: str  # the data directory's name (synth, synth_latent40, ...)
+    share: float | None  # measured share of base-class training images holding a novel object (meta.json)
+    length: int  # training episodes (train_episodes_per_epoch x max_epochs)
+    per_epoch: int
+    epochs: int
+    fold: int
+    seed: int
+    miou: float
+    bias: float | None
+
+    @property
+    def series(self) -> str:
+        return f"{self.method} {self.train_filter}"
+
+
+def _metric(path: Path) -> float | None:
+    try:
+        return float(json.loads((path / "metrics.json").read_text())["metrics"]["miou"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _measured_share(root: Path) -> float | None:
+    try:
+        nov = json.loads((root / "meta.json").read_text())["novel_in_train"]
+    except (OSError, ValueError, KeyError):
+        return None
+    return sum(v["base_images_with_novel"] for v in nov.values()) / max(1, sum(v["base_images"] for v in nov.values()))
+
+
+def run_bias(run_dir: Path, eval_split: str = "val") -> float | None:
+    """fsseg-bias's measure of a run from its four evaluations on disk (None if one is missing), in %."""
+    from fsseg.cli.bias import BIAS_DIR
+
+    v = {}
+    for split, side in (("train", "train"), (eval_split, "eval")):
+        for subset in ("with_base", "without_base"):
+            v[side, subset] = _metric(run_dir / BIAS_DIR / f"{split}-{subset}")
+    if any(x is None for x in v.values()):
+        return None
+    return 100 * ((v["train", "without_base"] - v["train", "with_base"]) - (v["eval", "without_base"] - v["eval", "with_base"]))
+
+
+def read_run(run_dir: str | os.PathLike) -> RunPoint | None:
+    """A finished run directory (metrics.json + config.yaml) as a RunPoint; None otherwise."""
+    from fsseg.runs import recorded_config
+
+    run_dir = Path(run_dir)
+    miou = _metric(run_dir)
+    cfg = recorded_config(run_dir)
+    if miou is None or cfg is None:
+        return None
+    data, trainer = cfg.get("data", {}), cfg.get("trainer", {})
+    try:
+        root = Path(data["source"]["root"])
+        per_epoch, epochs = int(data["train_episodes_per_epoch"]), int(trainer["max_epochs"])
+        return RunPoint(run_dir=str(run_dir), method=str(cfg.get("method_name", "?")),
+                        train_filter=str(data.get("train_filter", "keep")), dial=root.name,
+                        share=_measured_share(root), length=per_epoch * epochs, per_epoch=per_epoch, epochs=epochs,
+                        fold=int(data["fold"]), seed=int(cfg["seed"]), miou=100 * miou,
+                        bias=run_bias(run_dir, str(data.get("eval_split", "val"))))  # fmt: skip
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"{run_dir}/config.yaml: not a training run of the bias study ({exc!r})") from None
+
+
+def read_runs(paths: Iterable[str | os.PathLike]) -> list[RunPoint]:
+    """Every finished run under ``paths`` (run directories or folders holding them; set-aside ``_stale`` runs and
+    fsseg-bias's own evaluation folders skipped). A run reached twice (hard-linked re-use) counts once."""
+    from fsseg.cli.bias import BIAS_DIR
+
+    found: dict[str, RunPoint] = {}
+    for p in map(Path, paths):
+        if not p.exists():
+            raise ConfigError(f"{p}: no such run directory or folder")
+        cands = [p] if (p / "metrics.json").is_file() else sorted(m.parent for m in p.rglob("metrics.json"))
+        for d in cands:
+            if "_stale" in d.parts or BIAS_DIR in d.relative_to(p).parts:
+                continue
+            r = read_run(d)
+            if r is not None:
+                key = json.dumps([r.method, r.train_filter, r.dial, r.length, r.fold, r.seed])
+                found.setdefault(key, r)
+    return list(found.values())
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
+
+
+def candidates(points: Sequence[RunPoint], method: str = "pfenet") -> list[dict]:
+    """Per (length, dial) where ``method`` has keep and drop runs on the same (fold, seed) points: drop - keep
+    novel mIoU (paired, mean) and the keep runs' mean fsseg-bias measure; cheapest (length, share) first."""
+    by = defaultdict(dict)
+    for r in points:
+        if r.method == method:
+            by[r.length, r.dial][r.train_filter, r.fold, r.seed] = r
+    out = []
+    for (length, dial), runs in by.items():
+        pairs = [(runs["keep", f, s], runs["drop", f, s]) for (flt, f, s) in runs if flt == "keep" and ("drop", f, s) in runs]
+        if not pairs:
+            continue
+        biases = [k.bias for k, _ in pairs if k.bias is not None]
+        share = pairs[0][0].share
+        out.append({"length": length, "dial": dial, "share": share, "points": len(pairs),
+                    "per_epoch": pairs[0][0].per_epoch, "epochs": pairs[0][0].epochs,
+                    "keep": _mean([k.miou for k, _ in pairs]), "drop": _mean([d.miou for _, d in pairs]),
+                    "gap": _mean([d.miou - k.miou for k, d in pairs]),
+                    "bias_keep": _mean(biases) if len(biases) == len(pairs) else None,
+                    "bias_drop": _mean([d.bias for _, d in pairs]) if all(d.bias is not None for _, d in pairs) else None})  # fmt: skip
+    return sorted(out, key=lambda c: (c["length"], c["share"] if c["share"] is not None else 0.0, c["dial"]))
+
+
+def pick(points: Sequence[RunPoint], min_gap: float = MIN_GAP, min_bias: float = MIN_BIAS) -> dict:
+    """The rule: the cheapest (length, dial) point, shorter training first, then the lower share, where
+    drop - keep >= ``min_gap`` and the keep runs' fsseg-bias measure >= ``min_bias`` (both in novel-mIoU points).
+    Returns {"choice": candidate or None, "candidates": [...with "meets" and "why"]}."""
+    cands = candidates(points)
+    choice = None
+    for c in cands:
+        why = []
+        if c["gap"] < min_gap:
+            why.append(f"drop - keep {c['gap']:+.1f} < {min_gap:g}")
+        if c["bias_keep"] is None:
+            why.append("fsseg-bias not run on every keep run")
+        elif c["bias_keep"] < min_bias:
+            why.append(f"bias {c['bias_keep']:+.1f} < {min_bias:g}")
+        c["meets"], c["why"] = not why, "; ".join(why)
+        if not why and choice is None:
+            choice = c
+    return {"choice": choice, "candidates": cands, "rule": {"min_gap": min_gap, "min_bias": min_bias}}
+
+
+def point_overrides(choice: dict) -> list[str]:
+    """Hydra overrides that put a run at the picked point."""
+    return [f"data.train_episodes_per_epoch={choice['per_epoch']}", f"trainer.max_epochs={choice['epochs']}",
+            f"data.source.root=${{paths.data_dir}}/{choice['dial']}"]  # fmt: skip
+
+
+# --------------------------------------------------------------------------- figure
+def figure(points: Sequence[RunPoint], out_dir: str | os.PathLike) -> tuple[Path, Path]:
+    """Novel mIoU and fsseg-bias's measure against training length, one line per (method filter, dial), means
+    over the (fold, seed) points of each length; writes bias_curves.png and bias_curves.csv (the plotted values)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not points:
+        raise ConfigError("no finished runs to plot (give run directories or sweep output folders)")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    groups: dict[tuple[str, str, int], list[RunPoint]] = defaultdict(list)
+    for r in points:
+        groups[r.series, r.dial, r.length].append(r)
+    rows = []
+    for (series, dial, length), rs in sorted(groups.items()):
+        biases = [r.bias for r in rs if r.bias is not None]
+        rows.append({"series": series, "method": rs[0].method, "train_filter": rs[0].train_filter, "dial": dial,
+                     "share": rs[0].share, "length": length, "runs": len(rs), "miou": _mean([r.miou for r in rs]),
+                     "bias_runs": len(biases), "bias": _mean(biases) if biases else math.nan})  # fmt: skip
+    csv_path, png_path = out_dir / "bias_curves.csv", out_dir / "bias_curves.png"
+    with csv_path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    lines = defaultdict(list)
+    for row in rows:
+        lines[row["series"], row["dial"]].append(row)
+    for (series, dial), rs in sorted(lines.items()):
+        share = rs[0]["share"]
+        label = f"{series}, {dial}" + (f" ({share:.2f})" if share is not None else "")
+        style = "--" if rs[0]["train_filter"] == "drop" else "-"
+        xs = [r["length"] for r in rs]
+        axes[0].plot(xs, [r["miou"] for r in rs], style, marker="o", label=label)
+        axes[1].plot(xs, [r["bias"] for r in rs], style, marker="o", label=label)
+    for ax, ylab in zip(axes, ("novel mIoU (%)", "fsseg-bias: (train −base − train +base) − (eval −base − eval +base)")):
+        ax.set_xscale("log")
+        ax.set_xlabel("training episodes")
+        ax.set_ylabel(ylab, fontsize=8 if "fsseg-bias" in ylab else 10)
+        ax.grid(alpha=0.3)
+    axes[1].axhline(0, color="k", lw=0.6)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("Base-class bias on the embedded benchmark: keep (solid) vs drop (dashed); dial share in brackets", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+    return png_path, csv_path
+
+
+# --------------------------------------------------------------------------- the staged run
+def _data_dir() -> Path:
+    return Path(os.environ.get("FSSEG_DATA", "data"))
+
+
+def ensure_datasets(data_dir: Path, seed: int = 0) -> None:
+    """Generate each dial's benchmark where it is missing (fsseg-synth is idempotent)."""
+    from fsseg.data.synth import is_complete
+    from fsseg.data.synth import main as synth_main
+
+    for name, share in DIALS.items():
+        out = data_dir / name
+        if is_complete(out):
+            continue
+        argv = ["--out", str(out), "--seed", str(seed)] + ([] if share is None else ["--latent-share", str(share)])
+        if synth_main(argv) != 0:
+            raise ConfigError(f"fsseg-synth {' '.join(argv)} failed")
+
+
+def _check(rc: int, what: str) -> None:
+    if rc not in (0, None):
+        raise ConfigError(f"{what} exited with {rc}; run `make bias-study` again to resume")
+
+
+def run_study(out: str, jobs: int, episodes: int, until: int, data_dir: Path) -> int:
+    from fsseg.cli.bias import main as bias_main
+    from fsseg.cli.sweep import main as sweep_main
+
+    ensure_datasets(data_dir)
+    common = ["--out", out, "--jobs", str(jobs)]
+    stage1_root = Path(out) / STAGE1
+    result = {"choice": None}
+    for col in COLUMNS:  # stage 1, cheapest column first
+        _check(sweep_main([STAGE1, "--profile", col, *common]), f"fsseg-sweep {STAGE1} --profile {col}")
+        _check(bias_main([STAGE1, "--profile", col, "--out", out, "--episodes", str(episodes)]), f"fsseg-bias {STAGE1}")
+        result = pick(read_runs([stage1_root]))
+        stage1_root.mkdir(parents=True, exist_ok=True)
+        (stage1_root / PICK_FILE).write_text(json.dumps(result, indent=2) + "\n")
+        if result["choice"] is not None:
+            break
+    figure(read_runs([stage1_root]), stage1_root)
+    print(_report(result))
+    if result["choice"] is None:
+        print("bias study: no (length, dial) point meets the rule within 50k episodes; stopping after stage 1 "
+              f"(curves: {stage1_root / 'bias_curves.png'})")  # fmt: skip
+        return 0
+    over = point_overrides(result["choice"])
+    if until >= 2:
+        _check(sweep_main([STAGE2, *over, *common]), f"fsseg-sweep {STAGE2}")
+        _check(bias_main([STAGE2, "--out", out, "--episodes", str(episodes)]), f"fsseg-bias {STAGE2}")
+    if until >= 3:
+        from fsseg.cli.lps import main as lps_main
+
+        dial = result["choice"]["dial"]
+        for name, rows in STAGE3:  # bam-compare's BAM row names that dataset's own stage-1 base learners itself
+            _check(sweep_main([name, "--profile", "bias", *over, *common]), f"fsseg-sweep {name} --profile bias")
+            _check(bias_main([name, "--profile", "bias", "--out", out, "--episodes", str(episodes),
+                              *(["--rows", *rows] if rows else [])]), f"fsseg-bias {name}")  # fmt: skip
+        for fold in range(4):
+            dest = Path(out) / "bias-lps" / dial / f"fold{fold}.json"
+            if not dest.is_file():
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                _check(lps_main([f"data.fold={fold}", over[-1], "--out", str(dest)]), f"fsseg-lps fold {fold}")
+    roots = [stage1_root, Path(out) / STAGE2, *(Path(out) / name / "bias" for name, _ in STAGE3)]
+    png, _ = figure(read_runs([p for p in roots if p.exists()]), Path(out) / "bias-study")
+    print(f"bias study: figure {png}")
+    return 0
+
+
+def _report(result: dict) -> str:
+    rule = result.get("rule", {})
+    head = (f"bias study, stage 1 (rule: drop - keep >= {rule.get('min_gap', MIN_GAP):g} and "
+            f"keep's fsseg-bias >= {rule.get('min_bias', MIN_BIAS):g}, novel-mIoU points):")
+    lines = [head]
+    for c in result.get("candidates", []):
+        b = "—" if c["bias_keep"] is None else f"{c['bias_keep']:+.1f}"
+        lines.append(f"  {c['length']:>6} episodes, {c['dial']:<15} keep {c['keep']:.1f}  drop {c['drop']:.1f}  "
+                     f"gap {c['gap']:+.1f}  bias {b}  {'MEETS' if c['meets'] else c['why']}")  # fmt: skip
+    ch = result.get("choice")
+    lines.append(f"  picked: {ch['length']} episodes on {ch['dial']}" if ch else "  picked: none")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="fsseg-bias-study", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="stages 1-3 (resumable)")
+    r.add_argument("--jobs", type=int, default=1)
+    r.add_argument("--episodes", type=int, default=300, help="fsseg-bias episodes per manifest")
+    r.add_argument("--until", type=int, choices=(1, 2, 3), default=3, help="last stage to run")
+    p = sub.add_parser("pick", help="print the stage-1 point the rule picks (JSON); exit 1 when none")
+    p.add_argument("runs", nargs="*", help="run directories or folders (default: <out>/bias-stage1)")
+    p.add_argument("--min-gap", type=float, default=MIN_GAP)
+    p.add_argument("--min-bias", type=float, default=MIN_BIAS)
+    p.add_argument("--overrides", action="store_true", help="print only the point's Hydra overrides")
+    f = sub.add_parser("figure", help="novel mIoU and the bias measure against training length (PNG + CSV)")
+    f.add_argument("runs", nargs="*", help="run directories or folders (default: <out>/bias-stage1)")
+    f.add_argument("--to", default=None, help="output folder (default: <out>/bias-study)")
+    for s in (r, p, f):
+        s.add_argument("--out", default=os.environ.get("FSSEG_SWEEP_OUT", "outputs/sweeps"), help="sweep output root")
+    a = ap.parse_args(argv)
+    try:
+        if a.cmd == "run":
+            from fsseg.cli.common import environment_defaults
+
+            environment_defaults()
+            return run_study(a.out, a.jobs, a.episodes, a.until, _data_dir())
+        runs = read_runs(a.runs or [Path(a.out) / STAGE1])
+        if a.cmd == "pick":
+            res = pick(runs, a.min_gap, a.min_bias)
+            if a.overrides:
+                if res["choice"] is None:
+                    print(_report(res), file=sys.stderr)
+                    return 1
+                print(" ".join(point_overrides(res["choice"])))
+            else:
+                print(json.dumps(res, indent=2))
+            return 0 if res["choice"] is not None else 1
+        png, csv_path = figure(runs, a.to or Path(a.out) / "bias-study")
+        print(f"written: {png}, {csv_path} ({len(runs)} runs)")
+        return 0
+    except ConfigError as exc:
+        print(f"fsseg-bias-study: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""The bias study's code (issue 20): the stage-1 pick rule and the figure, read from run directories.
+
+The run directories here are fakes (config.yaml + metrics.json + fsseg-bias's four evaluations) with hand-chosen
+numbers; the expected picks, gaps, bias measures and plotted means are computed by hand below."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+from fsseg.cli import bias_study
+from fsseg.cli.bias_study import pick, point_overrides, read_runs
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _dataset(root: Path, share_counts: tuple[int, int]) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    with_novel, base = share_counts
+    nov = {str(f): {"base_images_with_novel": with_novel, "base_images": base} for f in range(4)}
+    (root / "meta.json").write_text(json.dumps({"novel_in_train": nov}))
+    return root
+
+
+def _metrics(d: Path, miou: float) -> None:
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "metrics.json").write_text(json.dumps({"metrics": {"miou": miou}, "episodes": 300}))
+
+
+def _run(out: Path, data: Path, *, method="pfenet", flt="keep", length=2000, fold=0, seed=0, miou=0.40,
+         evals: tuple[float, float, float, float] | None = None) -> Path:
+    """A finished run; ``evals`` = novel mIoU on train +base, train -base, val +base, val -base."""
+    d = out / f"{method}-{flt}-{data.name}-{length}-f{fold}s{seed}"
+    d.mkdir(parents=True)
+    cfg = {"method_name": method, "seed": seed, "trainer": {"max_epochs": 1},
+           "data": {"source": {"root": str(data)}, "train_filter": flt, "train_episodes_per_epoch": length,
+                    "fold": fold, "eval_split": "val"}}
+    (d / "config.yaml").write_text(yaml.safe_dump(cfg))
+    _metrics(d, miou)
+    if evals is not None:
+        for (split, subset), v in zip([("train", "with_base"), ("train", "without_base"), ("val", "with_base"),
+                                       ("val", "without_base")], evals):
+            _metrics(d / "bias" / f"{split}-{subset}", v)
+    return d
+
+
+def _evals(bias_points: float) -> tuple[float, float, float, float]:
+    """Four evaluations whose difference of differences is ``bias_points`` (in %): (0.50 - 0.30) - (0.50 - x)."""
+    return (0.30, 0.50, 0.50 - 0.20 + bias_points / 100, 0.50)
+
+
+@pytest.fixture
+def stage1(tmp_path):
+    data = tmp_path / "data"
+    d0 = _dataset(data / "synth", (190, 1000))
+    d40 = _dataset(data / "synth_latent40", (400, 1000))
+    out = tmp_path / "runs"
+    # (length, dataset): keep mIoU, drop mIoU, keep's bias (points)
+    table = {(2000, d0): (0.40, 0.42, 4.0),   # gap +2.0: too small
+             (2000, d40): (0.38, 0.44, 1.0),  # gap +6.0, bias +1.0: not clearly non-zero
+             (7000, d0): (0.45, 0.505, 3.5),  # gap +5.5, bias +3.5: meets, cheapest
+             (7000, d40): (0.41, 0.49, 5.0)}  # meets too, but the higher share
+    for (length, ds), (keep, drop, b) in table.items():
+        _run(out, ds, flt="keep", length=length, miou=keep, evals=_evals(b))
+        _run(out, ds, flt="drop", length=length, miou=drop, evals=_evals(0.0))
+    return out
+
+
+def test_pick_takes_the_cheapest_point_that_meets_the_rule(stage1):
+    res = pick(read_runs([stage1]))
+    ch = res["choice"]
+    assert (ch["length"], Path(ch["dial"]).name) == (7000, "synth")
+    assert ch["gap"] == pytest.approx(5.5) and ch["bias_keep"] == pytest.approx(3.5)
+    assert ch["share"] == pytest.approx(0.19)
+    cands = {(c["length"], c["dial"]): c for c in res["candidates"]}
+    assert not cands[2000, "synth"]["meets"] and "drop - keep +2.0 < 5" in cands[2000, "synth"]["why"]
+    assert not cands[2000, "synth_latent40"]["meets"] and "bias +1.0 < 3" in cands[2000, "synth_latent40"]["why"]
+    assert cands[7000, "synth_latent40"]["meets"]
+    assert [(c["length"], c["dial"]) for c in res["candidates"]] == [
+        (2000, "synth"), (2000, "synth_latent40"), (7000, "synth"), (7000, "synth_latent40")]
+    assert point_overrides(ch) == ["data.train_episodes_per_epoch=7000", "trainer.max_epochs=1",
+                                   "data.source.root=${paths.data_dir}/synth"]
+    # a stricter rule moves the pick to the other dial; a stricter still finds none
+    assert pick(read_runs([stage1]), min_gap=6.0)["choice"]["dial"] == "synth_latent40"
+    assert pick(read_runs([stage1]), min_gap=9.0)["choice"] is None
+
+
+def test_pick_needs_fsseg_bias_on_the_keep_runs(tmp_path):
+    ds = _dataset(tmp_path / "synth", (190, 1000))
+    _run(tmp_path / "runs", ds, flt="keep", miou=0.30)  # no bias evaluations yet
+    _run(tmp_path / "runs", ds, flt="drop", miou=0.45, evals=_evals(0.0))
+    res = pick(read_runs([tmp_path / "runs"]))
+    assert res["choice"] is None and "fsseg-bias not run" in res["candidates"][0]["why"]
+
+
+def test_pick_cli_prints_the_overrides(stage1, capsys):
+    assert bias_study.main(["pick", str(stage1), "--overrides"]) == 0
+    assert capsys.readouterr().out.split() == point_overrides(pick(read_runs([stage1]))["choice"])
+    assert bias_study.main(["pick", str(stage1), "--overrides", "--min-gap", "50"]) == 1
+    assert bias_study.main(["pick", str(stage1 / "nope")]) == 2
+
+
+def test_figure_plots_means_from_the_run_directories(tmp_path):
+    ds = _dataset(tmp_path / "synth_latent40", (400, 1000))
+    runs = tmp_path / "runs"
+    _run(runs, ds, flt="keep", length=2000, seed=0, miou=0.30, evals=_evals(2.0))
+    _run(runs, ds, flt="keep", length=2000, seed=1, miou=0.40, evals=_evals(4.0))
+    _run(runs, ds, flt="drop", length=2000, seed=0, miou=0.50)
+    _run(runs, ds, flt="keep", length=7000, seed=0, miou=0.20, evals=_evals(6.0))
+    _run(runs, ds, method="apanet", flt="keep", length=2000, seed=0, miou=0.35, evals=_evals(-1.0))
+    (runs / "junk").mkdir()  # a folder without a run is ignored
+    assert bias_study.main(["figure", str(runs), "--to", str(tmp_path / "fig")]) == 0
+    png, table = tmp_path / "fig" / "bias_curves.png", tmp_path / "fig" / "bias_curves.csv"
+    with Image.open(png) as im:
+        assert im.size[0] > 500 and im.size[1] > 200
+    rows = {(r["series"], int(r["length"])): r for r in csv.DictReader(table.open())}
+    assert set(rows) == {("pfenet keep", 2000), ("pfenet keep", 7000), ("pfenet drop", 2000), ("apanet keep", 2000)}
+    k2 = rows["pfenet keep", 2000]
+    assert float(k2["miou"]) == pytest.approx(35.0) and float(k2["bias"]) == pytest.approx(3.0)
+    assert int(k2["runs"]) == 2 and float(k2["share"]) == pytest.approx(0.4) and k2["dial"] == "synth_latent40"
+    assert float(rows["pfenet keep", 7000]["bias"]) == pytest.approx(6.0)
+    assert rows["pfenet drop", 2000]["bias"] == "nan" and int(rows["pfenet drop", 2000]["bias_runs"]) == 0
+    assert float(rows["apanet keep", 2000]["bias"]) == pytest.approx(-1.0)
+    assert bias_study.main(["figure", str(tmp_path / "empty_dir_missing")]) == 2
+
+
+def test_make_targets_run_the_study_and_the_figure():
+    env = {**os.environ, "MAKEFLAGS": ""}
+    out = subprocess.run(["make", "-n", "-o", ".venv/.fsseg-installed", "bias-study", "bias-figure", "synth-dial"],
+                         cwd=REPO, capture_output=True, text=True, env=env, check=False)  # fmt: skip
+    assert "-m fsseg.cli.bias_study run" in out.stdout, out.stdout + out.stderr
+    assert "-m fsseg.cli.bias_study figure" in out.stdout
+    assert "--latent-share 0.4" in out.stdout and "--latent-share 0.6" in out.stdout
+
+
+def test_run_stages_stop_at_the_first_column_that_meets_the_rule(tmp_path, monkeypatch):
+    """The driver's staging with the trainers replaced by fakes that write run directories: stage 1 runs the
+    columns cheapest first and stops at 7k (the first that meets the rule); stages 2 and 3 get the picked point as
+    overrides; BAM gets that dataset's base learners; fsseg-lps runs once per fold; pick.json and the figure exist."""
+    import fsseg.cli.bias
+    import fsseg.cli.lps
+    import fsseg.cli.sweep
+
+    data = tmp_path / "data"
+    dsets = {"synth": _dataset(data / "synth", (190, 1000)), "synth_latent40": _dataset(data / "synth_latent40", (400, 1000)),
+             "synth_latent60": _dataset(data / "synth_latent60", (600, 1000))}  # fmt: skip
+    out = tmp_path / "sweeps"
+    calls: list[list[str]] = []
+    # (length, dial) -> keep, drop, keep's bias: only (7000, synth_latent40) and (20000, *) meet the rule
+    values = {2000: (0.40, 0.42, 1.0), 7000: (0.40, 0.43, 4.0), 20000: (0.40, 0.47, 4.0)}
+
+    def fake_sweep(argv):
+        calls.append(list(argv))
+        if argv[0] == "bias-stage1" and not (out / "bias-stage1" / argv[2]).exists():  # resumable: done is done
+            length = {"len2k": 2000, "len7k": 7000, "len20k": 20000, "len50k": 50000}[argv[2]]
+            for name, ds in dsets.items():
+                keep, drop, b = values[length]
+                if name == "synth_latent40" and length == 7000:
+                    drop = 0.47
+                _run(out / "bias-stage1" / argv[2], ds, flt="keep", length=length, miou=keep, evals=_evals(b))
+                _run(out / "bias-stage1" / argv[2], ds, flt="drop", length=length, miou=drop, evals=_evals(0.0))
+        return 0
+
+    monkeypatch.setattr(fsseg.cli.sweep, "main", fake_sweep)
+    monkeypatch.setattr(fsseg.cli.bias, "main", lambda argv: calls.append(["fsseg-bias", *argv]) or 0)
+    monkeypatch.setattr(fsseg.cli.lps, "main", lambda argv: calls.append(["fsseg-lps", *argv]))
+    monkeypatch.setattr(bias_study, "ensure_datasets", lambda d: None)
+    assert bias_study.run_study(str(out), 1, 300, 3, data) == 0
+    sweeps = [c for c in calls if c[0] not in ("fsseg-bias", "fsseg-lps")]
+    point = ["data.train_episodes_per_epoch=7000", "trainer.max_epochs=1", "data.source.root=${paths.data_dir}/synth_latent40"]
+    assert [c[:3] for c in sweeps[:2]] == [["bias-stage1", "--profile", "len2k"], ["bias-stage1", "--profile", "len7k"]]
+    assert sweeps[2][:4] == ["bias-stage2", *point]
+    assert [c[:3] for c in sweeps[3:]] == [[n, "--profile", "bias"] for n in ("apanet-table4", "celp-table1", "bam-compare")]
+    assert all(c[3:6] == point for c in sweeps[3:])
+    assert len(sweeps) == 6  # no 20k/50k column once the rule held
+    lps = [c for c in calls if c[0] == "fsseg-lps"]
+    assert [c[1:3] for c in lps] == [[f"data.fold={f}", point[2]] for f in range(4)]
+    pick_json = json.loads((out / "bias-stage1" / "pick.json").read_text())
+    assert pick_json["choice"]["dial"] == "synth_latent40" and pick_json["choice"]["gap"] == pytest.approx(7.0)
+    assert (out / "bias-stage1" / "bias_curves.png").is_file() and (out / "bias-study" / "bias_curves.csv").is_file()
+    # stage 1 only: no stage 2 or 3
+    calls.clear()
+    assert bias_study.run_study(str(out), 1, 300, 1, data) == 0
+    assert {c[0] for c in calls if c[0] not in ("fsseg-bias", "fsseg-lps")} == {"bias-stage1"}
