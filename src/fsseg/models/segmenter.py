@@ -401,7 +401,7 @@ class FewShotSegmenter(L.LightningModule):
         if not isinstance(strategy, DDPStrategy) or strategy._ddp_kwargs.get("find_unused_parameters", False):
             return
         idle = [f"{name}.{p}" for name in ("head", "decoder", "ensemble") for p in
-                getattr(getattr(self, name), "parameters_without_gradient", lambda: [])()]  # fmt: skip
+                getattr(getattr(self, name), "parameters_without_gradient", list)()]  # fmt: skip
         if idle:
             raise ConfigError(
                 f"DDP without find_unused_parameters, but {len(idle)} trainable parameters never get a gradient "
