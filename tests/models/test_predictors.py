@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import pytest
 import torch
+from test_segmenter import TinyEncoder
 from torch import nn
 
 from fsseg.data import batch as B
@@ -14,21 +13,6 @@ from fsseg.models.losses import CrossEntropy
 from fsseg.models.pfenet import FeatureEnrichmentModule, PriorPrototypeHead
 from fsseg.models.predictors import FrozenPredictor
 from fsseg.models.segmenter import FewShotSegmenter
-
-
-class TinyEncoder(nn.Module):
-    tap_channels: ClassVar[dict[str, int]] = {"mid": 6, "high": 4}
-
-    def __init__(self):
-        super().__init__()
-        self.mid = nn.Conv2d(3, 6, 3, stride=4, padding=1)
-        self.high = nn.Conv2d(6, 4, 1)
-        for p in self.parameters():
-            p.requires_grad_(False)
-
-    def forward(self, x):
-        m = self.mid(x)
-        return {"mid": m, "high": self.high(m)}
 
 
 class ConvPredictorModel(nn.Module):
