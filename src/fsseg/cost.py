@@ -22,19 +22,27 @@ from torch.utils.flop_counter import FlopCounterMode
 __all__ = ["episode_batch", "model_cost"]
 
 
-def episode_batch(size: int, shots: int = 1, batch: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A random episode batch: images (normal noise), masks with about 40% foreground, class index 0."""
+def episode_batch(
+    size: int, shots: int = 1, batch: int = 1, seed: int = 0, generator: torch.Generator | None = None,
+    base_label: bool = False,
+) -> dict[str, torch.Tensor]:
+    """A random episode batch: images (normal noise), masks with about 40% foreground, class index 0; drawn from
+    ``generator`` when given (successive batches of one stream), else from ``seed``; ``base_label`` adds a random
+    query base-class label map (the base learner's training target)."""
     from fsseg.data import batch as B
 
-    g = torch.Generator().manual_seed(seed)
+    g = generator if generator is not None else torch.Generator().manual_seed(seed)
     mask = lambda *s: (torch.rand(*s, generator=g) > 0.6).long()
-    return {
+    out = {
         B.QUERY_IMG: torch.randn(batch, 3, size, size, generator=g),
         B.SUPPORT_IMGS: torch.randn(batch, shots, 3, size, size, generator=g),
         B.QUERY_MASK: mask(batch, size, size),
         B.SUPPORT_MASKS: mask(batch, shots, size, size),
-        B.CLASS_IDX: torch.zeros(batch, dtype=torch.long),
     }
+    if base_label:
+        out[B.QUERY_BASE_LABEL] = mask(batch, size, size)
+    out[B.CLASS_IDX] = torch.zeros(batch, dtype=torch.long)
+    return out
 
 
 MODULE_OPS = ("convolution", "addmm", "mm")  # what module-hook counters (thop) see: Conv and Linear layers

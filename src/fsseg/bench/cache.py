@@ -31,6 +31,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from fsseg.cli.common import config_dir
+from fsseg.cost import episode_batch
 from fsseg.data import batch as B
 from fsseg.models import encoders
 
@@ -64,15 +65,7 @@ def build_model(full: bool, overrides: list[str]):
 
 
 def image_batch(gen: torch.Generator, size: int = SIZE, batch: int = BATCH) -> dict[str, torch.Tensor]:
-    mask = lambda *s: (torch.rand(*s, generator=gen) > 0.6).long()
-    return {
-        B.QUERY_IMG: torch.randn(batch, 3, size, size, generator=gen),
-        B.SUPPORT_IMGS: torch.randn(batch, SHOTS, 3, size, size, generator=gen),
-        B.QUERY_MASK: mask(batch, size, size),
-        B.SUPPORT_MASKS: mask(batch, SHOTS, size, size),
-        B.QUERY_BASE_LABEL: mask(batch, size, size),
-        B.CLASS_IDX: torch.zeros(batch, dtype=torch.long),
-    }
+    return episode_batch(size, SHOTS, batch, generator=gen, base_label=True)
 
 
 def cached_batch(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
