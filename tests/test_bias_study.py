@@ -189,3 +189,37 @@ def test_run_stages_stop_at_the_first_column_that_meets_the_rule(tmp_path, monke
     calls.clear()
     assert bias_study.run_study(str(out), 1, 300, 1, data) == 0
     assert {c[0] for c in calls if c[0] not in ("fsseg-bias", "fsseg-lps")} == {"bias-stage1"}
+
+
+def _collapse(run_dir: Path, fp_rate: float) -> None:
+    rec = json.loads((run_dir / "metrics.json").read_text())
+    rec["metrics"]["fp_rate"] = fp_rate
+    (run_dir / "metrics.json").write_text(json.dumps(rec))
+
+
+def test_pick_leaves_out_pairs_that_collapsed_to_all_background(tmp_path):
+    """A run with mIoU 0 and no false positive predicted no foreground at all (the all-background start); a pair
+    holding one is left out of the means, and a point left with no pair does not qualify."""
+    ds = _dataset(tmp_path / "synth_latent60", (600, 1000))
+    runs = tmp_path / "runs"
+    # seed 0: both stuck at all-background; seed 1: gap 6.0, bias 4.0 -> the point meets on seed 1 alone
+    k0 = _run(runs, ds, flt="keep", seed=0, miou=0.0, evals=_evals(0.0))
+    d0 = _run(runs, ds, flt="drop", seed=0, miou=0.0, evals=_evals(0.0))
+    _collapse(k0, 0.0), _collapse(d0, 0.0)
+    _collapse(_run(runs, ds, flt="keep", seed=1, miou=0.30, evals=_evals(4.0)), 0.02)
+    _collapse(_run(runs, ds, flt="drop", seed=1, miou=0.36, evals=_evals(0.0)), 0.03)
+    res = pick(read_runs([runs]))
+    c = res["candidates"][0]
+    assert (c["points"], c["collapsed"]) == (1, 1) and c["meets"]
+    assert c["gap"] == pytest.approx(6.0) and c["bias_keep"] == pytest.approx(4.0)
+    assert "1 collapsed pair(s) left out" in bias_study._report(res)
+    # keep alone collapsed on seed 1 as well (mIoU 0, fp 0): no pair left, the point does not qualify;
+    # mIoU 0 with false positives is a bad run, not a collapsed one, and stays in
+    _collapse(runs / "pfenet-keep-synth_latent60-2000-f0s1", 0.0)
+    (runs / "pfenet-keep-synth_latent60-2000-f0s1" / "metrics.json").write_text(
+        json.dumps({"metrics": {"miou": 0.0, "fp_rate": 0.0}, "episodes": 300}))
+    res = pick(read_runs([runs]))
+    assert res["choice"] is None and res["candidates"][0]["why"] == "all 2 (fold, seed) pairs collapsed to all-background"
+    _collapse(k0, 0.01), _collapse(d0, 0.01)
+    c = pick(read_runs([runs]))["candidates"][0]
+    assert (c["points"], c["collapsed"]) == (1, 1) and c["gap"] == pytest.approx(0.0)

@@ -64,15 +64,22 @@ class RunPoint:
     seed: int
     miou: float
     bias: float | None
+    fp_rate: float | None = None  # test false-positive rate (fraction); None in runs recorded without it
+
+    @property
+    def collapsed(self) -> bool:
+        """Predicted no foreground anywhere on its test episodes: mIoU 0 (no true positive) and no false positive.
+        Such a run never left the all-background start; it says nothing about what the filter did."""
+        return self.miou == 0.0 and self.fp_rate == 0.0
 
     @property
     def series(self) -> str:
         return f"{self.method} {self.train_filter}"
 
 
-def _metric(path: Path) -> float | None:
+def _metric(path: Path, key: str = "miou") -> float | None:
     try:
-        return float(json.loads((path / "metrics.json").read_text())["metrics"]["miou"])
+        return float(json.loads((path / "metrics.json").read_text())["metrics"][key])
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -115,7 +122,8 @@ def read_run(run_dir: str | os.PathLike) -> RunPoint | None:
                         train_filter=str(data.get("train_filter", "keep")), dial=root.name,
                         share=_measured_share(root), length=per_epoch * epochs, per_epoch=per_epoch, epochs=epochs,
                         fold=int(data["fold"]), seed=int(cfg["seed"]), miou=100 * miou,
-                        bias=run_bias(run_dir, str(data.get("eval_split", "val"))))  # fmt: skip
+                        bias=run_bias(run_dir, str(data.get("eval_split", "val"))),
+                        fp_rate=_metric(run_dir, "fp_rate"))  # fmt: skip
     except (KeyError, TypeError, ValueError) as exc:
         raise ConfigError(f"{run_dir}/config.yaml: not a training run of the bias study ({exc!r})") from None
 
@@ -146,41 +154,56 @@ def _mean(values: Sequence[float]) -> float:
 
 def candidates(points: Sequence[RunPoint], method: str = "pfenet") -> list[dict]:
     """Per (length, dial) where ``method`` has keep and drop runs on the same (fold, seed) points: drop - keep
-    novel mIoU (paired, mean) and the keep runs' mean fsseg-bias measure; cheapest (length, share) first."""
+    novel mIoU (paired, mean) and the keep runs' mean fsseg-bias measure; cheapest (length, share) first.
+    A pair where either run `collapsed` (no foreground predicted at all) is left out of the means and counted
+    in ``collapsed``: a run stuck at the all-background start is an optimisation failure, not the bias (under
+    ``drop`` no novel pixel was ever trained as background)."""
     by = defaultdict(dict)
     for r in points:
         if r.method == method:
             by[r.length, r.dial][r.train_filter, r.fold, r.seed] = r
     out = []
     for (length, dial), runs in by.items():
-        pairs = [(runs["keep", f, s], runs["drop", f, s]) for (flt, f, s) in runs if flt == "keep" and ("drop", f, s) in runs]
+        paired = [(runs["keep", f, s], runs["drop", f, s]) for (flt, f, s) in runs if flt == "keep" and ("drop", f, s) in runs]
+        if not paired:
+            continue
+        pairs = [(k, d) for k, d in paired if not (k.collapsed or d.collapsed)]
+        collapsed = len(paired) - len(pairs)
         if not pairs:
+            out.append({"length": length, "dial": dial, "share": paired[0][0].share, "points": 0,
+                        "collapsed": collapsed, "per_epoch": paired[0][0].per_epoch, "epochs": paired[0][0].epochs,
+                        "keep": math.nan, "drop": math.nan, "gap": math.nan, "bias_keep": None, "bias_drop": None})  # fmt: skip
             continue
         biases = [k.bias for k, _ in pairs if k.bias is not None]
         share = pairs[0][0].share
-        out.append({"length": length, "dial": dial, "share": share, "points": len(pairs),
+        out.append({"length": length, "dial": dial, "share": share, "points": len(pairs), "collapsed": collapsed,
                     "per_epoch": pairs[0][0].per_epoch, "epochs": pairs[0][0].epochs,
                     "keep": _mean([k.miou for k, _ in pairs]), "drop": _mean([d.miou for _, d in pairs]),
                     "gap": _mean([d.miou - k.miou for k, d in pairs]),
                     "bias_keep": _mean(biases) if len(biases) == len(pairs) else None,
                     "bias_drop": _mean([d.bias for _, d in pairs]) if all(d.bias is not None for _, d in pairs) else None})  # fmt: skip
-    return sorted(out, key=lambda c: (c["length"], c["share"] if c["share"] is not None else 0.0, c["dial"]))
+    # a dataset not on disk here (a relative root read from another folder) has no measured share: its nominal one
+    return sorted(out, key=lambda c: (c["length"], c["share"] if c["share"] is not None else DIALS.get(c["dial"]) or 0.0, c["dial"]))
 
 
 def pick(points: Sequence[RunPoint], min_gap: float = MIN_GAP, min_bias: float = MIN_BIAS) -> dict:
     """The rule: the cheapest (length, dial) point, shorter training first, then the lower share, where
-    drop - keep >= ``min_gap`` and the keep runs' fsseg-bias measure >= ``min_bias`` (both in novel-mIoU points).
+    drop - keep >= ``min_gap`` and the keep runs' fsseg-bias measure >= ``min_bias`` (both in novel-mIoU points),
+    on the pairs where neither run collapsed to all-background (a point with none left does not qualify).
     Returns {"choice": candidate or None, "candidates": [...with "meets" and "why"]}."""
     cands = candidates(points)
     choice = None
     for c in cands:
         why = []
-        if c["gap"] < min_gap:
-            why.append(f"drop - keep {c['gap']:+.1f} < {min_gap:g}")
-        if c["bias_keep"] is None:
-            why.append("fsseg-bias not run on every keep run")
-        elif c["bias_keep"] < min_bias:
-            why.append(f"bias {c['bias_keep']:+.1f} < {min_bias:g}")
+        if not c["points"]:
+            why.append(f"all {c['collapsed']} (fold, seed) pairs collapsed to all-background")
+        else:
+            if c["gap"] < min_gap:
+                why.append(f"drop - keep {c['gap']:+.1f} < {min_gap:g}")
+            if c["bias_keep"] is None:
+                why.append("fsseg-bias not run on every keep run")
+            elif c["bias_keep"] < min_bias:
+                why.append(f"bias {c['bias_keep']:+.1f} < {min_bias:g}")
         c["meets"], c["why"] = not why, "; ".join(why)
         if not why and choice is None:
             choice = c
@@ -322,7 +345,8 @@ def _report(result: dict) -> str:
     for c in result.get("candidates", []):
         b = "—" if c["bias_keep"] is None else f"{c['bias_keep']:+.1f}"
         lines.append(f"  {c['length']:>6} episodes, {c['dial']:<15} keep {c['keep']:.1f}  drop {c['drop']:.1f}  "
-                     f"gap {c['gap']:+.1f}  bias {b}  {'MEETS' if c['meets'] else c['why']}")  # fmt: skip
+                     f"gap {c['gap']:+.1f}  bias {b}  {'MEETS' if c['meets'] else c['why']}"
+                     + (f"  ({c['collapsed']} collapsed pair(s) left out)" if c["collapsed"] else ""))  # fmt: skip
     ch = result.get("choice")
     lines.append(f"  picked: {ch['length']} episodes on {ch['dial']}" if ch else "  picked: none")
     return "\n".join(lines)
