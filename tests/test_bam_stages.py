@@ -37,7 +37,7 @@ def test_stage2_without_stage1_names_the_file_and_the_command(synth_root, tmp_pa
         instantiate(cfg.model, num_eval_classes=5)
 
 
-def test_base_learner_then_bam(synth_root, tmp_path):
+def test_base_learner_then_bam(synth_root, tmp_path, monkeypatch):
     stage1 = ["task=base", "+trainer.limit_train_batches=3", "+trainer.limit_val_batches=2", "+trainer.limit_test_batches=2",
               "base_task.encoder_frozen=false", "base_task.encoder_bn=train"]  # BAM's form: the backbone fine-tuned
     cfg1 = compose(_overrides(synth_root, tmp_path, *stage1))
@@ -55,7 +55,19 @@ def test_base_learner_then_bam(synth_root, tmp_path):
     assert 0.0 <= metrics["miou"] <= 1.0 and len(metrics["class_iou"]) == 5
     # BAM's claim, measured on every evaluation: base-class pixels predicted foreground, final and meta outputs
     assert 0.0 <= metrics["base_fp_rate"] <= 1.0 and 0.0 <= metrics["base_fp_rate_meta"] <= 1.0
-    ckpt = torch.load(tmp_path / "stage2" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    # the meta learner alone is scored too (test/*_meta): the same numbers as scoring meta_logits as the output
+    from fsseg.cli.evaluate import evaluate
+    from fsseg.models.segmenter import FewShotSegmenter
+
+    last = tmp_path / "stage2" / "checkpoints" / "last.ckpt"
+    final = evaluate(cfg2, last, compose([], "eval").trainer, tmp_path / "ev_final")
+    forward = FewShotSegmenter.forward
+    monkeypatch.setattr(FewShotSegmenter, "forward", lambda self, b: {**(o := forward(self, b)), "logits": o["meta_logits"]})
+    meta = evaluate(cfg2, last, compose([], "eval").trainer, tmp_path / "ev_meta")
+    for key in ("miou", "fbiou", "fp_rate", "fn_rate"):
+        assert final[f"{key}_meta"] == pytest.approx(meta[key], abs=1e-6), key
+    assert meta["base_fp_rate"] == pytest.approx(final["base_fp_rate_meta"], abs=1e-6)
+    ckpt = torch.load(last, weights_only=True)["state_dict"]
     # the frozen base learner and the stage-1 encoder reached stage 2 unchanged
     for key, value in blob["state_dict"].items():
         if key.startswith("head."):

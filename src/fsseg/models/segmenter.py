@@ -282,6 +282,7 @@ class FewShotSegmenter(L.LightningModule):
         self.test_iou = FewShotIoU(num_eval_classes)
         # base-class pixels predicted foreground (final output; and the decoder's own when an ensemble follows)
         self.test_base_fp = nn.ModuleDict({"final": BaseClassFalsePositives(), "meta": BaseClassFalsePositives()})
+        self.test_iou_meta = FewShotIoU(num_eval_classes)  # a method with an ensemble: its meta learner alone
         # per-episode measurements parts report at evaluation (`_diagnose`): split -> name -> running mean
         self.diagnostic_means = nn.ModuleDict({"val": nn.ModuleDict(), "test": nn.ModuleDict()})
 
@@ -586,10 +587,13 @@ class FewShotSegmenter(L.LightningModule):
             net_logits = upsample_logits(out["logits"], size)  # = predict(batch)
             if self.tta_scales != (1.0,):
                 net_logits, out = self._test_time_scales(batch, out, net_logits)
+            meta = upsample_logits(out["meta_logits"], size) if "meta_logits" in out else None
             if base_fp is not None and B.QUERY_BASE_LABEL in batch:  # at network size, where the base label is
                 base_fp["final"].update(net_logits, batch[B.QUERY_BASE_LABEL])
-                if "meta_logits" in out:
-                    base_fp["meta"].update(upsample_logits(out["meta_logits"], size), batch[B.QUERY_BASE_LABEL])
+                if meta is not None:
+                    base_fp["meta"].update(meta, batch[B.QUERY_BASE_LABEL])
+            if meta is not None and metric is self.test_iou:
+                self.test_iou_meta.update(*self.score_logits(batch, meta), batch[B.CLASS_IDX])
             logits, target = self.score_logits(batch, net_logits)
             self._diagnose(out, batch, "test" if metric is self.test_iou else "val")
         metric.update(logits, target, batch[B.CLASS_IDX])
@@ -675,6 +679,11 @@ class FewShotSegmenter(L.LightningModule):
             if int(values["pixels"]) > 0:
                 self.log(f"test/{key}", float(values["rate"]), sync_dist=False)
             self.test_base_fp[name].reset()
+        if int(self.test_iou_meta.episodes) > 0:  # the ensemble's own contribution = final - meta
+            values = self.test_iou_meta.compute()
+            for key in ("miou", "fbiou", "fp_rate", "fn_rate"):
+                self.log(f"test/{key}_meta", float(values[key]), sync_dist=False)
+            self.test_iou_meta.reset()
 
     def _log_metric(self, split: str, metric: FewShotIoU) -> None:
         """Log the reduced metric (states are summed across ranks by ``compute``): scalars and per-class IoU,
