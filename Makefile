@@ -92,7 +92,7 @@ predictors: $(STAMP) ## PAHNet's prototype predictor runs on the embedded benchm
 	    trainer.enable_progress_bar=false hydra.run.dir=$$dir || exit 1; \
 	done
 
-compare-bam: base-learners ## Embedded benchmark, 4 folds x 3 seeds: PFENet, PFENet under BAM's filter, BAM with the reference's ensemble loss and with its NLL reading (resumable)
+compare-bam: base-learners ## Embedded benchmark, 4 folds x 3 seeds: PFENet, PFENet under BAM's filter, BAM as the reference, with the ensemble NLL, at lr 5e-4 (resumable)
 	$(SWEEP_ENV) $(VENV)/bin/fsseg-sweep bam-compare --profile folds $(SWEEP_ARGS)
 
 compare-i2r: base-learners ## Embedded benchmark, 4 folds x 3 seeds: BAM vs I2R and Table 3's rows (I2R ~4x a PFENet step: hours; resumable)
