@@ -167,21 +167,15 @@ def candidates(points: Sequence[RunPoint], method: str = "pfenet") -> list[dict]
         paired = [(runs["keep", f, s], runs["drop", f, s]) for (flt, f, s) in runs if flt == "keep" and ("drop", f, s) in runs]
         if not paired:
             continue
-        pairs = [(k, d) for k, d in paired if not (k.collapsed or d.collapsed)]
-        collapsed = len(paired) - len(pairs)
-        if not pairs:
-            out.append({"length": length, "dial": dial, "share": paired[0][0].share, "points": 0,
-                        "collapsed": collapsed, "per_epoch": paired[0][0].per_epoch, "epochs": paired[0][0].epochs,
-                        "keep": math.nan, "drop": math.nan, "gap": math.nan, "bias_keep": None, "bias_drop": None})  # fmt: skip
-            continue
-        biases = [k.bias for k, _ in pairs if k.bias is not None]
-        share = pairs[0][0].share
-        out.append({"length": length, "dial": dial, "share": share, "points": len(pairs), "collapsed": collapsed,
-                    "per_epoch": pairs[0][0].per_epoch, "epochs": pairs[0][0].epochs,
+        pairs = [(k, d) for k, d in paired if not (k.collapsed or d.collapsed)]  # _mean of none is NaN
+        ref = paired[0][0]
+        keep_bias, drop_bias = [k.bias for k, _ in pairs], [d.bias for _, d in pairs]
+        out.append({"length": length, "dial": dial, "share": ref.share, "points": len(pairs),
+                    "collapsed": len(paired) - len(pairs), "per_epoch": ref.per_epoch, "epochs": ref.epochs,
                     "keep": _mean([k.miou for k, _ in pairs]), "drop": _mean([d.miou for _, d in pairs]),
                     "gap": _mean([d.miou - k.miou for k, d in pairs]),
-                    "bias_keep": _mean(biases) if len(biases) == len(pairs) else None,
-                    "bias_drop": _mean([d.bias for _, d in pairs]) if all(d.bias is not None for _, d in pairs) else None})  # fmt: skip
+                    "bias_keep": _mean(keep_bias) if pairs and None not in keep_bias else None,
+                    "bias_drop": _mean(drop_bias) if pairs and None not in drop_bias else None})  # fmt: skip
     # a dataset not on disk here (a relative root read from another folder) has no measured share: its nominal one
     return sorted(out, key=lambda c: (c["length"], c["share"] if c["share"] is not None else DIALS.get(c["dial"]) or 0.0, c["dial"]))
 

@@ -587,12 +587,13 @@ class FewShotSegmenter(L.LightningModule):
             net_logits = upsample_logits(out["logits"], size)  # = predict(batch)
             if self.tta_scales != (1.0,):
                 net_logits, out = self._test_time_scales(batch, out, net_logits)
-            meta = upsample_logits(out["meta_logits"], size) if "meta_logits" in out else None
+            # testing a method with an ensemble: its meta learner is scored alone too (not in validation)
+            meta = upsample_logits(out["meta_logits"], size) if base_fp is not None and "meta_logits" in out else None
             if base_fp is not None and B.QUERY_BASE_LABEL in batch:  # at network size, where the base label is
                 base_fp["final"].update(net_logits, batch[B.QUERY_BASE_LABEL])
                 if meta is not None:
                     base_fp["meta"].update(meta, batch[B.QUERY_BASE_LABEL])
-            if meta is not None and metric is self.test_iou:
+            if meta is not None:
                 self.test_iou_meta.update(*self.score_logits(batch, meta), batch[B.CLASS_IDX])
             logits, target = self.score_logits(batch, net_logits)
             self._diagnose(out, batch, "test" if metric is self.test_iou else "val")
