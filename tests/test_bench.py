@@ -83,3 +83,29 @@ def test_pahnet_bench_counts_parameters_and_flops_without_training(capsys):
     before, after = (float(v) for v in rows["HDMNet"].replace(" M -> +PAHNet", "").split())
     assert after - before == pytest.approx(0.384, abs=1e-3)  # 3 x (PFE 127,872 + ASC 128) at C = 64
     assert "SCCAN-Plus" in rows and "predictor" in out
+
+
+def test_affinity_bench_prints_time_and_flop_ratios_and_peak_memory(capsys):
+    """Embedded setting at batch 2 and the memory probe at 64 px (one fresh process per method): a smoke test of
+    the command plus two FLOP facts that hold whatever the machine."""
+    import re
+
+    from fsseg.bench import affinity
+
+    affinity.main(["--skip-473", "--repeats", "1", "--threads", "1", "--batch-size", "2"])
+    out = capsys.readouterr().out
+    evals = dict(re.findall(r"(SCCAN|HDMNet|Aff)/PFENet: .* evaluation [\d.]+x time, ([\d.]+)x FLOPs", out))
+    assert set(evals) == {"SCCAN", "HDMNet", "Aff"}, out
+    # HDMNet runs the encoder to its last stage and the base learner on query and support (notes: 57.8 vs 25.6
+    # GFLOP at batch 8): more than PFENet; Aff is SCCAN without the support branch's updates: fewer than SCCAN
+    assert float(evals["HDMNet"]) > 1.5, out
+    assert float(evals["Aff"]) < float(evals["SCCAN"]), out
+    affinity.main(["--memory-only", "--memory-size", "64", "--threads", "1", "--methods", "Aff"])
+    out = capsys.readouterr().out
+    peaks = dict(re.findall(r"(PFENet|Aff)\s+(\d+\.\d\d) GiB peak resident set over the step", out))
+    assert set(peaks) == {"PFENet", "Aff"}, out
+    # Aff's global cross-attention over SCCAN's 64 x 64 token grid (4096 x 4096 scores per head and block, kept
+    # for backward) outweighs PFENet's whole step at this size
+    assert float(peaks["Aff"]) > float(peaks["PFENet"]), out
+    with pytest.raises(SystemExit, match="--methods"):
+        affinity.main(["--methods", "SCCAN,BAM"])

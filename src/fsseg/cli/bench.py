@@ -8,6 +8,7 @@
     fsseg-bench cache        # PFENet training step: full vs truncated encoder vs cached features (data.feature_cache)
     fsseg-bench bam          # BAM evaluation cost relative to PFENet
     fsseg-bench i2r          # I2R evaluation cost relative to BAM; DICM mask share of a decoder step
+    fsseg-bench affinity     # SCCAN / HDMNet / Aff training-step and evaluation cost vs PFENet; 473 px peak memory
 
 Each name is a module fsseg.bench.<name> with a main(argv) function.
 """
