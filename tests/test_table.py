@@ -120,6 +120,34 @@ def test_paired_names_each_rows_baseline(tmp_path):
     assert "| B+x | B | -1.3 ± " in md and "| 6 | 0 of 6 |" in md, md
 
 
+def test_paired_differences_in_every_metric(tmp_path):
+    """With several metrics (mIoU, fp_rate), each gets its paired differences: the first says which row is ahead,
+    an error rate only which is higher, in its own units (fractions, 4 decimals)."""
+    from fsseg.cli.table import render
+
+    sweep = load_sweep(_sweep(tmp_path, plot=None, metric=None, metrics=["miou", "fp_rate"]))
+    out = tmp_path / "out"
+    for run in sweep.expand(None, out):
+        k2 = run.row.label == "k = 2"
+        _finish(run.run_dir, 0.40 + 0.01 * run.seed + 0.02 * k2, fp_rate=0.050 + 0.010 * k2 + 0.001 * run.seed * k2)
+    md = render(sweep, None, out)["md"].read_text()
+    assert "| k = 2 | +2.0 ± 0.0 | 6 | 6 of 6 |" in md, md  # the same +2 at every point
+    # fp_rate: k = 2 minus k = 1 = 0.010, 0.011, 0.012 per seed (both folds)
+    d = [0.010, 0.011, 0.012] * 2
+    ci = stats_t_ci(d)
+    assert "Paired differences in FP rate against k = 1: FP rate of the row minus" in md, md
+    assert "| row | Δ | points | row higher |" in md, md
+    assert f"| k = 2 | +0.0110 ± {ci:.4f} | 6 | 6 of 6 |" in md, md
+
+
+def stats_t_ci(d: list[float]) -> float:
+    from scipy import stats
+
+    mean = sum(d) / len(d)
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1))
+    return stats.t.ppf(0.975, len(d) - 1) * sd / math.sqrt(len(d))
+
+
 @pytest.mark.parametrize(
     "paired, message",
     [({"k = 2": "k = 3"}, "no row labelled 'k = 3'"), ({"k = 2": "k = 2"}, "paired with itself"),

@@ -255,6 +255,32 @@ def _manifests(sweep: Sweep, profile: str | None, results: list[RunResult]) -> l
     return lines
 
 
+def _paired_section(sweep: Sweep, profile: str | None, results: list[RunResult], metric: str, first: bool) -> list[str]:
+    """Markdown lines of the paired differences in ``metric`` (none when no pair has two points). The first metric
+    says which row is "ahead" (higher is better for it); later ones (error rates, bias measures) only say which
+    row is higher."""
+    pairs = paired_differences(sweep, profile, results, metric)
+    if not pairs or max(p["n"] for p in pairs) <= 1:
+        return []
+    name = METRIC_NAMES.get(metric, metric)
+    pct = scale_of(metric) == 100.0
+    wins = "row ahead" if first else "row higher"
+    bases = {p["baseline"] for p in pairs}
+    what = (f"{name} of the row minus that row's at each grid point where both finished; mean ± 95% CI over the "
+            "points (Student t).")  # fmt: skip
+    if len(bases) == 1:
+        out = [f"Paired differences{'' if first else f' in {name}'} against {next(iter(bases))}: {what}", "",
+               f"| row | Δ | points | {wins} |", "|---|---:|---:|---:|"]  # fmt: skip
+    else:
+        out = [f"Paired differences{'' if first else f' in {name}'}: {what.replace('that row', 'its baseline')}", "",
+               f"| row | baseline | Δ | points | {wins} |", "|---|---|---:|---:|---:|"]  # fmt: skip
+    for p in pairs:
+        ci = "" if p["ci95"] is None else f" ± {_num(p['ci95'], pct=pct)}"
+        base = "" if len(bases) == 1 else f" {p['baseline']} |"
+        out.append(f"| {p['row']} |{base} {_num(p['mean'], signed=True, pct=pct)}{ci} | {p['n']} | {p['wins']} of {p['n']} |")
+    return [*out, ""]
+
+
 def markdown(sweep: Sweep, profile: str | None, results: list[RunResult], tables: list[dict]) -> str:
     prof = results[0].run.profile if results else (profile or "paper")
     grid = sweep.effective_grid(profile)
@@ -295,23 +321,8 @@ def markdown(sweep: Sweep, profile: str | None, results: list[RunResult], tables
                 line += [cell.text(), _fmt(cell.paper, pct=cell.pct), _fmt(cell.diff, signed=True, pct=cell.pct)]
             out.append("| " + " | ".join(line) + " |")
         out.append("")
-    pairs = paired_differences(sweep, profile, results, tables[0]["metric"])
-    if pairs and max(p["n"] for p in pairs) > 1:
-        name = METRIC_NAMES.get(tables[0]["metric"], tables[0]["metric"])
-        bases = {p["baseline"] for p in pairs}
-        if len(bases) == 1:
-            out += [(f"Paired differences against {next(iter(bases))}: {name} of the row minus that row's at each grid "
-                    "point where both finished; mean ± 95% CI over the points (Student t)."), "",
-                    "| row | Δ | points | row ahead |", "|---|---:|---:|---:|"]  # fmt: skip
-        else:
-            out += [(f"Paired differences: {name} of the row minus its baseline's at each grid point where both "
-                    "finished; mean ± 95% CI over the points (Student t)."), "",
-                    "| row | baseline | Δ | points | row ahead |", "|---|---|---:|---:|---:|"]  # fmt: skip
-        for p in pairs:
-            ci = "" if p["ci95"] is None else f" ± {_num(p['ci95'])}"
-            base = "" if len(bases) == 1 else f" {p['baseline']} |"
-            out.append(f"| {p['row']} |{base} {_num(p['mean'], signed=True)}{ci} | {p['n']} | {p['wins']} of {p['n']} |")
-        out.append("")
+    for i, t in enumerate(tables):
+        out += _paired_section(sweep, profile, results, t["metric"], first=i == 0)
     man = _manifests(sweep, profile, results)
     if man:
         out += ["Evaluation manifests (hash, episodes) per grid point:", *man, ""]
