@@ -256,3 +256,44 @@ def test_init_from_loads_a_runs_weights_and_names_what_it_keeps(tmp_path, caplog
         init_from(dst, tmp_path / "bad.ckpt")
     with pytest.raises(ConfigError, match="no checkpoint"):
         init_from(dst, tmp_path / "missing")
+
+
+def test_dead_hidden_is_the_share_of_positions_where_the_classifier_sees_only_zeros():
+    """test/dead_hidden: per episode, the share of decoder positions whose ReLU-fed classifier input is all zero
+    (the prediction there is the classifier's bias alone). Checked against the hidden layer computed by hand from
+    the classifier's own 3x3 conv on the decoder feature, with a half-dead classifier built on purpose; decoders
+    whose classifier is not ReLU-fed (HDMNet's BN-fed one) get no hook."""
+    from fsseg.metrics import FewShotIoU
+    from fsseg.models.segmenter import _relu_fed_classifier
+
+    torch.manual_seed(0)
+    model = tiny_model(eval_resolution="network").eval()
+    cls = model.decoder.cls
+    feats = {}
+    cls[0].register_forward_pre_hook(lambda m, a: feats.update(x=a[0].detach()))
+    batch = _episode(k=1, size=48)
+    batch[B.CLASS_IDX] = torch.tensor([0, 1])
+    with torch.no_grad():
+        model(batch)  # the classifier's input, to place the dead region
+        x = feats["x"]
+        ratios = (x[:, 0] / x[:, 1].clamp_min(1e-6)).flatten().sort().values
+        mid = len(ratios) // 2
+        r = (ratios[mid - 1] + ratios[mid]) / 2  # between two positions' ratios: no position sits on the edge
+        cls[0].weight.zero_()  # every hidden unit = relu(x0 - r x1): dead wherever x0 <= r x1 (about half)
+        cls[0].weight[:, 0, 1, 1], cls[0].weight[:, 1, 1, 1] = 1.0, -float(r)
+    model._eval_step(batch, FewShotIoU(5))
+    want = (x[:, 0] - float(r) * x[:, 1] <= 0).float().mean(dim=(1, 2))
+    assert 0.05 < float(want.mean()) < 0.95  # a partly dead map, so the check means something
+    got = model.diagnostic_means["val"]["dead_hidden"].compute()
+    torch.testing.assert_close(got, want.mean())
+    # a training forward records nothing
+    model.train()
+    model._dead_hidden = None
+    model(batch)
+    assert model._dead_hidden is None
+    # HDMNet-style classifier (BN before the last conv): no hook
+    bn_fed = nn.Module()
+    bn_fed.cls = nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), nn.Conv2d(4, 2, 1))
+    relu_fed = nn.Module()
+    relu_fed.cls = nn.Sequential(nn.Conv2d(4, 4, 3), nn.ReLU(), nn.Dropout2d(0.1), nn.Conv2d(4, 2, 1))
+    assert _relu_fed_classifier(bn_fed) is None and _relu_fed_classifier(relu_fed) is relu_fed.cls[-1]

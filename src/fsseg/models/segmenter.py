@@ -165,6 +165,20 @@ def _check_deepest_masking(encoder: nn.Module) -> None:
         )
 
 
+def _relu_fed_classifier(decoder: nn.Module) -> nn.Conv2d | None:
+    """The decoder's final 1x1 classifier conv when a ReLU feeds it (``decoder.cls`` ending in ReLU, optional
+    dropout, 1x1 conv: PFENet, BAM's meta learner, CyCTR, SCCAN, Aff, HPA, RARE); None otherwise (HDMNet's
+    BN-fed classifier, I2R's heads): there an all-zero hidden vector has no meaning."""
+    cls = getattr(decoder, "cls", None)
+    if not isinstance(cls, nn.Sequential) or len(cls) < 2:
+        return None
+    last = cls[-1]
+    if not isinstance(last, nn.Conv2d) or last.kernel_size != (1, 1):
+        return None
+    before = [m for m in list(cls)[:-1] if not isinstance(m, (nn.Dropout, nn.Dropout2d))]
+    return last if before and isinstance(before[-1], nn.ReLU) else None
+
+
 class FewShotSegmenter(L.LightningModule):
     def __init__(
         self,
@@ -285,6 +299,10 @@ class FewShotSegmenter(L.LightningModule):
         self.test_iou_meta = FewShotIoU(num_eval_classes)  # a method with an ensemble: its meta learner alone
         # per-episode measurements parts report at evaluation (`_diagnose`): split -> name -> running mean
         self.diagnostic_means = nn.ModuleDict({"val": nn.ModuleDict(), "test": nn.ModuleDict()})
+        self._dead_hidden: torch.Tensor | None = None
+        relu_classifier = _relu_fed_classifier(self.decoder)
+        if relu_classifier is not None:
+            relu_classifier.register_forward_pre_hook(self._record_dead_hidden)
 
     # ------------------------------------------------------------------ forward
     def encode(self, batch: Mapping[str, torch.Tensor]) -> tuple[dict, dict]:
@@ -640,6 +658,19 @@ class FewShotSegmenter(L.LightningModule):
                 if name not in means:
                     means[name] = MeanMetric().to(value.device)
                 means[name].update(value.detach().float())
+        if self._dead_hidden is not None:  # from the last decoder forward of this batch
+            if "dead_hidden" not in means:
+                means["dead_hidden"] = MeanMetric().to(self._dead_hidden.device)
+            means["dead_hidden"].update(self._dead_hidden)
+            self._dead_hidden = None
+
+    # The decoder's classifier at evaluation (PFENet-style ``cls`` = ... ReLU [Dropout] 1x1 conv): the share of
+    # query positions where every hidden unit is zero, i.e. where the prediction is the classifier's bias alone.
+    # Every collapsed run of compare-bam (all-background, or PFENet's slow starts) had such a region and no healthy
+    # run did (docs/notes.md "compare-bam"); logged as ``<split>/dead_hidden`` (decoder resolution).
+    def _record_dead_hidden(self, module: nn.Module, args: tuple) -> None:
+        if not self.training:
+            self._dead_hidden = (args[0].detach().amax(dim=1) <= 0).float().mean(dim=(1, 2))
 
     def _log_diagnostics(self, split: str) -> None:
         for name, mean in self.diagnostic_means[split].items():
