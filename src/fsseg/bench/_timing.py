@@ -9,6 +9,7 @@ work a GPU's tensor-core peak refers to; element-wise work is not counted).
 
 from __future__ import annotations
 
+import argparse
 import statistics
 from collections.abc import Callable
 
@@ -29,6 +30,16 @@ BF16_PEAK = {
     "RTX 4090": 165e12,
     "RTX 3090": 71e12,
 }
+
+
+def parser(name: str, doc: str | None, skip_473_help: str | None = None) -> argparse.ArgumentParser:
+    """``fsseg-bench <name>``'s argument parser with the options every size-comparing benchmark shares:
+    ``--repeats`` (interleaved rounds), ``--threads`` (torch threads), ``--skip-473`` (embedded size only)."""
+    ap = argparse.ArgumentParser(prog=f"fsseg-bench {name}", description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--skip-473", action="store_true", help=skip_473_help or "embedded size only")
+    return ap
 
 
 def interleaved(steps: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
@@ -76,4 +87,4 @@ def peak_fraction(seconds: float, flops: int, device: torch.device) -> str:
     return f"{flops / seconds / peak:.1%} of {name}'s dense bf16 peak ({peak / 1e12:.0f} TFLOP/s)"
 
 
-__all__ = ["BF16_PEAK", "bf16_peak", "count_flops", "describe", "interleaved", "peak_fraction"]
+__all__ = ["BF16_PEAK", "bf16_peak", "count_flops", "describe", "interleaved", "parser", "peak_fraction"]

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from fsseg.bench._timing import count_flops, describe, interleaved
+from fsseg.bench._timing import count_flops, describe, interleaved, parser
 from fsseg.bench.bam import _model
 from fsseg.cost import episode_batch
 
@@ -152,11 +152,8 @@ def memory(device: torch.device, threads: int, methods: list[str], size: int = 4
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="fsseg-bench affinity", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=2)
+    ap = parser("affinity", __doc__, "embedded size only (no 473 px times, no memory)")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    ap.add_argument("--skip-473", action="store_true", help="embedded size only (no 473 px times, no memory)")
     ap.add_argument("--memory-only", action="store_true")
     ap.add_argument("--memory-size", type=int, default=473, help="input size of the memory probe (473: the papers')")
     ap.add_argument("--batch-size", type=int, default=8, help="embedded setting's batch (8: the embedded recipes')")

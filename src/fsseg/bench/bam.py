@@ -13,14 +13,13 @@ part of its cost. Times: `torch.utils.benchmark` medians of interleaved rounds; 
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 
-from fsseg.bench._timing import count_flops, describe, interleaved
+from fsseg.bench._timing import count_flops, describe, interleaved, parser
 
 
 def _model(overrides: list[str], tmp: Path):
@@ -73,10 +72,7 @@ def run(name: str, pfenet: list[str], bam: list[str], batch: dict, repeats: int)
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="fsseg-bench bam", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--skip-473", action="store_true")
+    ap = parser("bam", __doc__)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"fsseg-bench bam: CPU, {torch.get_num_threads()} threads, median of {args.repeats} interleaved rounds")

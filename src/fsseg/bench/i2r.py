@@ -14,14 +14,13 @@ Times: medians of interleaved rounds; FLOPs (matmuls and convolutions, the CAM's
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 
-from fsseg.bench._timing import count_flops, describe, interleaved
+from fsseg.bench._timing import count_flops, describe, interleaved, parser
 from fsseg.bench.bam import _batch, _model
 
 
@@ -72,10 +71,7 @@ def dicm_share(dim: int, size: int, batch: int, blocks: tuple[int, int], repeats
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="fsseg-bench i2r", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--skip-473", action="store_true")
+    ap = parser("i2r", __doc__)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"fsseg-bench i2r: CPU, {torch.get_num_threads()} threads, median of {args.repeats} interleaved rounds")

@@ -14,14 +14,13 @@ of one training step (forward + backward) of the host and one predictor forward 
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 
-from fsseg.bench._timing import interleaved
+from fsseg.bench._timing import interleaved, parser
 from fsseg.bench.bam import _model as _host_model
 from fsseg.cost import episode_batch, model_cost
 
@@ -99,10 +98,7 @@ def run(name: str, extra: list[str], size: int, batch_size: int, repeats: int, c
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="fsseg-bench pahnet", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--skip-473", action="store_true")
+    ap = parser("pahnet", __doc__)
     ap.add_argument("--count-only", action="store_true", help="parameters and FLOPs only, no timing")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
