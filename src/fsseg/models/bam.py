@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fsseg.errors import ConfigError
+from fsseg.models.layers import classifier, conv3x3_relu
 from fsseg.models.ops import resize, scene_difference
 
 __all__ = [
@@ -255,14 +256,8 @@ class BAMMetaDecoder(nn.Module):
         self.init_merge = nn.Sequential(nn.Conv2d(2 * dim + 1, dim, 1, bias=False), nn.ReLU(inplace=True))
         self.aspp = ASPP(dim, dilations)
         self.res1 = nn.Sequential(nn.Conv2d((2 + len(dilations)) * dim, dim, 1, bias=False), nn.ReLU(inplace=True))
-        self.res2 = nn.Sequential(
-            nn.Conv2d(dim, dim, 3, padding=1, bias=False), nn.ReLU(inplace=True),
-            nn.Conv2d(dim, dim, 3, padding=1, bias=False), nn.ReLU(inplace=True),
-        )  # fmt: skip
-        self.cls = nn.Sequential(
-            nn.Conv2d(dim, dim, 3, padding=1, bias=False), nn.ReLU(inplace=True), nn.Dropout2d(dropout),
-            nn.Conv2d(dim, num_classes, 1),
-        )  # fmt: skip
+        self.res2 = nn.Sequential(*conv3x3_relu(dim), *conv3x3_relu(dim))
+        self.cls = classifier(dim, num_classes, dropout)
 
     def forward(self, guidance: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         q = guidance["query_feat"]

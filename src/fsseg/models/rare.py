@@ -34,6 +34,7 @@ from torch import nn
 from fsseg.data.batch import IGNORE_INDEX, QUERY_MASK
 from fsseg.errors import ConfigError
 from fsseg.models.bam import ASPP
+from fsseg.models.layers import classifier, conv3x3_relu
 from fsseg.models.losses import AuxLoss
 from fsseg.models.ops import MAP_EPS, mask_to_feature, masked_average_pool, max_cosine_prior, resize
 
@@ -146,13 +147,8 @@ class RAREDecoder(nn.Module):
         super().__init__()
         self.aspp = ASPP(dim, dilations)
         self.res1 = nn.Sequential(nn.Conv2d(dim * (2 + len(dilations)), dim, 1, bias=False), nn.ReLU(inplace=True))
-        self.res2 = nn.Sequential(
-            nn.Conv2d(dim, dim, 3, padding=1, bias=False), nn.ReLU(inplace=True),
-            nn.Conv2d(dim, dim, 3, padding=1, bias=False), nn.ReLU(inplace=True),
-        )  # fmt: skip
-        self.cls = nn.Sequential(
-            nn.Conv2d(dim, dim, 3, padding=1, bias=False), nn.ReLU(inplace=True), nn.Dropout2d(0.1), nn.Conv2d(dim, 2, 1)
-        )
+        self.res2 = nn.Sequential(*conv3x3_relu(dim), *conv3x3_relu(dim))
+        self.cls = classifier(dim, 2, 0.1)
 
     def forward(self, guidance: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         x = self.res1(self.aspp(guidance["merged"]))

@@ -35,6 +35,7 @@ from torch import nn
 
 from fsseg.errors import ConfigError
 from fsseg.models.bam import ASPP, BaseLearnerFeatures
+from fsseg.models.layers import classifier, conv3x3_relu
 from fsseg.models.ops import (
     MAP_EPS,
     cosine_similarity_map,
@@ -520,14 +521,8 @@ class SCCANDecoder(nn.Module):
         self.calibrated = calibrations is not None
         self.aspp = ASPP(dim, dilations)
         self.res1 = nn.Sequential(nn.Conv2d((2 + len(dilations)) * dim, dim, 1, bias=False), nn.ReLU(inplace=True))
-        self.res2 = nn.Sequential(
-            nn.Conv2d(dim, dim, 3, padding=1, bias=False), nn.ReLU(inplace=True),
-            nn.Conv2d(dim, dim, 3, padding=1, bias=False), nn.ReLU(inplace=True),
-        )  # fmt: skip
-        self.cls = nn.Sequential(
-            nn.Conv2d(dim, dim, 3, padding=1, bias=False), nn.ReLU(inplace=True), nn.Dropout2d(dropout),
-            nn.Conv2d(dim, num_classes, 1),
-        )  # fmt: skip
+        self.res2 = nn.Sequential(*conv3x3_relu(dim), *conv3x3_relu(dim))
+        self.cls = classifier(dim, num_classes, dropout)
 
     def forward(self, guidance: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         q, s, m = guidance["query_feat"], guidance["support_fused"], guidance["support_mask_fused"]
