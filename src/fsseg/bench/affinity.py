@@ -38,6 +38,7 @@ import torch
 
 from fsseg.bench._timing import count_flops, describe, interleaved, parser
 from fsseg.bench.bam import _model
+from fsseg.bench.pfenet import eval_fn, train_step_fn
 from fsseg.cost import episode_batch
 
 # label -> (embedded overrides, 473 px overrides)
@@ -59,38 +60,14 @@ def _batch(size: int, batch: int, device: torch.device) -> dict[str, torch.Tenso
     return {k: v.to(device) for k, v in episode_batch(size, 1, batch, base_label=True).items()}
 
 
-def train_step(model, batch):
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
-
-    def step():
-        model.train()
-        opt.zero_grad(set_to_none=True)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # LightningModule.log without a Trainer
-            loss = model.training_step(batch, 0)
-        loss.backward()
-        opt.step()
-
-    return step
-
-
-def evaluation(model, batch):
-    def run():
-        model.eval()
-        with torch.no_grad():
-            model.predict(batch)
-
-    return run
-
-
 def timings(name: str, which: int, size: int, bsz: int, repeats: int, device: torch.device, methods: list[str]) -> None:
     extra = R50 if which else []
     models = {k: _build([*METHODS[k][which], *extra], device) for k in ["PFENet", *methods]}
     batch = _batch(size, bsz, device)
     steps = {}
     for k, m in models.items():
-        steps[f"{k} train"] = train_step(m, batch)
-        steps[f"{k} eval"] = evaluation(m, batch)
+        steps[f"{k} train"] = train_step_fn(m, batch, device, "none")
+        steps[f"{k} eval"] = eval_fn(m, batch, device, "none")
     times = interleaved(steps, repeats)
     flops = {k: count_flops(fn) for k, fn in steps.items()}
     print(f"  {name}")
@@ -121,7 +98,7 @@ def peak_child(label: str, device_name: str, threads: int, size: int = 473) -> d
         warnings.simplefilter("ignore")
         model = _build([*METHODS[label][1], *R50], device)
     batch = _batch(size, 1, device)
-    step = train_step(model, batch)
+    step = train_step_fn(model, batch, device, "none")
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         before = torch.cuda.memory_allocated(device)

@@ -67,9 +67,9 @@ def autocast(device: torch.device, amp: str):
 
 def train_step_fn(model, batch, device: torch.device, amp: str):
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
-    model.train()
 
     def step():
+        model.train()  # each call: the evaluation timed in the same rounds leaves the model in eval mode
         opt.zero_grad(set_to_none=True)
         with autocast(device, amp), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # LightningModule.log without a Trainer
