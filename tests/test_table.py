@@ -278,3 +278,21 @@ def test_table_names_its_command_and_the_git_shas_of_its_cells(tmp_path):
     assert "Code: git `aaaaaaaaaaaa` (1 run), git `bbbbbbbbbbbb` (1 run)." in md
     runs_csv = list(csv.DictReader(io.StringIO((out / "demo-table2" / "small" / "runs.csv").read_text())))
     assert [r["git_sha"] for r in runs_csv] == ["a" * 40, "b" * 40]
+
+
+def test_runs_csv_lists_every_scalar_metric_a_run_records(tmp_path):
+    """runs.csv keeps the four headline columns first, then any other scalar (here a meta learner's rate); runs
+    without it leave the cell empty, and non-scalars (per-class lists) stay out."""
+    from fsseg.cli.table import render
+
+    sweep = load_sweep(_sweep(tmp_path))
+    out = tmp_path / "out"
+    a, b = sweep.expand("small", out)[:2]
+    _finish(a.run_dir, 0.3, fp_rate_meta=0.048, class_iou=[0.1, 0.2])
+    _finish(b.run_dir, 0.4)
+    rows = list(csv.DictReader(io.StringIO(render(sweep, "small", out)["runs"].read_text())))
+    header = list(rows[0])
+    assert header[header.index("status") + 1:header.index("status") + 6] == \
+        ["miou", "fbiou", "fp_rate", "fn_rate", "fp_rate_meta"]  # fmt: skip
+    assert "class_iou" not in header
+    assert [r["fp_rate_meta"] for r in rows] == ["0.048", ""]

@@ -371,7 +371,11 @@ def table_csv(sweep: Sweep, tables: list[dict]) -> str:
 def runs_csv(sweep: Sweep, results: list[RunResult]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
+    # The four headline metrics first, then every other scalar any finished run records (e.g. BAM-based methods'
+    # meta-learner-alone `miou_meta` / `fp_rate_meta`); a run without one leaves its cell empty.
     metric_keys = ["miou", "fbiou", "fp_rate", "fn_rate"]
+    metric_keys += sorted({k for r in results for k, v in r.metrics.items() if k not in metric_keys
+                           and isinstance(v, (int, float)) and not isinstance(v, bool)})  # fmt: skip
     w.writerow(["row", "column", *results[0].run.point.keys(), "status", *metric_keys, "manifest_hash",
                 "episodes", "run_dir", "error", "git_sha"] if results else ["row"])  # fmt: skip
     for r in results:
