@@ -98,15 +98,42 @@ def test_prerequisites_auto_trains_a_missing_predictor_once(tmp_path):
         (run / "checkpoints").mkdir(parents=True)
         (run / "config.yaml").write_text("{}")
         (run / "checkpoints" / "best.ckpt").write_bytes(b"x")
+        (run / "metrics.json").write_text("{}")
 
     host = ["experiment=sccan_plus_effl0_synth", "data.fold=2", "encoder=efficientnet_lite0", "head.reduce_dim=64", "seed=3"]
     trained = ensure_prerequisites(host, {"predictor": pred}, runner)
     assert trained == [tmp_path / "predictors" / "ssp_ssp_synth" / "fold2"]
     assert calls == [["method=ssp", "recipe=ssp_synth", "data.fold=2", "encoder=efficientnet_lite0",
-                      f"hydra.run.dir={pred['run']}", "prerequisites=auto", "trainer.enable_progress_bar=false"]]  # fmt: skip
+                      f"hydra.run.dir={pred['run']}", "prerequisites=auto", "resume=auto",
+                      "trainer.enable_progress_bar=false"]]  # fmt: skip
     assert ensure_prerequisites(host, {"predictor": pred}, runner) == [] and len(calls) == 1  # present: not again
     assert predictor_overrides(["method=x", "recipe=y", "predictor=ssp"], {**pred, "recipe": None}) == [
-        "method=ssp", f"hydra.run.dir={pred['run']}", "prerequisites=auto", "trainer.enable_progress_bar=false"]
+        "method=ssp", f"hydra.run.dir={pred['run']}", "prerequisites=auto", "resume=auto",
+        "trainer.enable_progress_bar=false"]  # fmt: skip
+
+
+def test_an_interrupted_predictor_run_is_resumed_not_read(ssp_run, synth_root, tmp_path):
+    """A predictor run killed part way holds config.yaml and a best.ckpt of its first epochs but no metrics.json:
+    prerequisites=auto trains it again (resume=auto continues from its last.ckpt) and the loader refuses it."""
+    import shutil
+
+    _, finished, _ = ssp_run
+    run_dir = tmp_path / "fold0"
+    shutil.copytree(finished, run_dir)
+    (run_dir / "metrics.json").unlink()
+    with pytest.raises(ConfigError, match=r"has not finished .*metrics\.json missing.*resume=auto"):
+        load_predictor(run_dir, 0, "tf_efficientnet_lite0", str(synth_root), "ssp", recipe="ssp_synth")
+    assert load_predictor(run_dir, 0, "tf_efficientnet_lite0", str(synth_root), "ssp", checkpoint=str(
+        run_dir / "checkpoints" / "best.ckpt")) is not None  # an explicit checkpoint file is the user's choice  # fmt: skip
+    calls = []
+
+    def runner(overrides):
+        calls.append(overrides)
+        (run_dir / "metrics.json").write_text("{}")
+
+    pred = {"run": str(run_dir), "method": "ssp", "recipe": "ssp_synth"}
+    assert ensure_prerequisites(["data.fold=0"], {"predictor": pred}, runner) == [run_dir]
+    assert len(calls) == 1 and "resume=auto" in calls[0]
 
 
 @pytest.mark.parametrize(("method", "extra"), [("hpa", ["head.bank_max_images=24", "head.reduce_dim=16"]),

@@ -36,15 +36,23 @@ def predictor_overrides(overrides: Sequence[str], predictor: Mapping) -> list[st
     """The fsseg-train overrides of the run a host's predictor (conf/predictor) reads."""
     keep = [o for o in overrides if o.lstrip("+~").startswith(_PREDICTOR_KEEP)]
     own = [f"method={predictor['method']}"] + ([f"recipe={predictor['recipe']}"] if predictor.get("recipe") else [])
-    # prerequisites=auto: a predictor that is itself a stage-2 run (BAM) trains its own stage 1 first
-    return [*own, *keep, f"hydra.run.dir={predictor['run']}", "prerequisites=auto", "trainer.enable_progress_bar=false"]
+    # prerequisites=auto: a predictor that is itself a stage-2 run (BAM) trains its own stage 1 first;
+    # resume=auto: a predictor run interrupted part way (a killed sweep) continues from its last.ckpt
+    return [*own, *keep, f"hydra.run.dir={predictor['run']}", "prerequisites=auto", "resume=auto",
+            "trainer.enable_progress_bar=false"]  # fmt: skip
 
 
 def _predictor_missing(predictor: Mapping) -> bool:
+    """No usable predictor yet: no checkpoint, or (for best/last) a run that never finished — an interrupted run
+    holds a best.ckpt of its first epochs, which must not pass for the trained predictor."""
+    from fsseg.runs import METRICS_FILE
+
     run = Path(str(predictor["run"]))
     which = str(predictor.get("checkpoint") or "best")
-    ckpt = run / "checkpoints" / f"{which}.ckpt" if which in ("best", "last") else Path(which)
-    return not ((run / "config.yaml").is_file() and ckpt.is_file())
+    if which not in ("best", "last"):
+        return not ((run / "config.yaml").is_file() and Path(which).is_file())
+    ckpt = run / "checkpoints" / f"{which}.ckpt"
+    return not ((run / "config.yaml").is_file() and ckpt.is_file() and (run / METRICS_FILE).is_file())
 
 
 def _ensure_predictor(overrides: Sequence[str], predictor: Mapping, runner: Callable[[list[str]], None]) -> list[Path]:
@@ -61,7 +69,7 @@ def _ensure_predictor(overrides: Sequence[str], predictor: Mapping, runner: Call
             return []
         runner(predictor_overrides(overrides, predictor))
     if _predictor_missing(predictor):
-        raise RuntimeError(f"the predictor run finished without a checkpoint in {run} (see {run}/train.log)")
+        raise RuntimeError(f"the predictor run ended without a checkpoint or metrics.json in {run} (see {run}/train.log)")
     return [run]
 
 

@@ -107,7 +107,7 @@ def load_predictor(
         checkpoint: best | last | a path.
     """
     from fsseg.cli.common import instantiate
-    from fsseg.runs import check_finite_checkpoint, recorded_config
+    from fsseg.runs import METRICS_FILE, check_finite_checkpoint, recorded_config
 
     run = Path(run)
     ckpt = _checkpoint_path(run, str(checkpoint))
@@ -118,6 +118,11 @@ def load_predictor(
         raise ConfigError(
             f"predictor {method!r}: no trained run at {run} ({missing} missing). Train it first: {command}  "
             f"(or run with prerequisites=auto)"
+        )
+    if checkpoint in ("best", "last") and not (run / METRICS_FILE).is_file():  # interrupted: best.ckpt of a few epochs
+        raise ConfigError(
+            f"predictor {method!r}: the run at {run} has not finished ({run / METRICS_FILE} missing: its training "
+            f"was interrupted or is still going). Finish it: {command} resume=auto  (or run with prerequisites=auto)"
         )
     got = {
         "data.fold": cfg.get("data", {}).get("fold"),
