@@ -47,6 +47,9 @@ def test_base_learner_then_bam(synth_root, tmp_path, monkeypatch):
     blob = torch.load(artifact, weights_only=True)
     assert blob["meta"]["fold"] == 0 and blob["meta"]["base_class_ids"] == list(range(6, 21))  # fold 0 novel = 1..5
     assert blob["meta"]["encoder"] == "tf_efficientnet_lite0" and len(m1["class_iou"]) == 15
+    trained = blob["meta"]["trained"]  # the budget it was trained with: a smoke run, 3 batches per epoch
+    assert trained["limit_train_batches"] == 3 and trained["fast_dev_run"] is False
+    assert trained["global_step"] == 3 * trained["epochs"] > 0
     assert 0.0 <= m1["miou"] <= 1.0
     assert json.loads((tmp_path / "stage1" / "metrics.json").read_text())["metrics"]["miou"] == m1["miou"]
 

@@ -96,7 +96,7 @@ def _ensure_stage1(overrides: Sequence[str], cfg: Mapping, runner: Callable[[lis
     if not path or cfg.get("task_name") == "base":
         return []
     path = Path(str(path))
-    if path.is_file():
+    if path.is_file() and not _smoke_file_for_a_full_run(path, cfg):
         return []
     import fcntl
 
@@ -104,9 +104,34 @@ def _ensure_stage1(overrides: Sequence[str], cfg: Mapping, runner: Callable[[lis
     with open(path.parent / f".{path.name}.lock", "w") as lock:  # parallel jobs of one fold train it once
         fcntl.flock(lock, fcntl.LOCK_EX)
         if path.is_file():
-            return []
+            if not (smoke := _smoke_file_for_a_full_run(path, cfg)):
+                return []
+            print(f"prerequisites: {path} was written by a smoke run ({smoke}); this run is not one: training stage 1 "
+                  "again over it", flush=True)  # fmt: skip
         run_dir = path.parent / "runs" / path.stem
         runner(stage1_overrides(overrides, run_dir))
-    if not path.is_file():
-        raise RuntimeError(f"stage 1 finished without writing {path} (see {run_dir}/train.log)")
+    if not path.is_file() or _smoke_file_for_a_full_run(path, cfg):
+        raise RuntimeError(f"stage 1 finished without writing a full {path} (see {run_dir}/train.log)")
     return [path]
+
+
+def _smoke_file_for_a_full_run(path: Path, cfg: Mapping) -> str:
+    """The smoke budget a stage-1 file records (``meta.trained``) when the run asking for it has a full one ('' else;
+    files without the record — converted checkpoints, older files — count as full)."""
+    import pickle
+
+    import torch
+
+    from fsseg.runs import limited_training
+
+    trainer = cfg.get("trainer") or {}
+    if limited_training(trainer.get("limit_train_batches"), trainer.get("fast_dev_run")):
+        return ""
+    try:
+        trained = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["meta"].get("trained") or {}
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, KeyError, TypeError, AttributeError):
+        # unreadable: stage 2's loader names the problem
+        return ""
+    if not limited_training(trained.get("limit_train_batches"), trained.get("fast_dev_run")):
+        return ""
+    return ", ".join(f"{k}={v}" for k, v in trained.items())

@@ -360,6 +360,14 @@ def check_learning_rates(cfg: Mapping) -> None:
             raise ConfigError(f"{name}={value!r}: expected a finite number > 0")
 
 
+def limited_training(limit_train_batches: Any = None, fast_dev_run: Any = False) -> bool:
+    """A smoke budget: Lightning's fast_dev_run, or limit_train_batches as a batch count (int) or a fraction < 1."""
+    if fast_dev_run:
+        return True
+    lim = limit_train_batches
+    return lim is not None and not isinstance(lim, bool) and (isinstance(lim, int) or float(lim) < 1.0)
+
+
 def check_training_steps(cfg: Mapping) -> None:
     """A training run must train: zero epochs, steps or batches are refused unless ``train=false`` asks for
     evaluation only."""

@@ -19,6 +19,7 @@ import functools
 import hashlib
 import io
 import json
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -41,6 +42,9 @@ from fsseg.data.transforms import EvalTransform, TrainTransform
 from fsseg.errors import ConfigError
 from fsseg.models.bam import BaseLearner
 from fsseg.models.ops import upsample_logits
+from fsseg.runs import limited_training
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "BaseClassData", "BaseClassIoU", "BaseLearnerModule", "load_base_learner", "load_domain_classifier", "write_artifact",
@@ -369,7 +373,16 @@ class BaseLearnerModule(L.LightningModule):
             "base_class_ids": [int(c) for c in self.head.base_class_ids.tolist()],
             "bins": list(self.head.ppm.bins),
             "domain_tap": self.domain_tap,
+            **({"trained": self.trained_budget()} if self._trainer is not None else {}),
         }
+
+    def trained_budget(self) -> dict[str, Any]:
+        """What the exported weights were trained with: prerequisites=auto re-trains a file from a smoke run
+        (fast_dev_run, limit_train_batches) when a full run asks for it."""
+        t = self.trainer
+        lim = t.limit_train_batches
+        return {"global_step": int(t.global_step), "epochs": int(t.current_epoch),
+                "limit_train_batches": lim if isinstance(lim, int) else float(lim), "fast_dev_run": bool(t.fast_dev_run)}  # fmt: skip
 
     def export(self, path: str | os.PathLike) -> Path:
         """Write {state_dict: encoder.* + head.* (+ domain.*), meta} to ``path`` atomically (temp file + rename)."""
@@ -424,6 +437,10 @@ def load_base_learner(
     if wrong:
         detail = "; ".join(f"{k}: file has {got!r}, expected {want!r}" for k, (got, want) in wrong.items())
         raise ConfigError(f"base learner {path} was trained for something else ({detail}). Train the right one: {train_command}")
+    trained = meta.get("trained") or {}
+    if limited_training(trained.get("limit_train_batches"), trained.get("fast_dev_run")):
+        log.warning("base learner %s comes from a smoke run (%s): fine for a test, not for a result; %s", path,
+                    ", ".join(f"{k}={v}" for k, v in trained.items()), train_command)  # fmt: skip
     learner = BaseLearner(meta["in_dim"], len(meta["base_class_ids"]), meta["base_class_ids"], bins=meta["bins"])
     head = {k[len("head."):]: v for k, v in state.items() if k.startswith("head.")}
     learner.load_state_dict(head, strict=True)
