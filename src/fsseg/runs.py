@@ -301,11 +301,9 @@ def skip_if_finished(cfg: Any, run_dir: Path, log=print) -> bool:
 
 
 def _write_failed(run_dir: Path, text: str) -> None:
-    # TODO(io.py): route through the shared atomic writer once src/fsseg/io.py lands.
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / f".{FAILED_FILE}.tmp"
-    tmp.write_text(text.rstrip() + "\n", encoding="utf-8")
-    os.replace(tmp, run_dir / FAILED_FILE)
+    from fsseg.io import write_text_atomic
+
+    write_text_atomic(Path(run_dir) / FAILED_FILE, text.rstrip() + "\n")
 
 
 def _finish_wandb(exit_code: int) -> None:
