@@ -296,3 +296,40 @@ def test_runs_csv_lists_every_scalar_metric_a_run_records(tmp_path):
         ["miou", "fbiou", "fp_rate", "fn_rate", "fp_rate_meta"]  # fmt: skip
     assert "class_iou" not in header
     assert [r["fp_rate_meta"] for r in rows] == ["0.048", ""]
+
+
+def test_a_metric_suffix_row_reads_the_meta_learner_of_the_same_runs(tmp_path):
+    """A row with the overrides of another and `metric_suffix: _meta` shares its run directories (trained once)
+    and reads miou_meta / fp_rate_meta; paired against it, it gives meta - final on the same runs."""
+    from fsseg.cli.table import build_table, collect, paired_differences
+
+    rows = [{"label": "BAM", "overrides": ["head.reduce_dim=16"]},
+            {"label": "BAM meta learner", "overrides": ["head.reduce_dim=16"], "metric_suffix": "_meta"}]  # fmt: skip
+    sweep = load_sweep(_sweep(tmp_path, rows=rows, metrics=["miou", "fp_rate"], metric=None,
+                              paired={"BAM meta learner": "BAM"}, plot=None))  # fmt: skip
+    out = tmp_path / "out"
+    runs = sweep.expand(None, out)
+    final, meta = [r for r in runs if r.row.label == "BAM"], [r for r in runs if r.row.label == "BAM meta learner"]
+    assert len(final) == len(meta) == 6 and all(m.shared and m.run_dir == f.run_dir for f, m in zip(final, meta))
+    finals = {}
+    for i, r in enumerate(final):  # meta learner: 2 points lower mIoU, 0.01 more false positives
+        finals[i] = (0.40 + 0.01 * i, 0.05 + 0.001 * i)
+        _finish(r.run_dir, finals[i][0], fp_rate=finals[i][1], miou_meta=finals[i][0] - 0.02,
+                fp_rate_meta=finals[i][1] + 0.01)  # fmt: skip
+    results = collect(sweep, None, out)
+    t = build_table(sweep, None, results, "miou")
+    fold0 = [finals[i][0] for i, r in enumerate(final) if r.point["data.fold"] == 0]
+    assert t["rows"]["BAM"]["Fold-0"].mean == pytest.approx(100 * sum(fold0) / 3)
+    assert t["rows"]["BAM meta learner"]["Fold-0"].mean == pytest.approx(100 * sum(fold0) / 3 - 2.0)
+    (d,) = paired_differences(sweep, None, results, "miou")
+    assert d["row"] == "BAM meta learner" and d["mean"] == pytest.approx(-2.0) and d["n"] == 6 and d["wins"] == 0
+    (d,) = paired_differences(sweep, None, results, "fp_rate")
+    assert d["mean"] == pytest.approx(0.01) and d["wins"] == 6
+
+
+def test_metric_suffix_must_be_a_suffix(tmp_path):
+    from fsseg.errors import ConfigError
+
+    rows = [{"label": "a", "overrides": []}, {"label": "b", "overrides": [], "metric_suffix": "meta"}]
+    with pytest.raises(ConfigError, match=r"rows\[1\]\.metric_suffix: 'meta' is not a metric-name suffix"):
+        load_sweep(_sweep(tmp_path, rows=rows, plot=None))

@@ -147,6 +147,7 @@ Notes = str | list[str] | None
 class RowSpec(_Spec):
     label: str
     overrides: Overrides = []
+    metric_suffix: str = ""  # read <metric><suffix> from the runs (e.g. _meta: the meta learner alone)
     paper: dict[str, float | None | dict[str, float | None]] = {}  # {column: value} or {metric: {column: value}}
     notes: Notes = None
 
@@ -243,6 +244,7 @@ class Row:
     paper: Mapping[str | None, Mapping[str, float | None]]
     index: int = 0
     note: str = ""
+    metric_suffix: str = ""  # the row reads ``<metric><suffix>`` of its runs (``_meta``: BAM's meta learner alone)
 
     def paper_value(self, metric: str, label: str, first_metric: str) -> float | None:
         if metric in self.paper:
@@ -513,8 +515,11 @@ def load_sweep(path: str | os.PathLike) -> Sweep:
         slug = slugify(r.label)
         slug = f"{slug}-{i}" if slug in slugs else slug
         slugs.add(slug)
+        if r.metric_suffix and not re.fullmatch(r"_[a-z0-9_]+", r.metric_suffix):
+            raise _err(path, f"rows[{i}].metric_suffix: {r.metric_suffix!r} is not a metric-name suffix such as '_meta'")
         rows.append(Row(label=r.label, slug=slug, overrides=_check_overrides(path, f"rows[{i}].overrides", r.overrides),
-                        paper=_paper(path, f"rows[{i}]", r.paper, all_labels, metrics), index=i, note=_note(r.notes)))  # fmt: skip
+                        paper=_paper(path, f"rows[{i}]", r.paper, all_labels, metrics), index=i, note=_note(r.notes),
+                        metric_suffix=r.metric_suffix))  # fmt: skip
     known = {r.label for r in rows}
     if len(known) != len(rows):
         raise _err(path, "row labels repeat")

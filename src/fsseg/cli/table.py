@@ -128,7 +128,7 @@ def scale_of(metric: str) -> float:
 
 
 def _value(r: RunResult, metric: str) -> float | None:
-    v = r.metrics.get(metric)
+    v = r.metrics.get(metric + r.run.row.metric_suffix)  # a row with `metric_suffix` reads e.g. miou_meta
     if v is None or isinstance(v, (list, dict, str, bool)):
         return None
     return scale_of(metric) * float(v)
