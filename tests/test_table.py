@@ -325,6 +325,10 @@ def test_a_metric_suffix_row_reads_the_meta_learner_of_the_same_runs(tmp_path):
     assert d["row"] == "BAM meta learner" and d["mean"] == pytest.approx(-2.0) and d["n"] == 6 and d["wins"] == 0
     (d,) = paired_differences(sweep, None, results, "fp_rate")
     assert d["mean"] == pytest.approx(0.01) and d["wins"] == 6
+    from fsseg.cli.table import render
+
+    md = render(sweep, None, out)["md"].read_text()
+    assert "Runs: 6 finished, 0 failed, 0 not finished, of 6 (+6 read again by a row sharing them)." in md
 
 
 def test_metric_suffix_must_be_a_suffix(tmp_path):

@@ -333,10 +333,13 @@ def markdown(sweep: Sweep, profile: str | None, results: list[RunResult], tables
     if shas:
         out += ["Code: " + ", ".join(f"git `{sha[:12]}` ({n} run{'s' * (n != 1)})" for sha, n in
                                      sorted(shas.items(), key=lambda kv: -kv[1])) + ".", ""]  # fmt: skip
-    failed = [r for r in results if r.status == "failed"]
-    counts = {s: sum(r.status == s for r in results) for s in ("finished", "failed", "started", "missing")}
+    own = [r for r in results if not r.run.shared]  # a run shared by several rows counts once
+    failed = [r for r in own if r.status == "failed"]
+    counts = {s: sum(r.status == s for r in own) for s in ("finished", "failed", "started", "missing")}
+    shared = len(results) - len(own)
     out.append(f"Runs: {counts['finished']} finished, {counts['failed']} failed, "
-               f"{counts['started'] + counts['missing']} not finished, of {len(results)}.")  # fmt: skip
+               f"{counts['started'] + counts['missing']} not finished, of {len(own)}"
+               + (f" (+{shared} read again by a row sharing them)." if shared else "."))  # fmt: skip
     if failed:
         out += ["", "Failed runs:"]
         for r in failed:
