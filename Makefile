@@ -98,7 +98,7 @@ compare-bam: base-learners ## Embedded benchmark, 4 folds x 3 seeds: PFENet, PFE
 compare-i2r: base-learners ## Embedded benchmark, 4 folds x 3 seeds: BAM vs I2R and Table 3's rows (I2R ~4x a PFENet step: hours; resumable)
 	$(SWEEP_ENV) $(VENV)/bin/fsseg-sweep i2r-compare --profile folds $(SWEEP_ARGS)
 
-compare-affinity: base-learners ## Embedded benchmark, 4 folds x 3 seeds: PFENet, SCCAN, HDMNet, Aff with FP / FN rates (PFENet's runs re-used from compare-bam when made by the same code; resumable)
+compare-affinity: base-learners ## Embedded benchmark, 4 folds x 3 seeds: PFENet (keep and drop), SCCAN, HDMNet (and its meta learner alone), Aff with FP / FN rates (both PFENet rows re-used from compare-bam when made by the same code; resumable)
 	$(SWEEP_ENV) $(VENV)/bin/fsseg-sweep affinity-compare --profile folds $(SWEEP_ARGS)
 
 compare-pahnet: base-learners ## Embedded benchmark, 4 folds x 3 seeds: SCCAN-Plus / HDMNet with and without PAHNet (SSP), FP/FN of the seven Table 1 methods (predictor runs trained first by prerequisites=auto; resumable)
