@@ -112,6 +112,7 @@ def test_write_run_record_contents(tmp_path):
     assert set(prov["versions"]) >= {"torch", "lightning", "timm", "torchmetrics", "albumentations", "hydra",
                                      "omegaconf", "numpy"}  # fmt: skip
     assert isinstance(prov["cuda"]["available"], bool)
+    assert prov["threads"]["torch"] == torch.get_num_threads()  # a CPU re-run matches bit for bit only at this count
 
     met = pv.read_metrics(run_dir)
     assert met == json.loads((run_dir / "metrics.json").read_text())

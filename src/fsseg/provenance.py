@@ -112,6 +112,19 @@ def _cuda_info() -> dict[str, Any]:
     return info
 
 
+def _threads() -> dict[str, Any]:
+    """CPU results depend on the intra-op thread count (reductions split differently: a conv's gradient differs in
+    the last bits between 1 and 2 threads), so a bit-identical CPU re-run needs the same count: recorded."""
+    info: dict[str, Any] = {"torch": None, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
+    try:
+        import torch
+
+        info["torch"] = torch.get_num_threads()
+    except Exception as exc:  # noqa: BLE001 - recording must never stop a run
+        info["error"] = f"{type(exc).__name__}: {exc}"
+    return info
+
+
 def collect(extra: dict | None = None, repo_dir: str | os.PathLike | None = None) -> dict[str, Any]:
     """Describe the code, environment and invocation of the current process. Never raises.
 
@@ -120,7 +133,8 @@ def collect(extra: dict | None = None, repo_dir: str | os.PathLike | None = None
     fsseg package's source, :func:`fsseg.runs.code_version`), ``python``, ``platform``,
     ``hostname``, ``versions`` (fsseg, torch, lightning, timm, torchmetrics, albumentations, hydra,
     omegaconf, numpy; null when not installed), ``cuda`` ({"available", "device_count", "device_name",
-    "cuda_version"}), ``argv``, ``executable``, ``cwd``, ``timestamp_utc`` (ISO 8601).
+    "cuda_version"}), ``threads`` ({"torch": intra-op threads, "OMP_NUM_THREADS"}: CPU results are
+    bit-identical only at the same count), ``argv``, ``executable``, ``cwd``, ``timestamp_utc`` (ISO 8601).
 
     Args:
         extra: merged into the record at the top level (its keys win on a clash).
@@ -147,6 +161,7 @@ def collect(extra: dict | None = None, repo_dir: str | os.PathLike | None = None
         "hostname": host,
         "versions": {key: _version(dist) for key, dist in _PACKAGES.items()},
         "cuda": _cuda_info(),
+        "threads": _threads(),
         "argv": list(sys.argv),
         "executable": sys.executable,
         "cwd": cwd,
