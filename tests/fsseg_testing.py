@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar
 
+import lightning as L
 import torch
 from torch import nn
 
@@ -66,3 +67,38 @@ class StubEncoder(nn.Module):
     def forward(self, x):
         m = torch.relu(self.mid(x))
         return {"mid": m, "high": torch.relu(self.high(m)) + 0.01}
+
+
+class EncoderCalls(L.Callback):
+    """Counts encoder forwards inside training, validation and test batches (and outside any batch)."""
+
+    def __init__(self) -> None:
+        self.calls = {"train": 0, "val": 0, "test": 0, "outside": 0}
+        self.batches = {"train": 0, "val": 0, "test": 0}
+        self.stage = "outside"
+        self.handle = None
+
+    def setup(self, trainer, pl_module, stage):
+        if self.handle is None:
+            self.handle = pl_module.encoder.register_forward_hook(self._hook)
+
+    def _hook(self, *args):
+        self.calls[self.stage] += 1
+
+    def _start(self, stage):
+        self.stage = stage
+        self.batches[stage] += 1
+
+    def _end(self, *args, **kw):
+        self.stage = "outside"
+
+    def on_train_batch_start(self, *a, **kw):
+        self._start("train")
+
+    def on_validation_batch_start(self, *a, **kw):
+        self._start("val")
+
+    def on_test_batch_start(self, *a, **kw):
+        self._start("test")
+
+    on_train_batch_end = on_validation_batch_end = on_test_batch_end = _end

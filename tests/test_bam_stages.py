@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from fsseg_testing import compose
+from fsseg_testing import EncoderCalls, compose
 from omegaconf.errors import InterpolationResolutionError
 
 from fsseg.cli.common import instantiate
@@ -103,3 +103,16 @@ def test_prerequisites_auto_trains_the_missing_stage1_first(synth_root, tmp_path
     artifact = tmp_path / "outputs" / "base_learners" / "synth_effl0" / "fold0.pt"
     assert artifact.is_file() and (artifact.parent / "runs" / "fold0" / "metrics.json").is_file()
     assert (tmp_path / "stage2" / "metrics.json").is_file()
+
+
+def test_bam_on_cached_features_as_the_bias_study_runs_it(synth_root, tmp_path):
+    """The bias study's stage 3 runs BAM with data.feature_cache and one stage-1 file per dataset: stage 1 (frozen
+    encoder, bam_synth) trains on images, stage 2 reads cached taps in training and the run finishes."""
+    over = _overrides(synth_root, tmp_path, "data.feature_cache={views: 2, chunk: 64}", "encoder.weights=none",
+                      "base_learner_path=${paths.output_dir}/base_learners/bias/${data.source.root}/fold${data.fold}.pt")  # fmt: skip
+    run(compose([*over, "task=base"]), tmp_path / "stage1")
+    assert (tmp_path / "outputs" / "base_learners" / "bias").is_dir()
+    counter = EncoderCalls()
+    metrics = run(compose(over), tmp_path / "stage2", extra_callbacks=[counter])
+    assert counter.batches["train"] == 2 and counter.calls["train"] == 0
+    assert 0.0 <= metrics["miou"] <= 1.0 and 0.0 <= metrics["miou_meta"] <= 1.0

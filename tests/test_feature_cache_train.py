@@ -5,48 +5,12 @@ from __future__ import annotations
 
 import json
 
-import lightning as L
 import pytest
-from fsseg_testing import compose, tiny_overrides
+from fsseg_testing import EncoderCalls, compose, tiny_overrides
 from torch import nn
 
 from fsseg.cli.train import run
 from fsseg.errors import ConfigError
-
-
-class EncoderCalls(L.Callback):
-    """Counts encoder forwards inside training, validation and test batches (and outside any batch)."""
-
-    def __init__(self) -> None:
-        self.calls = {"train": 0, "val": 0, "test": 0, "outside": 0}
-        self.batches = {"train": 0, "val": 0, "test": 0}
-        self.stage = "outside"
-        self.handle = None
-
-    def setup(self, trainer, pl_module, stage):
-        if self.handle is None:
-            self.handle = pl_module.encoder.register_forward_hook(self._hook)
-
-    def _hook(self, *args):
-        self.calls[self.stage] += 1
-
-    def _start(self, stage):
-        self.stage = stage
-        self.batches[stage] += 1
-
-    def _end(self, *args, **kw):
-        self.stage = "outside"
-
-    def on_train_batch_start(self, *a, **kw):
-        self._start("train")
-
-    def on_validation_batch_start(self, *a, **kw):
-        self._start("val")
-
-    def on_test_batch_start(self, *a, **kw):
-        self._start("test")
-
-    on_train_batch_end = on_validation_batch_end = on_test_batch_end = _end
 
 
 def test_training_reads_the_cache_and_evaluation_runs_the_encoder(synth_root, tmp_path):
@@ -84,3 +48,16 @@ def test_a_part_that_reads_images_is_refused(synth_root, tmp_path):
     with pytest.raises(ConfigError, match=r"aux_losses.reader.*needs_images.*data.feature_cache=null"):
         datamodule.prepare_feature_cache(model)
     assert not (tmp_path / "cache" / "features").exists()  # refused before any work
+
+
+@pytest.mark.parametrize("experiment, extra", [("apanet_effl0_synth", {"aux.class_agnostic.n": 3}),
+                                               ("celp_effl0_synth", {})])  # fmt: skip
+def test_the_bias_studys_stage3_methods_train_from_the_cache(experiment, extra, synth_root, tmp_path):
+    """APANet (n = 3) and CELP, as the bias study's stage 3 runs them (profile `bias`, data.feature_cache): their
+    training steps read cached taps, never the encoder, and the run finishes."""
+    over = tiny_overrides(synth_root, tmp_path / "cache", experiment=experiment, **extra,
+                          **{"data.feature_cache": "{views: 2, chunk: 64}", "data.train_episodes_per_epoch": 8})  # fmt: skip
+    counter = EncoderCalls()
+    metrics = run(compose(over), tmp_path / "run", extra_callbacks=[counter])
+    assert counter.batches["train"] == 2 and counter.calls["train"] == 0
+    assert counter.calls["test"] == counter.batches["test"] == 3 and 0.0 <= metrics["miou"] <= 1.0
