@@ -64,4 +64,5 @@ def test_limited_training_reads_lightnings_two_forms():
 
     assert limited_training(3) and limited_training(1) and limited_training(0.25)  # a count, or a fraction < 1
     assert not limited_training(1.0) and not limited_training(None) and not limited_training(True)
+    assert not limited_training("${x}")  # an unresolved value is not a smoke budget (and never raises)
     assert limited_training(None, fast_dev_run=True) and limited_training(1.0, fast_dev_run=5)

@@ -363,7 +363,9 @@ def limited_training(limit_train_batches: Any = None, fast_dev_run: Any = False)
     if fast_dev_run:
         return True
     lim = limit_train_batches
-    return lim is not None and not isinstance(lim, bool) and (isinstance(lim, int) or float(lim) < 1.0)
+    if isinstance(lim, bool) or not isinstance(lim, (int, float)):  # None, or not a number (Lightning refuses it)
+        return False
+    return isinstance(lim, int) or lim < 1.0
 
 
 def check_training_steps(cfg: Mapping) -> None:
