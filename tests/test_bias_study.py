@@ -1,7 +1,9 @@
-"""The bias study's code (issue 20): the stage-1 pick rule and the figure, read from run directories.
+"""The bias study's code (issue 20): the stage-1 pick rule, stage 2's confirmation and the figure, read from run
+directories.
 
-The run directories here are fakes (config.yaml + metrics.json + fsseg-bias's four evaluations) with hand-chosen
-numbers; the expected picks, gaps, bias measures and plotted means are computed by hand below."""
+The run directories here are fakes (config.yaml + metrics.json + fsseg-bias's four evaluations and its base-class
+control) with hand-chosen numbers; the expected picks, gaps, bias measures and plotted means are computed by hand
+below."""
 
 from __future__ import annotations
 
@@ -35,8 +37,9 @@ def _metrics(d: Path, miou: float) -> None:
 
 
 def _run(out: Path, data: Path, *, method="pfenet", flt="keep", length=2000, fold=0, seed=0, miou=0.40,
-         evals: tuple[float, float, float, float] | None = None) -> Path:
-    """A finished run; ``evals`` = novel mIoU on train +base, train -base, val +base, val -base."""
+         evals: tuple[float, float, float, float] | None = None, base: float | None = 0.40) -> Path:
+    """A finished run; ``evals`` = novel mIoU on train +base, train -base, val +base, val -base; ``base`` = the
+    base-class control's mIoU (written with ``evals``)."""
     d = out / f"{method}-{flt}-{data.name}-{length}-f{fold}s{seed}"
     d.mkdir(parents=True)
     cfg = {"method_name": method, "seed": seed, "trainer": {"max_epochs": 1},
@@ -48,6 +51,8 @@ def _run(out: Path, data: Path, *, method="pfenet", flt="keep", length=2000, fol
         for (split, subset), v in zip([("train", "with_base"), ("train", "without_base"), ("val", "with_base"),
                                        ("val", "without_base")], evals):
             _metrics(d / "bias" / f"{split}-{subset}", v)
+        if base is not None:
+            _metrics(d / "bias" / "base-val", base)
     return d
 
 
@@ -100,6 +105,32 @@ def test_pick_needs_fsseg_bias_on_the_keep_runs(tmp_path):
     assert res["choice"] is None and "fsseg-bias not run" in res["candidates"][0]["why"]
 
 
+def test_pick_asks_for_a_gap_specific_to_novel_classes(tmp_path):
+    """The base-class control: a keep/drop gap that the base classes show as well is a general deficit of keep,
+    not novel objects learnt as background; only the novel-specific part (novel gap - base gap) counts."""
+    ds = _dataset(tmp_path / "synth_latent40", (400, 1000))
+    runs = tmp_path / "runs"
+    # novel gap 0.47 - 0.35 = 12 points; base gap 0.41 - 0.32 = 9 points: specific 3 < 5
+    _run(runs, ds, flt="keep", miou=0.35, evals=_evals(4.0), base=0.32)
+    _run(runs, ds, flt="drop", miou=0.47, evals=_evals(0.0), base=0.41)
+    res = pick(read_runs([runs]))
+    c = res["candidates"][0]
+    assert res["choice"] is None and c["gap"] == pytest.approx(12.0) and c["gap_base"] == pytest.approx(9.0)
+    assert c["specific"] == pytest.approx(3.0) and c["why"] == "novel-specific +3.0 (base classes +9.0) < 5"
+    assert pick(read_runs([runs]), min_specific=3.0)["choice"] is not None
+    assert "gap +12.0 (base +9.0)" in bias_study._report(res)
+    # without the control on disk the point cannot qualify
+    (runs / "pfenet-keep-synth_latent40-2000-f0s0" / "bias" / "base-val" / "metrics.json").unlink()
+    assert pick(read_runs([runs]))["candidates"][0]["why"] == "base-class control not run on every run"
+    # a point stage 2 rejected is passed over
+    _run(runs, ds, flt="keep", miou=0.35, seed=1, evals=_evals(4.0), base=0.40)
+    _run(runs, ds, flt="drop", miou=0.47, seed=1, evals=_evals(0.0), base=0.40)
+    (runs / "pfenet-keep-synth_latent40-2000-f0s0").rename(tmp_path / "gone")
+    assert pick(read_runs([runs]))["choice"]["specific"] == pytest.approx(12.0)
+    res = pick(read_runs([runs]), rejected=[(2000, "synth_latent40")])
+    assert res["choice"] is None and res["candidates"][0]["why"] == "rejected by stage 2 (pick.json)"
+
+
 def test_pick_cli_prints_the_overrides(stage1, capsys):
     assert bias_study.main(["pick", str(stage1), "--overrides"]) == 0
     assert capsys.readouterr().out.split() == point_overrides(pick(read_runs([stage1]))["choice"])
@@ -140,10 +171,12 @@ def test_make_targets_run_the_study_and_the_figure():
     assert "--latent-share 0.4" in out.stdout and "--latent-share 0.6" in out.stdout
 
 
-def test_run_stages_stop_at_the_first_column_that_meets_the_rule(tmp_path, monkeypatch):
-    """The driver's staging with the trainers replaced by fakes that write run directories: stage 1 runs the
-    columns cheapest first and stops at 7k (the first that meets the rule); stages 2 and 3 get the picked point as
-    overrides; BAM gets that dataset's base learners; fsseg-lps runs once per fold; pick.json and the figure exist."""
+def test_run_stages_confirm_the_pick_on_stage_2_or_go_on(tmp_path, monkeypatch, capsys):
+    """The driver's staging with the trainers replaced by fakes that write run directories: stage 1 runs the columns
+    cheapest first; the first pick (7k, share 0.4) fails stage 2's base-class control and is rejected; the 7k
+    column has no other qualifying point, so the 20k column runs and its cheapest point (default share) is confirmed;
+    stage 3 runs there, under the point's folder; fsseg-bias always adds the base-class control; fsseg-lps runs once
+    per fold; pick.json records the rejection and the confirmation; a re-run resumes without a second stage 2."""
     import fsseg.cli.bias
     import fsseg.cli.lps
     import fsseg.cli.sweep
@@ -153,8 +186,10 @@ def test_run_stages_stop_at_the_first_column_that_meets_the_rule(tmp_path, monke
              "synth_latent60": _dataset(data / "synth_latent60", (600, 1000))}  # fmt: skip
     out = tmp_path / "sweeps"
     calls: list[list[str]] = []
-    # (length, dial) -> keep, drop, keep's bias: only (7000, synth_latent40) and (20000, *) meet the rule
+    # stage 1, (length) -> keep, drop, keep's bias: only (7000, synth_latent40) and (20000, *) meet the rule
     values = {2000: (0.40, 0.42, 1.0), 7000: (0.40, 0.43, 4.0), 20000: (0.40, 0.47, 4.0)}
+    # stage 2 base-class mIoU (keep, drop) per point: at 7k/latent40 the base classes lose 6 of the 7 points
+    stage2_base = {(7000, "synth_latent40"): (0.35, 0.41), (20000, "synth"): (0.40, 0.40)}
 
     def fake_sweep(argv):
         calls.append(list(argv))
@@ -166,6 +201,14 @@ def test_run_stages_stop_at_the_first_column_that_meets_the_rule(tmp_path, monke
                     drop = 0.47
                 _run(out / "bias-stage1" / argv[2], ds, flt="keep", length=length, miou=keep, evals=_evals(b))
                 _run(out / "bias-stage1" / argv[2], ds, flt="drop", length=length, miou=drop, evals=_evals(0.0))
+        if argv[0] == "bias-stage2":
+            length, dial = int(argv[1].split("=")[1]), argv[3].rsplit("/", 1)[1]
+            root = Path(argv[argv.index("--out") + 1]) / "bias-stage2" / "paper"
+            if not root.exists():
+                bk, bd = stage2_base[length, dial]
+                for fold in range(4):
+                    _run(root, dsets[dial], flt="keep", length=length, fold=fold, miou=0.40, evals=_evals(4.0), base=bk)
+                    _run(root, dsets[dial], flt="drop", length=length, fold=fold, miou=0.47, evals=_evals(0.0), base=bd)
         return 0
 
     monkeypatch.setattr(fsseg.cli.sweep, "main", fake_sweep)
@@ -174,21 +217,37 @@ def test_run_stages_stop_at_the_first_column_that_meets_the_rule(tmp_path, monke
     monkeypatch.setattr(bias_study, "ensure_datasets", lambda d: None)
     assert bias_study.run_study(str(out), 1, 300, 3, data) == 0
     sweeps = [c for c in calls if c[0] not in ("fsseg-bias", "fsseg-lps")]
-    point = ["data.train_episodes_per_epoch=7000", "trainer.max_epochs=1", "data.source.root=${paths.data_dir}/synth_latent40"]
+    first = ["data.train_episodes_per_epoch=7000", "trainer.max_epochs=1", "data.source.root=${paths.data_dir}/synth_latent40"]
+    point = ["data.train_episodes_per_epoch=20000", "trainer.max_epochs=1", "data.source.root=${paths.data_dir}/synth"]
     assert [c[:3] for c in sweeps[:2]] == [["bias-stage1", "--profile", "len2k"], ["bias-stage1", "--profile", "len7k"]]
-    assert sweeps[2][:4] == ["bias-stage2", *point]
-    assert [c[:3] for c in sweeps[3:]] == [[n, "--profile", "bias"] for n in ("apanet-table4", "celp-table1", "bam-compare")]
-    assert all(c[3:6] == point for c in sweeps[3:])
-    assert len(sweeps) == 6  # no 20k/50k column once the rule held
+    assert sweeps[2][:6] == ["bias-stage2", *first, "--out", str(out / "bias-points" / "7000-synth_latent40")]
+    assert sweeps[3][:3] == ["bias-stage1", "--profile", "len20k"]
+    point_dir = str(out / "bias-points" / "20000-synth")
+    assert sweeps[4][:6] == ["bias-stage2", *point, "--out", point_dir]
+    assert [c[:3] for c in sweeps[5:]] == [[n, "--profile", "bias"] for n in ("apanet-table4", "celp-table1", "bam-compare")]
+    assert all(c[3:8] == [*point, "--out", point_dir] for c in sweeps[5:])
+    assert len(sweeps) == 8  # no 50k column once a point is confirmed
+    biases = [c for c in calls if c[0] == "fsseg-bias"]
+    assert len(biases) == 3 + 2 + 3 and all("--base-control" in c for c in biases)
     lps = [c for c in calls if c[0] == "fsseg-lps"]
     assert [c[1:3] for c in lps] == [[f"data.fold={f}", point[2]] for f in range(4)]
     pick_json = json.loads((out / "bias-stage1" / "pick.json").read_text())
-    assert pick_json["choice"]["dial"] == "synth_latent40" and pick_json["choice"]["gap"] == pytest.approx(7.0)
+    assert (pick_json["choice"]["length"], pick_json["choice"]["dial"]) == (20000, "synth")
+    assert pick_json["confirmed"]["points"] == 4 and pick_json["confirmed"]["specific"] == pytest.approx(7.0)
+    [rej] = pick_json["rejected"]
+    assert (rej["length"], rej["dial"]) == (7000, "synth_latent40")
+    assert rej["stage2"]["gap_base"] == pytest.approx(6.0) and "novel-specific +1.0" in rej["why"]
     assert (out / "bias-stage1" / "bias_curves.png").is_file() and (out / "bias-study" / "bias_curves.csv").is_file()
-    # stage 1 only: no stage 2 or 3
+    # the pick CLI honours the rejection recorded in pick.json
+    capsys.readouterr()
+    assert bias_study.main(["pick", "--out", str(out), "--overrides"]) == 0
+    assert capsys.readouterr().out.split() == point
+    # resumed, stage 1 only: the recorded rejection holds, nothing is confirmed again
     calls.clear()
     assert bias_study.run_study(str(out), 1, 300, 1, data) == 0
     assert {c[0] for c in calls if c[0] not in ("fsseg-bias", "fsseg-lps")} == {"bias-stage1"}
+    pick_json = json.loads((out / "bias-stage1" / "pick.json").read_text())
+    assert pick_json["choice"]["length"] == 20000 and pick_json["confirmed"]["points"] == 4
 
 
 def _collapse(run_dir: Path, fp_rate: float) -> None:

@@ -14,6 +14,7 @@ import pytest
 import yaml
 from fsseg_testing import CONF, tiny_overrides
 
+from fsseg.errors import ConfigError
 from fsseg.runs import FAILED_FILE, code_version, guard_run, package_digest, run_status
 
 
@@ -124,3 +125,29 @@ def test_sweep_status_and_reuse_are_keyed_on_code_version(tmp_path):
     assert run_status(run_dir, {**cfg, "resume": "auto"}) == "stale"  # resume alone does not matter ...
     write_json_atomic(run_dir / "provenance.json", {"code_version": code_version()})
     assert run_status(run_dir, {**cfg, "resume": "auto"}) == "finished"  # ... as the stale verdict was the code's
+
+
+def test_accepted_code_version_counts_as_finished_only_when_vouched_for(tmp_path, monkeypatch, capsys):
+    """FSSEG_ACCEPT_CODE (fsseg-sweep --accept-code) lets a researcher vouch for an older code version: its runs
+    count as finished and are re-used; any other version stays stale; a malformed version is refused up front."""
+    from fsseg.cli.sweep import main as sweep_main
+    from fsseg.provenance import write_json_atomic
+    from fsseg.runs import ACCEPT_CODE_ENV
+    from fsseg.sweeps import compose_run_config, finished_runs
+
+    run_dir = tmp_path / "out" / "t" / "paper" / "row" / "seed-0"
+    cfg = compose_run_config(["experiment=pfenet_effl0_synth"], run_dir, CONF)
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg))
+    write_json_atomic(run_dir / "metrics.json", {"metrics": {"miou": 0.5}})
+    write_json_atomic(run_dir / "provenance.json", {"code_version": "sha256:0123456789abcdef"})
+    monkeypatch.setenv(ACCEPT_CODE_ENV, "sha256:fedcba9876543210")  # another version: still stale
+    assert run_status(run_dir, cfg) == "stale" and finished_runs(tmp_path / "out") == {}
+    monkeypatch.setenv(ACCEPT_CODE_ENV, "sha256:fedcba9876543210, sha256:0123456789abcdef")
+    assert run_status(run_dir, cfg) == "finished" and list(finished_runs(tmp_path / "out").values()) == [run_dir]
+    monkeypatch.setenv(ACCEPT_CODE_ENV, "0123456789abcdef")
+    with pytest.raises(ConfigError, match=r"FSSEG_ACCEPT_CODE=.*expected sha256:<16 hex digits>"):
+        run_status(run_dir, cfg)
+    monkeypatch.delenv(ACCEPT_CODE_ENV)
+    assert sweep_main(["apanet-table4", "--profile", "embedded", "--dry-run", "--accept-code", "abc"]) == 2
+    assert "['abc'] are not code versions" in capsys.readouterr().err

@@ -417,6 +417,15 @@ def test_bias_scores_base_class_subsets_on_both_splits(synth_root, in_tmp):
     stamp = (run_dir / "bias" / "train-with_base" / "metrics.json").stat().st_mtime_ns
     assert bias_main([str(path), "--out", str(out), "--episodes", "6"]) == 0
     assert (run_dir / "bias" / "train-with_base" / "metrics.json").stat().st_mtime_ns == stamp
+    # --base-control: the same checkpoint on base-class episodes of the evaluation split, one more column
+    assert bias_main([str(path), "--out", str(out), "--episodes", "6", "--base-control"]) == 0
+    assert (run_dir / "bias" / "train-with_base" / "metrics.json").stat().st_mtime_ns == stamp  # the four re-used
+    d = run_dir / "bias" / "base-val"
+    rec = json.loads((d / "metrics.json").read_text())
+    man = EpisodeManifest.load(json.loads((d / "provenance.json").read_text())["manifest"]["path"])
+    assert rec["episodes"] == 6 and man.split == "val" and {ep.class_id for ep in man.episodes} <= base
+    row = next(line for line in (out / "demo-table1" / "paper" / "bias.md").read_text().splitlines() if line.startswith("| dim 32 |"))
+    assert row.endswith(f" | — | {100 * rec['metrics']['miou']:.1f} |") and "| base |" in (out / "demo-table1" / "paper" / "bias.md").read_text()
     assert bias_main([str(path), "--out", str(out), "--episodes", "7", "--cached-only"]) == 0  # 7: none on disk
     assert "| dim 32 | 0 | …" in (out / "demo-table1" / "paper" / "bias.md").read_text()
     assert (run_dir / "bias" / "train-with_base" / "metrics.json").stat().st_mtime_ns == stamp

@@ -16,7 +16,10 @@ The code version is the sha256 of the fsseg package's source files (every ``*.py
 what a run computes depends on them; unlike a git sha it also sees uncommitted edits, and it does not change
 when only documentation, tests or sweep files do. The git sha is recorded beside it (provenance.json) and
 named in rendered tables. Runs recorded before code versions were (no ``code_version`` in provenance.json)
-are judged by their config alone.
+are judged by their config alone. A researcher who knows that a code change does not touch what a run
+computes (a report, a CLI, a comment) may vouch for the older version: ``FSSEG_ACCEPT_CODE=sha256:...[,...]``
+(``fsseg-sweep --accept-code``) counts runs of those versions as finished; their provenance keeps the version
+they were made with, and tables name every git sha their runs came from.
 
 It also holds what a run records at its start, when it may resume and which checkpoints it trusts:
 
@@ -37,6 +40,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import traceback
@@ -49,7 +53,9 @@ import yaml
 from fsseg.errors import ConfigError, RunError
 
 __all__ = [
+    "ACCEPT_CODE_ENV",
     "FAILED_FILE",
+    "accepted_code_versions",
     "code_version",
     "config_diff",
     "config_digest",
@@ -68,6 +74,7 @@ FAILED_FILE = "FAILED"  # run_dir/FAILED: the error of the latest failed attempt
 METRICS_FILE = "metrics.json"
 PROVENANCE_FILE = "provenance.json"
 STALE_DIR = "_stale"
+ACCEPT_CODE_ENV = "FSSEG_ACCEPT_CODE"  # comma-separated code versions vouched for as this one
 
 
 # --------------------------------------------------------------------------- code version
@@ -228,10 +235,22 @@ def config_diff(a: Mapping, b: Mapping, prefix: str = "") -> list[str]:
     return out
 
 
+def accepted_code_versions() -> frozenset[str]:
+    """The code versions ``FSSEG_ACCEPT_CODE`` vouches for as equivalent to this one (empty when unset)."""
+    raw = os.environ.get(ACCEPT_CODE_ENV, "")
+    versions = frozenset(v.strip() for v in raw.split(",") if v.strip())
+    bad = sorted(v for v in versions if not re.fullmatch(r"sha256:[0-9a-f]{16}", v))
+    if bad:
+        raise ConfigError(f"{ACCEPT_CODE_ENV}={raw!r}: {bad} are not code versions; expected sha256:<16 hex digits>, "
+                          "as provenance.json records under code_version")  # fmt: skip
+    return versions
+
+
 def code_matches(run_dir: str | os.PathLike) -> bool:
-    """The run was made with this code (or recorded before code versions were)."""
+    """The run was made with this code (or recorded before code versions were, or with a version vouched for in
+    ``FSSEG_ACCEPT_CODE``)."""
     rec = recorded_code_version(run_dir)
-    return rec is None or rec == code_version()
+    return rec is None or rec == code_version() or rec in accepted_code_versions()
 
 
 def run_status(run_dir: str | os.PathLike, expected: Mapping | None = None) -> str:

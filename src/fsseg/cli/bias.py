@@ -19,6 +19,10 @@ model that treats the novel objects of its training images like any others. Per 
 over the finished (fold, seed) points, and the paired change of the bias against the first row. Supports come
 from every image of the class in each manifest. Resumable: an evaluation whose metrics.json exists with the
 requested episode count is not repeated.
+
+``--base-control`` adds the same checkpoint's mIoU on *base*-class episodes of the evaluation split (column
+**base**): a model that under-segments everything (an optimisation deficit, not a class-specific bias) loses there
+as much as on novel classes, so a gap between two rows that is not on novel classes only shows up here too.
 """
 
 from __future__ import annotations
@@ -37,23 +41,26 @@ from fsseg.errors import ConfigError
 SUBSETS = ("with_base", "without_base")
 BIAS_DIR = "bias"
 COLUMNS = ("test", "train-with_base", "train-without_base", "eval-with_base", "eval-without_base", "bias")
+BASE_COLUMN = "base"  # --base-control: base-class episodes of the evaluation split
 
 
-def evaluate_run(run_dir: Path, split: str, subset: str, episodes: int, seed: int, cached_only: bool = False) -> float | None:
-    """Novel mIoU of the run's best checkpoint on ``subset`` queries of ``split`` (cached under run_dir/bias);
-    with ``cached_only``, None when that evaluation is not on disk yet."""
+def evaluate_run(run_dir: Path, split: str, subset: str, episodes: int, seed: int, cached_only: bool = False,
+                 classes: str = "novel") -> float | None:
+    """mIoU of the run's best checkpoint on ``classes`` episodes whose queries are ``subset`` of ``split`` (cached
+    under run_dir/bias/<split>-<subset>, or base-<split> for the base-class control); with ``cached_only``, None
+    when that evaluation is not on disk yet."""
     from omegaconf import OmegaConf
 
     from fsseg.cli.evaluate import evaluate, load_run_config, resolve_checkpoint
     from fsseg.provenance import read_metrics
 
-    out = run_dir / BIAS_DIR / f"{split}-{subset}"
+    out = run_dir / BIAS_DIR / (f"{split}-{subset}" if classes == "novel" else f"{classes}-{split}")
     rec = read_metrics(out)
     if rec is not None and rec.get("episodes") == episodes:
         return float(rec["metrics"]["miou"])
     if cached_only:
         return None
-    cfg = load_run_config(run_dir, {"data.eval_split": split, "data.eval_queries": subset,
+    cfg = load_run_config(run_dir, {"data.eval_split": split, "data.eval_queries": subset, "data.eval_classes": classes,
                                     "data.eval_episodes": episodes, "data.eval_seed": seed})  # fmt: skip
     trainer = OmegaConf.merge(cfg.trainer, {"enable_progress_bar": False, "enable_model_summary": False})
     return float(evaluate(cfg, resolve_checkpoint(run_dir, "best"), trainer, out)["miou"])
@@ -78,6 +85,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--episodes", type=int, default=300, help="episodes per manifest (default 300)")
     ap.add_argument("--eval-seed", type=int, default=321, help="manifest seed (default 321)")
     ap.add_argument("--out", default=os.environ.get("FSSEG_SWEEP_OUT", "outputs/sweeps"), help="sweep output root")
+    ap.add_argument("--base-control", action="store_true",
+                    help="also score each run on base-class episodes of its evaluation split (column base)")
     ap.add_argument("--cached-only", action="store_true",
                     help="evaluate nothing: tabulate the runs whose four evaluations are already on disk")
     args = ap.parse_args(argv)
@@ -117,16 +126,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             for subset in SUBSETS:
                 vals[f"{side}-{subset}"] = evaluate_run(r.run.run_dir, split, subset, args.episodes, args.eval_seed,
                                                         cached_only=args.cached_only)  # fmt: skip
+        if args.base_control:
+            vals[BASE_COLUMN] = evaluate_run(r.run.run_dir, eval_split, "all", args.episodes, args.eval_seed,
+                                             cached_only=args.cached_only, classes="base")  # fmt: skip
         if any(v is None for v in vals.values()):
             continue
         vals["bias"] = (vals["train-without_base"] - vals["train-with_base"]) - (
             vals["eval-without_base"] - vals["eval-with_base"])  # fmt: skip
         point = tuple(sorted((str(a), str(b)) for a, b in r.run.point.items()))
         table[r.run.row.label][point] = vals
-        print(f"[{k}/{len(done)}] {r.run.describe()}: " + "  ".join(f"{c} {100 * vals[c]:.1f}" for c in COLUMNS),
+        print(f"[{k}/{len(done)}] {r.run.describe()}: " + "  ".join(f"{c} {100 * v:.1f}" for c, v in vals.items()),
               flush=True)  # fmt: skip
 
     base = table[wanted[0]]
+    columns = COLUMNS + ((BASE_COLUMN,) if args.base_control else ())
     lines = [
         f"# {sweep.name} [{profile or 'paper'}]: novel objects trained as background",
         "",
@@ -136,22 +149,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         "**bias** = (train −base − train +base) − (eval −base − eval +base). "
         f"{args.episodes} episodes per manifest, seed {args.eval_seed}; **test**: the sweep's test mIoU. "
         "Mean ± 95% CI over the finished (fold, seed) points; "
-        f"Δ bias: paired change against the first row ({wanted[0]}) on the points both finished."),
+        f"Δ bias: paired change against the first row ({wanted[0]}) on the points both finished."
+        + (" **base**: base-class episodes of the evaluation split (the control for a deficit on every class)."
+           if args.base_control else "")),
         "",
-        "| row | points | test | train +base | train −base | eval +base | eval −base | bias | Δ bias vs first row |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| row | points | test | train +base | train −base | eval +base | eval −base | bias | Δ bias vs first row |"
+        + (" base |" if args.base_control else ""),
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if args.base_control else ""),
     ]
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["row", "point", *COLUMNS])
+    w.writerow(["row", "point", *columns])
     for label in wanted:
         pts = table[label]
         stats = [_stats([v[c] for v in pts.values()]) for c in COLUMNS]
         paired = [v["bias"] - base[p]["bias"] for p, v in pts.items() if p in base]
         delta = "—" if label == wanted[0] else _stats(paired)
-        lines.append(f"| {label} | {len(pts)} | " + " | ".join(stats) + f" | {delta} |")
+        control = f" {_stats([v[BASE_COLUMN] for v in pts.values()])} |" if args.base_control else ""
+        lines.append(f"| {label} | {len(pts)} | " + " | ".join(stats) + f" | {delta} |{control}")
         for p, v in pts.items():
-            w.writerow([label, ";".join(f"{a}={b}" for a, b in p), *(v[c] for c in COLUMNS)])
+            w.writerow([label, ";".join(f"{a}={b}" for a, b in p), *(v[c] for c in columns)])
     root = sweep.root(profile, args.out)
     root.mkdir(parents=True, exist_ok=True)
     _write_text_atomic(root / "bias.md", "\n".join(lines) + "\n")

@@ -11,14 +11,20 @@ are trained as background; BAM's filter (``drop``) removes those images. Stages:
    (data/synth, synth_latent40, synth_latent60: ``fsseg-synth --latent-share``), one column (training length) at a
    time, 2k, 7k, 20k then 50k episodes; ``fsseg-bias`` scores every run. After each column the rule (:func:`pick`)
    looks at every finished run; stage 1 stops at the first column where it holds.
-2. ``bias-stage2``: the picked (length, dial) point on 4 folds x 3 seeds (mean ± 95% CI, paired drop - keep).
+2. ``bias-stage2``: the picked (length, dial) point on 4 folds x 3 seeds (mean ± 95% CI, paired drop - keep),
+   judged by the same rule on the means of its 12 pairs. A point that fails there is *rejected* (pick.json
+   lists it, with why) and stage 1 goes on: the next qualifying point, else the next column.
 3. profile ``bias`` of apanet-table4 (PFENet vs APANet n = 3), celp-table1 (PFENet vs PFENet+CELP) and
-   bam-compare (PFENet, PFENet drop, BAM) at that point, with ``fsseg-bias`` on every run and ``fsseg-lps``
-   (CELP's pseudo-masks on that dataset, per fold).
+   bam-compare (PFENet, PFENet drop, BAM) at the confirmed point, with ``fsseg-bias --base-control`` on every run
+   and ``fsseg-lps`` (CELP's pseudo-masks on that dataset, per fold).
 
-The point is passed to stages 2 and 3 as overrides (``data.train_episodes_per_epoch``, ``data.source.root``) read
-from ``outputs/sweeps/bias-stage1/pick.json``, never typed by hand. If no point meets the rule within 50k
-episodes, the study stops after stage 1 and says so (the figure shows the curves).
+Every fsseg-bias call adds the base-class control (``--base-control``): at (2k, share 0.4) keep lost as much on
+the base classes it trained on as on novel ones (docs/notes.md, "Bias study"), a general under-segmentation
+rather than novel objects learnt as background; the rule asks for the part of the gap that is specific to
+novel classes. Stages 2 and 3 of a point write under ``<out>/bias-points/<length>-<dial>/``. The point is passed
+to them as overrides (``data.train_episodes_per_epoch``, ``data.source.root``) read from
+``outputs/sweeps/bias-stage1/pick.json``, never typed by hand. If no point is confirmed within 50k episodes, the
+study stops after stage 1 and says so (the figure shows the curves).
 """
 
 from __future__ import annotations
@@ -41,11 +47,14 @@ COLUMNS = ("len2k", "len7k", "len20k", "len50k")  # stage-1 profiles, cheapest f
 DIALS = {"synth": None, "synth_latent40": 0.4, "synth_latent60": 0.6}  # data directory -> --latent-share
 STAGE3 = (("apanet-table4", ["n = 0 (baseline)", "n = 3"]), ("celp-table1", None), ("bam-compare", None))
 # The pick rule (issue 20): novel pixels trained as background cost at least MIN_GAP novel-mIoU points (drop - keep),
-# and fsseg-bias's difference of differences on the keep run is clearly non-zero: at least MIN_BIAS points, above
+# at least MIN_SPECIFIC of them beyond what keep vs drop does to the base classes (the base-class control), and
+# fsseg-bias's difference of differences on the keep run is clearly non-zero: at least MIN_BIAS points, above
 # every one of the 12 compare-apanet points at 2k episodes (all within [-2.6, +1.4], docs/notes.md).
 MIN_GAP = 5.0
+MIN_SPECIFIC = 5.0
 MIN_BIAS = 3.0
 PICK_FILE = "pick.json"
+POINTS_DIR = "bias-points"  # <out>/bias-points/<length>-<dial>/: stages 2 and 3 of one point
 
 
 @dataclass(frozen=True)
@@ -65,6 +74,7 @@ class RunPoint:
     miou: float
     bias: float | None
     fp_rate: float | None = None  # test false-positive rate (fraction); None in runs recorded without it
+    base_miou: float | None = None  # base-class mIoU on the evaluation split (fsseg-bias --base-control), in %
 
     @property
     def collapsed(self) -> bool:
@@ -105,8 +115,13 @@ def run_bias(run_dir: Path, eval_split: str = "val") -> float | None:
     return 100 * ((v["train", "without_base"] - v["train", "with_base"]) - (v["eval", "without_base"] - v["eval", "with_base"]))
 
 
+def _percent(x: float | None) -> float | None:
+    return None if x is None else 100 * x
+
+
 def read_run(run_dir: str | os.PathLike) -> RunPoint | None:
     """A finished run directory (metrics.json + config.yaml) as a RunPoint; None otherwise."""
+    from fsseg.cli.bias import BIAS_DIR
     from fsseg.runs import recorded_config
 
     run_dir = Path(run_dir)
@@ -123,7 +138,8 @@ def read_run(run_dir: str | os.PathLike) -> RunPoint | None:
                         share=_measured_share(root), length=per_epoch * epochs, per_epoch=per_epoch, epochs=epochs,
                         fold=int(data["fold"]), seed=int(cfg["seed"]), miou=100 * miou,
                         bias=run_bias(run_dir, str(data.get("eval_split", "val"))),
-                        fp_rate=_metric(run_dir, "fp_rate"))  # fmt: skip
+                        fp_rate=_metric(run_dir, "fp_rate"),
+                        base_miou=_percent(_metric(run_dir / BIAS_DIR / f"base-{data.get('eval_split', 'val')}")))  # fmt: skip
     except (KeyError, TypeError, ValueError) as exc:
         raise ConfigError(f"{run_dir}/config.yaml: not a training run of the bias study ({exc!r})") from None
 
@@ -170,38 +186,61 @@ def candidates(points: Sequence[RunPoint], method: str = "pfenet") -> list[dict]
         pairs = [(k, d) for k, d in paired if not (k.collapsed or d.collapsed)]  # _mean of none is NaN
         ref = paired[0][0]
         keep_bias, drop_bias = [k.bias for k, _ in pairs], [d.bias for _, d in pairs]
+        base_gaps = [None if None in (k.base_miou, d.base_miou) else d.base_miou - k.base_miou for k, d in pairs]
+        gap = _mean([d.miou - k.miou for k, d in pairs])
+        gap_base = _mean(base_gaps) if pairs and None not in base_gaps else None
         out.append({"length": length, "dial": dial, "share": ref.share, "points": len(pairs),
                     "collapsed": len(paired) - len(pairs), "per_epoch": ref.per_epoch, "epochs": ref.epochs,
                     "keep": _mean([k.miou for k, _ in pairs]), "drop": _mean([d.miou for _, d in pairs]),
-                    "gap": _mean([d.miou - k.miou for k, d in pairs]),
+                    "gap": gap, "gap_base": gap_base, "specific": None if gap_base is None else gap - gap_base,
                     "bias_keep": _mean(keep_bias) if pairs and None not in keep_bias else None,
                     "bias_drop": _mean(drop_bias) if pairs and None not in drop_bias else None})  # fmt: skip
     # a dataset not on disk here (a relative root read from another folder) has no measured share: its nominal one
     return sorted(out, key=lambda c: (c["length"], c["share"] if c["share"] is not None else DIALS.get(c["dial"]) or 0.0, c["dial"]))
 
 
-def pick(points: Sequence[RunPoint], min_gap: float = MIN_GAP, min_bias: float = MIN_BIAS) -> dict:
-    """The rule: the cheapest (length, dial) point, shorter training first, then the lower share, where
-    drop - keep >= ``min_gap`` and the keep runs' fsseg-bias measure >= ``min_bias`` (both in novel-mIoU points),
-    on the pairs where neither run collapsed to all-background (a point with none left does not qualify).
-    Returns {"choice": candidate or None, "candidates": [...with "meets" and "why"]}."""
-    cands = candidates(points)
+def judge(c: dict, min_gap: float = MIN_GAP, min_bias: float = MIN_BIAS, min_specific: float = MIN_SPECIFIC) -> dict:
+    """Apply the rule to one candidate (sets ``meets`` and ``why``): drop - keep >= ``min_gap`` novel-mIoU points,
+    of which >= ``min_specific`` beyond the base classes' drop - keep, and keep's fsseg-bias >= ``min_bias``; on the
+    pairs where neither run collapsed to all-background (a point with none left does not qualify)."""
+    why = []
+    if not c["points"]:
+        why.append(f"all {c['collapsed']} (fold, seed) pairs collapsed to all-background")
+    else:
+        if c["gap"] < min_gap:
+            why.append(f"drop - keep {c['gap']:+.1f} < {min_gap:g}")
+        if c["specific"] is None:
+            why.append("base-class control not run on every run")
+        elif c["specific"] < min_specific:
+            why.append(f"novel-specific {c['specific']:+.1f} (base classes {c['gap_base']:+.1f}) < {min_specific:g}")
+        if c["bias_keep"] is None:
+            why.append("fsseg-bias not run on every keep run")
+        elif c["bias_keep"] < min_bias:
+            why.append(f"bias {c['bias_keep']:+.1f} < {min_bias:g}")
+    c["meets"], c["why"] = not why, "; ".join(why)
+    return c
+
+
+def pick(points: Sequence[RunPoint], min_gap: float = MIN_GAP, min_bias: float = MIN_BIAS,
+         min_specific: float = MIN_SPECIFIC, rejected: Iterable[tuple[int, str]] = ()) -> dict:  # fmt: skip
+    """The cheapest (length, dial) point, shorter training first, then the lower share, that meets the rule
+    (:func:`judge`) and was not ``rejected`` by stage 2. Returns {"choice": candidate or None, "candidates":
+    [...with "meets" and "why"], "rule": ...}."""
+    rejected = {(int(n), str(d)) for n, d in rejected}
+    cands = [judge(c, min_gap, min_bias, min_specific) for c in candidates(points)]
     choice = None
     for c in cands:
-        why = []
-        if not c["points"]:
-            why.append(f"all {c['collapsed']} (fold, seed) pairs collapsed to all-background")
-        else:
-            if c["gap"] < min_gap:
-                why.append(f"drop - keep {c['gap']:+.1f} < {min_gap:g}")
-            if c["bias_keep"] is None:
-                why.append("fsseg-bias not run on every keep run")
-            elif c["bias_keep"] < min_bias:
-                why.append(f"bias {c['bias_keep']:+.1f} < {min_bias:g}")
-        c["meets"], c["why"] = not why, "; ".join(why)
-        if not why and choice is None:
+        if (c["length"], c["dial"]) in rejected:
+            c["meets"], c["why"] = False, "rejected by stage 2 (pick.json)"
+        elif c["meets"] and choice is None:
             choice = c
-    return {"choice": choice, "candidates": cands, "rule": {"min_gap": min_gap, "min_bias": min_bias}}
+    return {"choice": choice, "candidates": cands,
+            "rule": {"min_gap": min_gap, "min_specific": min_specific, "min_bias": min_bias}}  # fmt: skip
+
+
+def point_root(out: str | os.PathLike, choice: dict) -> Path:
+    """Where stages 2 and 3 of a point write (as their sweeps' output root)."""
+    return Path(out) / POINTS_DIR / f"{choice['length']}-{choice['dial']}"
 
 
 def point_overrides(choice: dict) -> list[str]:
@@ -286,20 +325,64 @@ def _check(rc: int, what: str) -> None:
         raise ConfigError(f"{what} exited with {rc}; run `make bias-study` again to resume")
 
 
+def _read_pick_file(stage1_root: Path) -> dict:
+    try:
+        data = json.loads((stage1_root / PICK_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _rejected(state: dict) -> list[tuple[int, str]]:
+    return [(int(r["length"]), str(r["dial"])) for r in state.get("rejected", [])]
+
+
+def confirm(out: str | os.PathLike, choice: dict, jobs: int, episodes: int) -> dict:
+    """Stage 2 at ``choice``: keep vs drop on 4 folds x 3 seeds under the point's folder, fsseg-bias (with the
+    base-class control) on every run, and the rule judged on the means of its pairs. Returns that candidate."""
+    from fsseg.cli.bias import main as bias_main
+    from fsseg.cli.sweep import main as sweep_main
+
+    root = point_root(out, choice)
+    _check(sweep_main([STAGE2, *point_overrides(choice), "--out", str(root), "--jobs", str(jobs)]), f"fsseg-sweep {STAGE2}")
+    _check(bias_main([STAGE2, "--out", str(root), "--episodes", str(episodes), "--base-control"]), f"fsseg-bias {STAGE2}")
+    found = [c for c in candidates(read_runs([root / STAGE2])) if (c["length"], c["dial"]) == (choice["length"], choice["dial"])]
+    if not found:
+        raise ConfigError(f"{root / STAGE2}: stage 2 left no keep/drop pair at the picked point")
+    return judge(found[0])
+
+
 def run_study(out: str, jobs: int, episodes: int, until: int, data_dir: Path) -> int:
     from fsseg.cli.bias import main as bias_main
     from fsseg.cli.sweep import main as sweep_main
 
     ensure_datasets(data_dir)
-    common = ["--out", out, "--jobs", str(jobs)]
     stage1_root = Path(out) / STAGE1
-    result = {"choice": None}
+    state = _read_pick_file(stage1_root)
+    rejected: list[dict] = list(state.get("rejected", []))
+    result: dict = {"choice": None}
     for col in COLUMNS:  # stage 1, cheapest column first
-        _check(sweep_main([STAGE1, "--profile", col, *common]), f"fsseg-sweep {STAGE1} --profile {col}")
-        _check(bias_main([STAGE1, "--profile", col, "--out", out, "--episodes", str(episodes)]), f"fsseg-bias {STAGE1}")
-        result = pick(read_runs([stage1_root]))
-        stage1_root.mkdir(parents=True, exist_ok=True)
-        (stage1_root / PICK_FILE).write_text(json.dumps(result, indent=2) + "\n")
+        _check(sweep_main([STAGE1, "--profile", col, "--out", out, "--jobs", str(jobs)]),
+               f"fsseg-sweep {STAGE1} --profile {col}")  # fmt: skip
+        _check(bias_main([STAGE1, "--profile", col, "--out", out, "--episodes", str(episodes), "--base-control"]),
+               f"fsseg-bias {STAGE1}")  # fmt: skip
+        while True:  # the cheapest qualifying point of what is on disk; stage 2 confirms it or rejects it
+            result = pick(read_runs([stage1_root]), rejected=_rejected({"rejected": rejected}))
+            prev, ch = state.get("confirmed"), result["choice"]  # a confirmation on record stands for its point
+            same = prev and ch and (prev["length"], prev["dial"]) == (ch["length"], ch["dial"])
+            result["rejected"], result["confirmed"] = rejected, prev if same else None
+            stage1_root.mkdir(parents=True, exist_ok=True)
+            _write_pick(stage1_root, result)
+            if result["choice"] is None or until < 2 or result["confirmed"]:
+                break
+            verdict = confirm(out, result["choice"], jobs, episodes)
+            if verdict["meets"]:
+                result["confirmed"] = verdict
+                _write_pick(stage1_root, result)
+                break
+            rejected.append({"length": verdict["length"], "dial": verdict["dial"], "why": verdict["why"],
+                             "stage2": {k: verdict[k] for k in ("points", "gap", "gap_base", "specific", "bias_keep")}})  # fmt: skip
+            print(f"bias study: stage 2 rejects {verdict['length']} episodes on {verdict['dial']}: {verdict['why']}")
         if result["choice"] is not None:
             break
     figure(read_runs([stage1_root]), stage1_root)
@@ -308,41 +391,50 @@ def run_study(out: str, jobs: int, episodes: int, until: int, data_dir: Path) ->
         print("bias study: no (length, dial) point meets the rule within 50k episodes; stopping after stage 1 "
               f"(curves: {stage1_root / 'bias_curves.png'})")  # fmt: skip
         return 0
-    over = point_overrides(result["choice"])
-    if until >= 2:
-        _check(sweep_main([STAGE2, *over, *common]), f"fsseg-sweep {STAGE2}")
-        _check(bias_main([STAGE2, "--out", out, "--episodes", str(episodes)]), f"fsseg-bias {STAGE2}")
+    choice = result["choice"]
+    over, root = point_overrides(choice), point_root(out, choice)
     if until >= 3:
         from fsseg.cli.lps import main as lps_main
 
-        dial = result["choice"]["dial"]
+        common = ["--out", str(root), "--jobs", str(jobs)]
         for name, rows in STAGE3:  # bam-compare's BAM row names that dataset's own stage-1 base learners itself
             _check(sweep_main([name, "--profile", "bias", *over, *common]), f"fsseg-sweep {name} --profile bias")
-            _check(bias_main([name, "--profile", "bias", "--out", out, "--episodes", str(episodes),
+            _check(bias_main([name, "--profile", "bias", "--out", str(root), "--episodes", str(episodes), "--base-control",
                               *(["--rows", *rows] if rows else [])]), f"fsseg-bias {name}")  # fmt: skip
         for fold in range(4):
-            dest = Path(out) / "bias-lps" / dial / f"fold{fold}.json"
+            dest = Path(out) / "bias-lps" / choice["dial"] / f"fold{fold}.json"
             if not dest.is_file():
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 _check(lps_main([f"data.fold={fold}", over[-1], "--out", str(dest)]), f"fsseg-lps fold {fold}")
-    roots = [stage1_root, Path(out) / STAGE2, *(Path(out) / name / "bias" for name, _ in STAGE3)]
+    roots = [stage1_root, root / STAGE2, *(root / name / "bias" for name, _ in STAGE3)]
     png, _ = figure(read_runs([p for p in roots if p.exists()]), Path(out) / "bias-study")
     print(f"bias study: figure {png}")
     return 0
 
 
+def _write_pick(stage1_root: Path, result: dict) -> None:
+    from fsseg.io import write_text_atomic
+
+    write_text_atomic(stage1_root / PICK_FILE, json.dumps(result, indent=2) + "\n")
+
+
 def _report(result: dict) -> str:
     rule = result.get("rule", {})
-    head = (f"bias study, stage 1 (rule: drop - keep >= {rule.get('min_gap', MIN_GAP):g} and "
-            f"keep's fsseg-bias >= {rule.get('min_bias', MIN_BIAS):g}, novel-mIoU points):")
+    head = (f"bias study, stage 1 (rule: drop - keep >= {rule.get('min_gap', MIN_GAP):g}, of it >= "
+            f"{rule.get('min_specific', MIN_SPECIFIC):g} beyond the base classes', and keep's fsseg-bias >= "
+            f"{rule.get('min_bias', MIN_BIAS):g}, novel-mIoU points):")
     lines = [head]
     for c in result.get("candidates", []):
         b = "—" if c["bias_keep"] is None else f"{c['bias_keep']:+.1f}"
+        gb = "—" if c.get("gap_base") is None else f"{c['gap_base']:+.1f}"
         lines.append(f"  {c['length']:>6} episodes, {c['dial']:<15} keep {c['keep']:.1f}  drop {c['drop']:.1f}  "
-                     f"gap {c['gap']:+.1f}  bias {b}  {'MEETS' if c['meets'] else c['why']}"
+                     f"gap {c['gap']:+.1f} (base {gb})  bias {b}  {'MEETS' if c['meets'] else c['why']}"
                      + (f"  ({c['collapsed']} collapsed pair(s) left out)" if c["collapsed"] else ""))  # fmt: skip
-    ch = result.get("choice")
-    lines.append(f"  picked: {ch['length']} episodes on {ch['dial']}" if ch else "  picked: none")
+    for r in result.get("rejected", []):
+        lines.append(f"  rejected by stage 2: {r['length']} episodes on {r['dial']} ({r['why']})")
+    ch, ok = result.get("choice"), result.get("confirmed")
+    lines.append(f"  picked: {ch['length']} episodes on {ch['dial']}" + (" (confirmed by stage 2)" if ok else "")
+                 if ch else "  picked: none")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -358,6 +450,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("runs", nargs="*", help="run directories or folders (default: <out>/bias-stage1)")
     p.add_argument("--min-gap", type=float, default=MIN_GAP)
     p.add_argument("--min-bias", type=float, default=MIN_BIAS)
+    p.add_argument("--min-specific", type=float, default=MIN_SPECIFIC)
     p.add_argument("--overrides", action="store_true", help="print only the point's Hydra overrides")
     f = sub.add_parser("figure", help="novel mIoU and the bias measure against training length (PNG + CSV)")
     f.add_argument("runs", nargs="*", help="run directories or folders (default: <out>/bias-stage1)")
@@ -373,7 +466,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_study(a.out, a.jobs, a.episodes, a.until, _data_dir())
         runs = read_runs(a.runs or [Path(a.out) / STAGE1])
         if a.cmd == "pick":
-            res = pick(runs, a.min_gap, a.min_bias)
+            rejected = _rejected(_read_pick_file(Path(a.out) / STAGE1))  # points stage 2 already turned down
+            res = pick(runs, a.min_gap, a.min_bias, a.min_specific, rejected=rejected)
             if a.overrides:
                 if res["choice"] is None:
                     print(_report(res), file=sys.stderr)

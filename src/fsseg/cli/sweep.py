@@ -42,7 +42,7 @@ from typing import Any
 
 from fsseg.cli.common import config_dir, environment_defaults
 from fsseg.errors import ConfigError
-from fsseg.runs import why_stale
+from fsseg.runs import ACCEPT_CODE_ENV, accepted_code_versions, code_version, recorded_code_version, why_stale
 from fsseg.sweeps import (
     FAILED_FILE,
     SPEC_FILE,
@@ -139,7 +139,9 @@ def plan(sweep: Sweep, profile: str | None, out: Path, extra: Sequence[str], con
         p.expected = expected
         status = run_status(run.run_dir, p.expected)
         if status == "finished":
-            p.status, p.message = "skipped", "finished earlier with the same config and code"
+            made_with = recorded_code_version(run.run_dir)
+            code = "code" if made_with in (None, code_version()) else f"code version {made_with} (accepted)"
+            p.status, p.message = "skipped", f"finished earlier with the same config and {code}"
         elif status == "stale":
             p.message = "re-run: " + why_stale(run.run_dir, p.expected)
             if apply:
@@ -592,6 +594,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--no-table", action="store_true", help="do not render the table at the end")
     ap.add_argument("--no-reuse", action="store_true",
                     help="train every run, even one whose computation a finished run of another table already did")
+    ap.add_argument("--accept-code", action="append", default=[], metavar="VERSION",
+                    help="count finished runs made with this code version (sha256:..., as provenance.json records) as "
+                         "finished: you vouch that the changes since do not alter what a run computes (repeatable; "
+                         "sets FSSEG_ACCEPT_CODE for the runs)")  # fmt: skip
     ap.add_argument("--list", action="store_true", help="list the sweep files (make list-tables)")
     args = ap.parse_intermixed_args(argv)  # options may come before or after the overrides
     if args.list:
@@ -603,6 +609,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if any(o.startswith("hydra") for o in extra):
         ap.error(f"fsseg-sweep sets hydra.* itself; only hydra.launcher.* may be given: {extra}")
     try:
+        if args.accept_code:
+            prior = os.environ.get(ACCEPT_CODE_ENV, "")
+            os.environ[ACCEPT_CODE_ENV] = ",".join([v for v in prior.split(",") if v] + args.accept_code)
+        accepted_code_versions()  # a malformed version is an error before any work
         sweep = load_sweep(find_sweep(args.sweep))
         outcome = run_sweep(sweep, args.profile or None, args.out, extra, args.launcher, args.jobs, launcher_over,
                             dry_run=args.dry_run, render=not args.no_table, reuse=not args.no_reuse)  # fmt: skip
