@@ -427,6 +427,8 @@ def test_bias_scores_base_class_subsets_on_both_splits(synth_root, in_tmp):
     row = next(line for line in (out / "demo-table1" / "paper" / "bias.md").read_text().splitlines() if line.startswith("| dim 32 |"))
     assert row.endswith(f" | — | {100 * rec['metrics']['miou']:.1f} |") and "| base |" in (out / "demo-table1" / "paper" / "bias.md").read_text()
     assert bias_main([str(path), "--out", str(out), "--episodes", "7", "--cached-only"]) == 0  # 7: none on disk
+    assert bias_main([str(path), "--out", str(out), "--episodes", "6", "--eval-seed", "5", "--cached-only"]) == 0
+    assert "| dim 32 | 0 | …" in (out / "demo-table1" / "paper" / "bias.md").read_text()  # other episodes: none
     assert "| dim 32 | 0 | …" in (out / "demo-table1" / "paper" / "bias.md").read_text()
     assert (run_dir / "bias" / "train-with_base" / "metrics.json").stat().st_mtime_ns == stamp
     assert bias_main([str(path), "--out", str(out), "--rows", "nope"]) == 2

@@ -56,7 +56,7 @@ def evaluate_run(run_dir: Path, split: str, subset: str, episodes: int, seed: in
 
     out = run_dir / BIAS_DIR / (f"{split}-{subset}" if classes == "novel" else f"{classes}-{split}")
     rec = read_metrics(out)
-    if rec is not None and rec.get("episodes") == episodes:
+    if rec is not None and rec.get("episodes") == episodes and _manifest_seed(out) in (None, seed):
         return float(rec["metrics"]["miou"])
     if cached_only:
         return None
@@ -64,6 +64,19 @@ def evaluate_run(run_dir: Path, split: str, subset: str, episodes: int, seed: in
                                     "data.eval_episodes": episodes, "data.eval_seed": seed})  # fmt: skip
     trainer = OmegaConf.merge(cfg.trainer, {"enable_progress_bar": False, "enable_model_summary": False})
     return float(evaluate(cfg, resolve_checkpoint(run_dir, "best"), trainer, out)["miou"])
+
+
+def _manifest_seed(eval_dir: Path) -> int | None:
+    """The episode seed of a recorded evaluation (from its manifest's name, ..._seed<N>_n<count>_...)."""
+    import json
+    import re
+
+    try:
+        name = Path(json.loads((eval_dir / "provenance.json").read_text())["manifest"]["path"]).name
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    m = re.search(r"_seed(\d+)_n\d+_", name)
+    return int(m.group(1)) if m else None
 
 
 def _stats(values: Sequence[float]) -> str:
