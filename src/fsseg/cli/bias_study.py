@@ -333,8 +333,9 @@ def _read_pick_file(stage1_root: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def _rejected(state: dict) -> list[tuple[int, str]]:
-    return [(int(r["length"]), str(r["dial"])) for r in state.get("rejected", [])]
+def _rejected(records: Iterable[dict]) -> list[tuple[int, str]]:
+    """(length, dial) of the points stage 2 turned down, from pick.json's ``rejected`` records."""
+    return [(int(r["length"]), str(r["dial"])) for r in records]
 
 
 def confirm(out: str | os.PathLike, choice: dict, jobs: int, episodes: int) -> dict:
@@ -367,7 +368,7 @@ def run_study(out: str, jobs: int, episodes: int, until: int, data_dir: Path) ->
         _check(bias_main([STAGE1, "--profile", col, "--out", out, "--episodes", str(episodes), "--base-control"]),
                f"fsseg-bias {STAGE1}")  # fmt: skip
         while True:  # the cheapest qualifying point of what is on disk; stage 2 confirms it or rejects it
-            result = pick(read_runs([stage1_root]), rejected=_rejected({"rejected": rejected}))
+            result = pick(read_runs([stage1_root]), rejected=_rejected(rejected))
             prev, ch = state.get("confirmed"), result["choice"]  # a confirmation on record stands for its point
             same = prev and ch and (prev["length"], prev["dial"]) == (ch["length"], ch["dial"])
             result["rejected"], result["confirmed"] = rejected, prev if same else None
@@ -466,7 +467,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_study(a.out, a.jobs, a.episodes, a.until, _data_dir())
         runs = read_runs(a.runs or [Path(a.out) / STAGE1])
         if a.cmd == "pick":
-            rejected = _rejected(_read_pick_file(Path(a.out) / STAGE1))  # points stage 2 already turned down
+            rejected = _rejected(_read_pick_file(Path(a.out) / STAGE1).get("rejected", []))  # points stage 2 already turned down
             res = pick(runs, a.min_gap, a.min_bias, a.min_specific, rejected=rejected)
             if a.overrides:
                 if res["choice"] is None:
