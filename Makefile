@@ -123,7 +123,7 @@ bias-study: $(STAMP) ## Issue 20's staged bias study: stage 1 (keep vs drop x le
 	$(SWEEP_ENV) FSSEG_DATA=$(DATA) $(PY) -m fsseg.cli.bias_study run $(BIAS_ARGS)
 
 bias-figure: $(STAMP) ## Novel mIoU and fsseg-bias's measure against training length, from the bias study's run directories (PNG + CSV)
-	$(PY) -m fsseg.cli.bias_study figure $(wildcard outputs/sweeps/bias-stage1 outputs/sweeps/bias-stage2 outputs/sweeps/apanet-table4/bias outputs/sweeps/celp-table1/bias outputs/sweeps/bam-compare/bias)
+	$(PY) -m fsseg.cli.bias_study figure $(wildcard outputs/sweeps/bias-stage1 outputs/sweeps/bias-points/*/bias-stage2 outputs/sweeps/bias-points/*/*/bias)
 
 compare-celp: $(STAMP) ## Embedded benchmark, 4 folds x 3 seeds: PFENet, CELP, CyCTR, CyCTR+CELP, then the delta sweep (84 runs trained, delta = 0.65 re-used; ~4.5 h, resumable)
 	$(SWEEP_ENV) $(VENV)/bin/fsseg-sweep celp-table1 --profile folds $(SWEEP_ARGS)
