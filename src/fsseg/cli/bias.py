@@ -21,8 +21,9 @@ from every image of the class in each manifest. Resumable: an evaluation whose m
 requested episode count is not repeated.
 
 ``--base-control`` adds the same checkpoint's mIoU on *base*-class episodes of the evaluation split (column
-**base**): a model that under-segments everything (an optimisation deficit, not a class-specific bias) loses there
-as much as on novel classes, so a gap between two rows that is not specific to novel classes shows up here as well.
+**base**): a model that under-segments everything (an optimisation deficit, not a class-specific bias) loses
+there as much as on novel classes, so a gap between two rows that is not specific to novel classes shows up here
+as well.
 """
 
 from __future__ import annotations
