@@ -82,11 +82,11 @@ def test_pick_takes_the_cheapest_point_that_meets_the_rule(stage1):
     res = pick(read_runs([stage1]))
     ch = res["choice"]
     assert (ch["length"], Path(ch["dial"]).name) == (7000, "synth")
-    assert ch["gap"] == pytest.approx(5.5) and ch["bias_keep"] == pytest.approx(3.5)
+    assert ch["gap"] == pytest.approx(5.5) and ch["bias_keep"] == pytest.approx(3.5) and ch["bias"] == pytest.approx(3.5)
     assert ch["share"] == pytest.approx(0.19)
     cands = {(c["length"], c["dial"]): c for c in res["candidates"]}
     assert not cands[2000, "synth"]["meets"] and "drop - keep +2.0 < 5" in cands[2000, "synth"]["why"]
-    assert not cands[2000, "synth_latent40"]["meets"] and "bias +1.0 < 3" in cands[2000, "synth_latent40"]["why"]
+    assert not cands[2000, "synth_latent40"]["meets"] and "keep - drop +1.0 < 3" in cands[2000, "synth_latent40"]["why"]
     assert cands[7000, "synth_latent40"]["meets"]
     assert [(c["length"], c["dial"]) for c in res["candidates"]] == [
         (2000, "synth"), (2000, "synth_latent40"), (7000, "synth"), (7000, "synth_latent40")]
@@ -129,6 +129,20 @@ def test_pick_asks_for_a_gap_specific_to_novel_classes(tmp_path):
     assert pick(read_runs([runs]))["choice"]["specific"] == pytest.approx(12.0)
     res = pick(read_runs([runs]), rejected=[(2000, "synth_latent40")])
     assert res["choice"] is None and res["candidates"][0]["why"] == "rejected by stage 2 (pick.json)"
+
+
+def test_pick_measures_the_bias_against_drop_as_its_null(tmp_path):
+    """fsseg-bias's difference of differences has an offset of its own (the train and eval splits differ: both keep
+    and drop measure -7.3 at 7k episodes on the default share); the rule takes keep - drop, paired."""
+    ds = _dataset(tmp_path / "synth", (190, 1000))
+    runs = tmp_path / "runs"
+    _run(runs, ds, flt="keep", miou=0.40, evals=_evals(5.0))
+    _run(runs, ds, flt="drop", miou=0.47, evals=_evals(4.0))  # keep alone would pass (5 >= 3); keep - drop = 1
+    c = pick(read_runs([runs]))["candidates"][0]
+    assert (c["bias_keep"], c["bias_drop"]) == (pytest.approx(5.0), pytest.approx(4.0))
+    assert c["bias"] == pytest.approx(1.0) and c["why"] == "fsseg-bias keep - drop +1.0 < 3"
+    assert pick(read_runs([runs]), min_bias=1.0)["choice"] is not None
+    assert bias_study.main(["pick", str(runs), "--min-bias", "0.5", "--overrides"]) == 0
 
 
 def test_pick_cli_prints_the_overrides(stage1, capsys):
