@@ -79,7 +79,11 @@ def stage1(tmp_path):
 
 
 def test_pick_takes_the_cheapest_point_that_meets_the_rule(stage1):
-    res = pick(read_runs([stage1]))
+    # by default fsseg-bias's measure is reported, not required: the cheapest point with the gap is (2k, share 0.4)
+    default = pick(read_runs([stage1]))
+    assert (default["choice"]["length"], default["choice"]["dial"]) == (2000, "synth_latent40")
+    assert default["rule"]["min_bias"] is None and default["choice"]["bias"] == pytest.approx(1.0)
+    res = pick(read_runs([stage1]), min_bias=3.0)  # the literal rule: keep - drop >= 3 as well
     ch = res["choice"]
     assert (ch["length"], Path(ch["dial"]).name) == (7000, "synth")
     assert ch["gap"] == pytest.approx(5.5) and ch["bias_keep"] == pytest.approx(3.5) and ch["bias"] == pytest.approx(3.5)
@@ -93,16 +97,17 @@ def test_pick_takes_the_cheapest_point_that_meets_the_rule(stage1):
     assert point_overrides(ch) == ["data.train_episodes_per_epoch=7000", "trainer.max_epochs=1",
                                    "data.source.root=${paths.data_dir}/synth"]
     # a stricter rule moves the pick to the other dial; a stricter still finds none
-    assert pick(read_runs([stage1]), min_gap=6.0)["choice"]["dial"] == "synth_latent40"
-    assert pick(read_runs([stage1]), min_gap=9.0)["choice"] is None
+    assert pick(read_runs([stage1]), min_gap=6.0, min_bias=3.0)["choice"]["dial"] == "synth_latent40"
+    assert pick(read_runs([stage1]), min_gap=9.0, min_bias=3.0)["choice"] is None
 
 
-def test_pick_needs_fsseg_bias_on_the_keep_runs(tmp_path):
+def test_pick_needs_fsseg_bias_on_the_keep_runs_when_the_rule_asks_for_it(tmp_path):
     ds = _dataset(tmp_path / "synth", (190, 1000))
-    _run(tmp_path / "runs", ds, flt="keep", miou=0.30)  # no bias evaluations yet
+    _run(tmp_path / "runs", ds, flt="keep", miou=0.30)  # no bias evaluations yet (nor the base-class control)
     _run(tmp_path / "runs", ds, flt="drop", miou=0.45, evals=_evals(0.0))
-    res = pick(read_runs([tmp_path / "runs"]))
+    res = pick(read_runs([tmp_path / "runs"]), min_bias=3.0)
     assert res["choice"] is None and "fsseg-bias not run" in res["candidates"][0]["why"]
+    assert pick(read_runs([tmp_path / "runs"]))["candidates"][0]["why"] == "base-class control not run on every run"
 
 
 def test_pick_asks_for_a_gap_specific_to_novel_classes(tmp_path):
@@ -138,10 +143,12 @@ def test_pick_measures_the_bias_against_drop_as_its_null(tmp_path):
     runs = tmp_path / "runs"
     _run(runs, ds, flt="keep", miou=0.40, evals=_evals(5.0))
     _run(runs, ds, flt="drop", miou=0.47, evals=_evals(4.0))  # keep alone would pass (5 >= 3); keep - drop = 1
-    c = pick(read_runs([runs]))["candidates"][0]
+    c = pick(read_runs([runs]), min_bias=3.0)["candidates"][0]
     assert (c["bias_keep"], c["bias_drop"]) == (pytest.approx(5.0), pytest.approx(4.0))
     assert c["bias"] == pytest.approx(1.0) and c["why"] == "fsseg-bias keep - drop +1.0 < 3"
     assert pick(read_runs([runs]), min_bias=1.0)["choice"] is not None
+    assert pick(read_runs([runs]))["choice"] is not None  # not required by default
+    assert bias_study.main(["pick", str(runs), "--min-bias", "3", "--overrides"]) == 1
     assert bias_study.main(["pick", str(runs), "--min-bias", "0.5", "--overrides"]) == 0
 
 

@@ -47,13 +47,16 @@ COLUMNS = ("len2k", "len7k", "len20k", "len50k")  # stage-1 profiles, cheapest f
 DIALS = {"synth": None, "synth_latent40": 0.4, "synth_latent60": 0.6}  # data directory -> --latent-share
 STAGE3 = (("apanet-table4", ["n = 0 (baseline)", "n = 3"]), ("celp-table1", None), ("bam-compare", None))
 # The pick rule (issue 20): novel pixels trained as background cost at least MIN_GAP novel-mIoU points (drop - keep),
-# at least MIN_SPECIFIC of them beyond what keep vs drop does to the base classes (the base-class control), and
-# fsseg-bias's difference of differences is clearly higher for keep than for drop (its null: at 7k episodes on the
-# default share both measure -7.3, the splits' own offset): at least MIN_BIAS points, above every one of the 12
-# compare-apanet points at 2k episodes (all within [-2.6, +1.4], docs/notes.md).
+# at least MIN_SPECIFIC of them beyond what keep vs drop does to the base classes (the base-class control).
+# Optional (MIN_BIAS None: reported, not required): fsseg-bias's difference of differences higher for keep than for
+# drop (its null: at 7k episodes on the default share both measure -7.3, the splits' own offset) by at least
+# min_bias points (3 was the issue's "clearly non-zero": above every one of the 12 compare-apanet points at 2k,
+# all within [-2.6, +1.4]). Not required by default because it cannot see a class-level bias: at (7k, share 0.6)
+# keep lost ~11 novel-mIoU points on unseen images as much as on the images it trained on, so the difference of
+# differences cancels it (+1.8) while the base-class control shows it (+11.3); docs/notes.md "Bias study".
 MIN_GAP = 5.0
 MIN_SPECIFIC = 5.0
-MIN_BIAS = 3.0
+MIN_BIAS: float | None = None
 PICK_FILE = "pick.json"
 POINTS_DIR = "bias-points"  # <out>/bias-points/<length>-<dial>/: stages 2 and 3 of one point
 
@@ -202,12 +205,13 @@ def candidates(points: Sequence[RunPoint], method: str = "pfenet") -> list[dict]
     return sorted(out, key=lambda c: (c["length"], c["share"] if c["share"] is not None else DIALS.get(c["dial"]) or 0.0, c["dial"]))
 
 
-def judge(c: dict, min_gap: float = MIN_GAP, min_bias: float = MIN_BIAS, min_specific: float = MIN_SPECIFIC) -> dict:
+def judge(c: dict, min_gap: float = MIN_GAP, min_bias: float | None = MIN_BIAS,
+          min_specific: float = MIN_SPECIFIC) -> dict:  # fmt: skip
     """Apply the rule to one candidate (sets ``meets`` and ``why``): drop - keep >= ``min_gap`` novel-mIoU points,
-    of which >= ``min_specific`` beyond the base classes' drop - keep, and fsseg-bias's measure of keep above that of
-    drop (paired; drop is its null: no novel pixel trained as background, so what drop measures is the splits'
-    own offset) by >= ``min_bias``; on the pairs where neither run collapsed to all-background (a point with none
-    left does not qualify)."""
+    of which >= ``min_specific`` beyond the base classes' drop - keep, and (unless ``min_bias`` is None)
+    fsseg-bias's measure of keep above that of drop (paired; drop is its null: no novel pixel trained as
+    background, so what drop measures is the splits' own offset) by >= ``min_bias``; on the pairs where neither
+    run collapsed to all-background (a point with none left does not qualify)."""
     why = []
     if not c["points"]:
         why.append(f"all {c['collapsed']} (fold, seed) pairs collapsed to all-background")
@@ -218,7 +222,9 @@ def judge(c: dict, min_gap: float = MIN_GAP, min_bias: float = MIN_BIAS, min_spe
             why.append("base-class control not run on every run")
         elif c["specific"] < min_specific:
             why.append(f"novel-specific {c['specific']:+.1f} (base classes {c['gap_base']:+.1f}) < {min_specific:g}")
-        if c["bias"] is None:
+        if min_bias is None:
+            pass
+        elif c["bias"] is None:
             why.append("fsseg-bias not run on every run")
         elif c["bias"] < min_bias:
             why.append(f"fsseg-bias keep - drop {c['bias']:+.1f} < {min_bias:g}")
@@ -226,7 +232,7 @@ def judge(c: dict, min_gap: float = MIN_GAP, min_bias: float = MIN_BIAS, min_spe
     return c
 
 
-def pick(points: Sequence[RunPoint], min_gap: float = MIN_GAP, min_bias: float = MIN_BIAS,
+def pick(points: Sequence[RunPoint], min_gap: float = MIN_GAP, min_bias: float | None = MIN_BIAS,
          min_specific: float = MIN_SPECIFIC, rejected: Iterable[tuple[int, str]] = ()) -> dict:  # fmt: skip
     """The cheapest (length, dial) point, shorter training first, then the lower share, that meets the rule
     (:func:`judge`) and was not ``rejected`` by stage 2. Returns {"choice": candidate or None, "candidates":
@@ -428,9 +434,11 @@ def _write_pick(stage1_root: Path, result: dict) -> None:
 
 def _report(result: dict) -> str:
     rule = result.get("rule", {})
+    min_bias = rule.get("min_bias", MIN_BIAS)
     head = (f"bias study, stage 1 (rule: drop - keep >= {rule.get('min_gap', MIN_GAP):g}, of it >= "
-            f"{rule.get('min_specific', MIN_SPECIFIC):g} beyond the base classes', and fsseg-bias keep - drop >= "
-            f"{rule.get('min_bias', MIN_BIAS):g}, novel-mIoU points):")
+            f"{rule.get('min_specific', MIN_SPECIFIC):g} beyond the base classes'"
+            + (f", and fsseg-bias keep - drop >= {min_bias:g}" if min_bias is not None else "")
+            + "; novel-mIoU points):")
     lines = [head]
     for c in result.get("candidates", []):
         b = "—" if c["bias"] is None else f"{c['bias']:+.1f} (keep {c['bias_keep']:+.1f})"
@@ -464,7 +472,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         s.add_argument("--min-gap", type=float, default=MIN_GAP, help="novel mIoU drop - keep (points)")
         s.add_argument("--min-specific", type=float, default=MIN_SPECIFIC,
                        help="novel gap - base-class gap (points)")  # fmt: skip
-        s.add_argument("--min-bias", type=float, default=MIN_BIAS, help="fsseg-bias keep - drop (points)")
+        s.add_argument("--min-bias", type=float, default=MIN_BIAS,
+                       help="also require fsseg-bias keep - drop >= this (points; default: reported, not required)")  # fmt: skip
     for s in (r, p, f):
         s.add_argument("--out", default=os.environ.get("FSSEG_SWEEP_OUT", "outputs/sweeps"), help="sweep output root")
     a = ap.parse_args(argv)
