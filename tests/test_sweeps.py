@@ -451,6 +451,11 @@ def test_a_run_another_table_finished_is_reused_not_retrained(synth_root, in_tmp
     assert [p.status for p in run_sweep(second, out=out, dry_run=True, render=False).planned] == ["reused", "pending"]
     assert [p.status for p in run_sweep(second, out=out, dry_run=True, render=False, reuse=False).planned] == [
         "pending", "pending"]  # fmt: skip
+    # another output root is searched only when named (--reuse-from)
+    other = in_tmp / "elsewhere"
+    assert [p.status for p in run_sweep(second, out=other, dry_run=True, render=False).planned] == ["pending", "pending"]
+    planned = run_sweep(second, out=other, dry_run=True, render=False, reuse_from=[out]).planned
+    assert [p.status for p in planned] == ["reused", "pending"] and planned[0].source.parent.parent.parent.parent == out
 
     src = out / "demo-table1" / "paper" / "dim-32" / "data.fold-0_seed-0"
     outcome = run_sweep(second, out=out, render=True)

@@ -356,7 +356,8 @@ def confirm(out: str | os.PathLike, choice: dict, jobs: int, episodes: int, rule
     from fsseg.cli.sweep import main as sweep_main
 
     root = point_root(out, choice)
-    _check(sweep_main([STAGE2, *point_overrides(choice), "--out", str(root), "--jobs", str(jobs)]), f"fsseg-sweep {STAGE2}")
+    _check(sweep_main([STAGE2, *point_overrides(choice), "--out", str(root), "--jobs", str(jobs), "--reuse-from", str(out)]),
+           f"fsseg-sweep {STAGE2}")  # fmt: skip  (stage 1's run at the point, fold 0 seed 0, is re-used)
     _check(bias_main([STAGE2, "--out", str(root), "--episodes", str(episodes), "--base-control"]), f"fsseg-bias {STAGE2}")
     found = [c for c in candidates(read_runs([root / STAGE2])) if (c["length"], c["dial"]) == (choice["length"], choice["dial"])]
     if not found:
@@ -410,7 +411,7 @@ def run_study(out: str, jobs: int, episodes: int, until: int, data_dir: Path, ru
     if until >= 3:
         from fsseg.cli.lps import main as lps_main
 
-        common = ["--out", str(root), "--jobs", str(jobs)]
+        common = ["--out", str(root), "--jobs", str(jobs), "--reuse-from", str(out)]
         for name, rows in STAGE3:  # bam-compare's BAM row names that dataset's own stage-1 base learners itself
             _check(sweep_main([name, "--profile", "bias", *over, *common]), f"fsseg-sweep {name} --profile bias")
             _check(bias_main([name, "--profile", "bias", "--out", str(root), "--episodes", str(episodes), "--base-control",

@@ -117,11 +117,12 @@ class Outcome:
 
 # --------------------------------------------------------------------------- planning
 def plan(sweep: Sweep, profile: str | None, out: Path, extra: Sequence[str], conf: str, apply: bool = True,
-         reuse: bool = True) -> list[Planned]:  # fmt: skip
+         reuse: bool = True, reuse_from: Sequence[str | os.PathLike] = ()) -> list[Planned]:  # fmt: skip
     """Expand the sweep and decide, run by run, what to do; with ``apply``, run directories of another config
     (stale results, partial runs) are moved to <out>/<name>/<profile>/_stale/ so they are neither resumed nor lost.
-    With ``reuse``, a run to do whose ``run_identity`` equals a finished run of another table under ``out`` is
-    marked "reused" (its files are copied, not re-trained: runs are deterministic)."""
+    With ``reuse``, a run to do whose ``run_identity`` equals a finished run of another table under ``out`` (or
+    under one of the ``reuse_from`` output roots) is marked "reused" (its files are copied, not re-trained: runs are
+    deterministic)."""
     grid_keys = set(sweep.effective_grid(profile))
     clash = [o for o in extra if override_key(o) in grid_keys]
     if clash:
@@ -159,7 +160,10 @@ def plan(sweep: Sweep, profile: str | None, out: Path, extra: Sequence[str], con
         planned.append(p)
     pending = [p for p in planned if p.status == "pending"]
     if reuse and pending:
-        done = finished_runs(out)
+        done: dict[str, Path] = {}
+        for root in (out, *reuse_from):
+            for identity, run_dir in finished_runs(root).items():
+                done.setdefault(identity, run_dir)
         for p in pending:
             src = done.get(run_identity(p.expected))
             if src is not None and src.resolve() != p.run.run_dir.resolve():
@@ -461,6 +465,7 @@ def run_sweep(
     dry_run: bool = False,
     render: bool = True,
     reuse: bool = True,
+    reuse_from: Sequence[str | os.PathLike] = (),
 ) -> Outcome:
     """Plan, launch and summarise; the table is rendered at the end (also after failures)."""
     out = Path(out)
@@ -471,7 +476,7 @@ def run_sweep(
             f"{sweep.name} ({sweep.path}) needs method(s) not implemented yet: {', '.join(missing)} "
             f"(no {', '.join(f'conf/method/{m}.yaml' for m in missing)})"
         )
-    planned = plan(sweep, profile, out, list(extra), conf, apply=not dry_run, reuse=reuse)
+    planned = plan(sweep, profile, out, list(extra), conf, apply=not dry_run, reuse=reuse, reuse_from=reuse_from)
     outcome = Outcome(planned)
     todo = [p for p in planned if p.status == "pending"]
     prof = planned[0].run.profile if planned else (profile or "paper")
@@ -594,6 +599,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--no-table", action="store_true", help="do not render the table at the end")
     ap.add_argument("--no-reuse", action="store_true",
                     help="train every run, even one whose computation a finished run of another table already did")
+    ap.add_argument("--reuse-from", action="append", default=[], metavar="DIR",
+                    help="another output root whose finished runs may be re-used (repeatable; --out always is)")
     ap.add_argument("--accept-code", action="append", default=[], metavar="VERSION",
                     help="count finished runs made with this code version (sha256:..., as provenance.json records) as "
                          "finished: you vouch that the changes since do not alter what a run computes (repeatable; "
@@ -615,7 +622,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         accepted_code_versions()  # a malformed version is an error before any work
         sweep = load_sweep(find_sweep(args.sweep))
         outcome = run_sweep(sweep, args.profile or None, args.out, extra, args.launcher, args.jobs, launcher_over,
-                            dry_run=args.dry_run, render=not args.no_table, reuse=not args.no_reuse)  # fmt: skip
+                            dry_run=args.dry_run, render=not args.no_table, reuse=not args.no_reuse, reuse_from=args.reuse_from)  # fmt: skip
     except ConfigError as exc:
         print(f"fsseg-sweep: {exc}", file=sys.stderr)
         return 2
