@@ -356,10 +356,12 @@ def confirm(out: str | os.PathLike, choice: dict, jobs: int, episodes: int, rule
     from fsseg.cli.sweep import main as sweep_main
 
     root = point_root(out, choice)
-    _check(sweep_main([STAGE2, *point_overrides(choice), "--out", str(root), "--jobs", str(jobs), "--reuse-from", str(out)]),
-           f"fsseg-sweep {STAGE2}")  # fmt: skip  (stage 1's run at the point, fold 0 seed 0, is re-used)
+    # --reuse-from: stage 1's run at the point (fold 0, seed 0) is the same computation, re-used
+    argv = [STAGE2, *point_overrides(choice), "--out", str(root), "--jobs", str(jobs), "--reuse-from", str(out)]
+    _check(sweep_main(argv), f"fsseg-sweep {STAGE2}")
     _check(bias_main([STAGE2, "--out", str(root), "--episodes", str(episodes), "--base-control"]), f"fsseg-bias {STAGE2}")
-    found = [c for c in candidates(read_runs([root / STAGE2])) if (c["length"], c["dial"]) == (choice["length"], choice["dial"])]
+    point = (choice["length"], choice["dial"])
+    found = [c for c in candidates(read_runs([root / STAGE2])) if (c["length"], c["dial"]) == point]
     if not found:
         raise ConfigError(f"{root / STAGE2}: stage 2 left no keep/drop pair at the picked point")
     return judge(found[0], **(rule or {}))

@@ -622,7 +622,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         accepted_code_versions()  # a malformed version is an error before any work
         sweep = load_sweep(find_sweep(args.sweep))
         outcome = run_sweep(sweep, args.profile or None, args.out, extra, args.launcher, args.jobs, launcher_over,
-                            dry_run=args.dry_run, render=not args.no_table, reuse=not args.no_reuse, reuse_from=args.reuse_from)  # fmt: skip
+                            dry_run=args.dry_run, render=not args.no_table, reuse=not args.no_reuse,
+                            reuse_from=args.reuse_from)  # fmt: skip
     except ConfigError as exc:
         print(f"fsseg-sweep: {exc}", file=sys.stderr)
         return 2
