@@ -151,3 +151,28 @@ def test_accepted_code_version_counts_as_finished_only_when_vouched_for(tmp_path
     monkeypatch.delenv(ACCEPT_CODE_ENV)
     assert sweep_main(["apanet-table4", "--profile", "embedded", "--dry-run", "--accept-code", "abc"]) == 2
     assert "['abc'] are not code versions" in capsys.readouterr().err
+
+
+def test_one_path_spelt_two_ways_names_one_run(tmp_path):
+    """'./data/synth' (the default data dir) and 'data/synth/' (FSSEG_DATA=data) are one dataset: the run is the same
+    (finished stays finished, re-use finds it, a resume accepts it); another directory is another run."""
+    import copy
+
+    from fsseg.runs import config_diff, config_digest, run_identity, same_config, without_defaults
+    from fsseg.sweeps import compose_run_config
+
+    cfg = compose_run_config(["experiment=pfenet_effl0_synth"], tmp_path / "run", CONF)
+    cfg["paths"]["data_dir"], cfg["data"]["source"]["root"] = "./data", "./data/synth"
+    other = copy.deepcopy(cfg)
+    other["paths"]["data_dir"], other["data"]["source"]["root"] = "data", "data//synth/"
+    assert same_config(cfg, other) and run_identity(cfg) == run_identity(other)
+    assert config_digest(cfg) == config_digest(other)
+    assert config_diff(without_defaults(cfg), without_defaults(other)) == []
+    moved = copy.deepcopy(cfg)
+    moved["data"]["source"]["root"] = "./data/synth_latent40"
+    assert not same_config(cfg, moved) and run_identity(cfg) != run_identity(moved)
+    assert config_diff(without_defaults(cfg), without_defaults(moved)) == [
+        "data.source.root: 'data/synth' -> 'data/synth_latent40'"]
+    hub = copy.deepcopy(cfg)  # a URL keeps its spelling (normpath would fold its '//')
+    hub["encoder"]["weights_url"] = "https://example.org/w.pth"
+    assert without_defaults(hub)["encoder"]["weights_url"] == "https://example.org/w.pth"

@@ -163,10 +163,26 @@ _EQUIVALENT_TARGETS = {
 _TOP_LEVEL_DEFAULTS = {"train": True, "ensemble": None, "prerequisites": "error", "init_from": None, "predictor": None}
 
 
+def _same_path_spelling(value: Any) -> Any:
+    """A relative or absolute path in its normal spelling ('./data/synth', 'data//synth/' -> 'data/synth'), so
+    that FSSEG_DATA=data and the default ./data name one dataset; other values (URLs, hub names without
+    dots or doubled slashes: unchanged by normpath) as they are."""
+    if isinstance(value, str) and "/" in value and "://" not in value:
+        return os.path.normpath(value)
+    if isinstance(value, (list, tuple)):
+        return [_same_path_spelling(x) for x in value]
+    if isinstance(value, Mapping):
+        return {k: _same_path_spelling(x) for k, x in value.items()}
+    return value
+
+
 def without_defaults(node: Any, top: bool = True) -> Any:
     """The config with every key dropped whose value equals its ``_target_``'s constructor default, so that a
     config that spells a default out and one that leaves it to the constructor compare equal: adding an option
-    with its default to conf/ leaves finished runs finished."""
+    with its default to conf/ leaves finished runs finished. Paths are compared in their normal spelling
+    (:func:`_same_path_spelling`)."""
+    if isinstance(node, str):
+        return _same_path_spelling(node)
     if isinstance(node, Mapping):
         out = {k: without_defaults(v, top=False) for k, v in node.items()}
         if top:
@@ -175,7 +191,7 @@ def without_defaults(node: Any, top: bool = True) -> Any:
         if isinstance(target, str):
             out["_target_"] = _EQUIVALENT_TARGETS.get(target, target)
             for k, d in _constructor_defaults(target).items():
-                if k in out and _plain(out[k]) == d:
+                if k in out and _plain(out[k]) == _same_path_spelling(d):
                     del out[k]
         return out
     if isinstance(node, (list, tuple)):
@@ -199,7 +215,7 @@ def same_config(recorded: Mapping, expected: Mapping) -> bool:
 def computed_config(cfg: Mapping, not_computed: tuple[str, ...] = _NOT_COMPUTED) -> dict:
     """What a run computes, wherever it lives: its config without ``not_computed`` and without options at their
     defaults, its own directory replaced by a placeholder (fsseg-train compares it when resuming)."""
-    own = str(cfg.get("run_dir") or "\0")
+    own = _same_path_spelling(str(cfg.get("run_dir") or "\0"))  # as without_defaults spells the values
 
     def norm(v: Any) -> Any:
         if isinstance(v, str):
