@@ -180,6 +180,11 @@ def test_figure_plots_means_from_the_run_directories(tmp_path):
     assert float(rows["pfenet keep", 7000]["bias"]) == pytest.approx(6.0)
     assert rows["pfenet drop", 2000]["bias"] == "nan" and int(rows["pfenet drop", 2000]["bias_runs"]) == 0
     assert float(rows["apanet keep", 2000]["bias"]) == pytest.approx(-1.0)
+    # PFENet's drop - keep per (length, dial), paired on (fold, seed): only seed 0 has both (0.50 - 0.30); drop has
+    # no base-class control on disk, so no novel-specific part
+    gaps = list(csv.DictReader((tmp_path / "fig" / "bias_gaps.csv").open()))
+    assert [(int(g["length"]), g["dial"], int(g["points"])) for g in gaps] == [(2000, "synth_latent40", 1)]
+    assert float(gaps[0]["gap"]) == pytest.approx(20.0) and gaps[0]["specific"] == ""
     assert bias_study.main(["figure", str(tmp_path / "empty_dir_missing")]) == 2
 
 

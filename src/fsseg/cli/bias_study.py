@@ -263,7 +263,9 @@ def point_overrides(choice: dict) -> list[str]:
 # --------------------------------------------------------------------------- figure
 def figure(points: Sequence[RunPoint], out_dir: str | os.PathLike) -> tuple[Path, Path]:
     """Novel mIoU and fsseg-bias's measure against training length, one line per (method filter, dial), means
-    over the (fold, seed) points of each length; writes bias_curves.png and bias_curves.csv (the plotted values)."""
+    over the (fold, seed) points of each length, and PFENet's drop - keep gap per dial: on novel classes and its
+    novel-specific part (novel gap - base gap, the rule's measure; needs the base-class control), with the number
+    of pairs at each point. Writes bias_curves.png, bias_curves.csv and bias_gaps.csv (the plotted values)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -287,7 +289,14 @@ def figure(points: Sequence[RunPoint], out_dir: str | os.PathLike) -> tuple[Path
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    gaps = [{k: c[k] for k in ("length", "dial", "share", "points", "collapsed", "gap", "gap_base", "specific", "bias")}
+            for c in candidates(points)]  # fmt: skip
+    with (out_dir / "bias_gaps.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["length", "dial", "share", "points", "collapsed", "gap", "gap_base",
+                                          "specific", "bias"])  # fmt: skip
+        w.writeheader()
+        w.writerows(gaps)
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.4))
     lines = defaultdict(list)
     for row in rows:
         lines[row["series"], row["dial"]].append(row)
@@ -298,12 +307,29 @@ def figure(points: Sequence[RunPoint], out_dir: str | os.PathLike) -> tuple[Path
         xs = [r["length"] for r in rs]
         axes[0].plot(xs, [r["miou"] for r in rs], style, marker="o", label=label)
         axes[1].plot(xs, [r["bias"] for r in rs], style, marker="o", label=label)
-    for ax, ylab in zip(axes, ("novel mIoU (%)", "fsseg-bias: (train −base − train +base) − (eval −base − eval +base)")):
+    by_dial = defaultdict(list)
+    for g in gaps:
+        by_dial[g["dial"]].append(g)
+    for k, (dial, gs) in enumerate(sorted(by_dial.items())):
+        color = f"C{k}"
+        xs = [g["length"] for g in gs]
+        axes[2].plot(xs, [g["gap"] for g in gs], ":", marker="o", color=color, label=f"{dial}: novel gap")
+        spec = [math.nan if g["specific"] is None else g["specific"] for g in gs]
+        axes[2].plot(xs, spec, "-", marker="s", color=color, label=f"{dial}: novel − base gap")
+        for g in gs:
+            axes[2].annotate(f"n={g['points']}", (g["length"], g["gap"]), fontsize=6, xytext=(3, 3),
+                             textcoords="offset points")  # fmt: skip
+    axes[2].axhline(MIN_SPECIFIC, color="grey", lw=0.6, ls="--")
+    axes[2].legend(fontsize=6)
+    ylabels = ("novel mIoU (%)", "fsseg-bias: (train −base − train +base) − (eval −base − eval +base)",
+               "PFENet drop − keep, mIoU points (n = pairs)")  # fmt: skip
+    for ax, ylab in zip(axes, ylabels):
         ax.set_xscale("log")
         ax.set_xlabel("training episodes")
         ax.set_ylabel(ylab, fontsize=8 if "fsseg-bias" in ylab else 10)
         ax.grid(alpha=0.3)
     axes[1].axhline(0, color="k", lw=0.6)
+    axes[2].axhline(0, color="k", lw=0.6)
     axes[0].legend(fontsize=7)
     fig.suptitle("Base-class bias on the embedded benchmark: keep (solid) vs drop (dashed); dial share in brackets", fontsize=9)
     fig.tight_layout()
