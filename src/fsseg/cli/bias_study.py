@@ -222,11 +222,9 @@ def judge(c: dict, min_gap: float = MIN_GAP, min_bias: float | None = MIN_BIAS,
             why.append("base-class control not run on every run")
         elif c["specific"] < min_specific:
             why.append(f"novel-specific {c['specific']:+.1f} (base classes {c['gap_base']:+.1f}) < {min_specific:g}")
-        if min_bias is None:
-            pass
-        elif c["bias"] is None:
+        if min_bias is not None and c["bias"] is None:
             why.append("fsseg-bias not run on every run")
-        elif c["bias"] < min_bias:
+        elif min_bias is not None and c["bias"] < min_bias:
             why.append(f"fsseg-bias keep - drop {c['bias']:+.1f} < {min_bias:g}")
     c["meets"], c["why"] = not why, "; ".join(why)
     return c
@@ -289,11 +287,10 @@ def figure(points: Sequence[RunPoint], out_dir: str | os.PathLike) -> tuple[Path
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    gaps = [{k: c[k] for k in ("length", "dial", "share", "points", "collapsed", "gap", "gap_base", "specific", "bias")}
-            for c in candidates(points)]  # fmt: skip
+    gap_fields = ("length", "dial", "share", "points", "collapsed", "gap", "gap_base", "specific", "bias")
+    gaps = [{k: c[k] for k in gap_fields} for c in candidates(points)]
     with (out_dir / "bias_gaps.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["length", "dial", "share", "points", "collapsed", "gap", "gap_base",
-                                          "specific", "bias"])  # fmt: skip
+        w = csv.DictWriter(f, fieldnames=list(gap_fields))
         w.writeheader()
         w.writerows(gaps)
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.4))
