@@ -168,6 +168,27 @@ def test_paper_recipes_default_to_the_reference_behaviours(overrides, masking, b
     assert (cfg.model.support_masking, cfg.encoder.bn) == (masking, bn)
 
 
+@pytest.mark.parametrize(
+    ("recipe", "expected"),
+    [  # forypipi/I2R config/{pascal,coco}/resnet50{,_base}.yaml and main.py (batch_size per process, bf16)
+        ("i2r_pascal", {"data.train_size": 473, "data.scale_range": [0.9, 1.1], "data.batch_size": 8,
+                        "trainer.devices": 1, "trainer.precision": "bf16-mixed", "trainer.max_epochs": 300,
+                        "optim.base_lr": 0.05, "optim.lr_multiplier": 1.0, "base_task.train_size": 473,
+                        "base_task.batch_size": 16, "base_task.epochs": 200, "ensemble.base_resize": "map"}),
+        ("i2r_coco", {"data.train_size": 641, "data.scale_range": [0.8, 1.25], "data.batch_size": 24,
+                      "trainer.devices": 1, "trainer.max_epochs": 60, "base_task.train_size": 417,
+                      "base_task.batch_size": 3, "base_task.epochs": 20}),
+    ],
+)  # fmt: skip
+def test_i2r_recipes_hold_the_reference_configs(recipe, expected):
+    from omegaconf import OmegaConf
+
+    cfg = compose(["method=i2r", "encoder=resnet50_tv", f"recipe={recipe}", "encoder.weights=none"])
+    got = {key: OmegaConf.select(cfg, key) for key in expected}
+    got = {k: OmegaConf.to_container(v) if OmegaConf.is_config(v) else v for k, v in got.items()}
+    assert got == expected
+
+
 README_RUNS = [line.split("fsseg-train", 1)[1].split("#")[0].replace("\\", "").split()
                for line in (CONF.parent / "README.md").read_text().splitlines() if "/bin/fsseg-train " in line]  # fmt: skip
 

@@ -98,3 +98,35 @@ def test_cost_is_counted_without_training(synth_root, predictor_tmp):
     assert metrics["params_m"] == pytest.approx(count_parameters(model) / 1e6)
     assert metrics["gflops"] > metrics["gflops_modules"] > 0 and metrics["predictor_gflops"] > 0
     assert metrics["cost_size"] == 64
+
+
+@pytest.mark.parametrize(("host", "transformer_setting"), [("sccan_plus_pahnet", ("AdamW", 6e-5, 0.01)),
+                                                             ("hdmnet_pahnet", ("AdamW", 1e-4, 0.01))])  # fmt: skip
+def test_pahnet_parts_train_with_the_blocks_optimizer(host, transformer_setting, synth_root, predictor_tmp):
+    """The reference builds PFE and ASC inside each attention block, so the optimizer of the transformer trains
+    them (SCCAN-Plus: AdamW at a constant 6e-5, weight decay 0.01 -- not the convolutions' optimizer), in every
+    recipe of the host."""
+    import re
+
+    tmp = predictor_tmp / f"groups-{host}"
+    tmp.mkdir()
+    over = [f"method={host}", f"recipe={host}_synth", "encoder.weights=none", f"data.source.root={synth_root}",
+            f"paths.output_dir={predictor_tmp / 'outputs'}"]  # fmt: skip
+    cfg = compose([*over, f"base_learner_path={_stage1_file(tmp, compose(over).encoder)}"])
+    model = instantiate(cfg.model, num_eval_classes=5)
+    opt = model.configure_optimizers()["optimizer"]
+    setting = {id(p): (type(o).__name__, g["lr"], g["weight_decay"])
+               for o in getattr(opt, "optimizers", [opt]) for g in o.param_groups for p in g["params"]}  # fmt: skip
+    names = [n for n, p in model.named_parameters() if id(p) in setting]
+    pahnet = [n for n in names if ".enhancements." in n or ".calibration." in n]
+    blocks = [n for n in names if n.startswith("decoder.transformer.") and n not in pahnet]
+    assert len(pahnet) > 20 and blocks
+    params = dict(model.named_parameters())
+    assert all(setting[id(params[n])] == pytest.approx(transformer_setting) for n in blocks + pahnet)
+    for recipe in ("pascal", "coco"):  # same module names; each recipe's groups must send them where the blocks go
+        patterns = [g["match"] for g in compose([f"method={host}", f"recipe={host}_{recipe}"]).model.param_groups]
+
+        def group(name):
+            return next((i for i, p in enumerate(patterns) if re.search(p, name)), None)  # noqa: B023
+
+        assert {group(n) for n in blocks} == {0} and {group(n) for n in pahnet} == {0}, recipe

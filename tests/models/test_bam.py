@@ -3,6 +3,7 @@ the composition (episode context, frozen sub-model, one encoder pass) and the re
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from typing import ClassVar
@@ -111,6 +112,26 @@ def test_base_map_excludes_the_episode_class_in_training_only():
     ens.eval()
     tested = ens.combine(meta, base, torch.rand(3), _ctx(idx))[:, 0]
     torch.testing.assert_close(tested, soft[:, 1:].sum(dim=1))
+
+
+@pytest.mark.parametrize("base_resize", ["logits", "map"])
+def test_base_map_of_a_coarser_base_learner(base_resize):
+    """I2R's grids differ (base 15 x 15, meta 30 x 30): its code sums the base softmax at 15 x 15 and resizes that
+    map (``map``); BAM's order resizes the logits first (``logits``). Evaluation, merged background = base map."""
+    torch.manual_seed(0)
+    ens = BAMEnsemble(None, base_resize=base_resize).eval()
+    with torch.no_grad():
+        ens.cls_merge.weight.copy_(torch.tensor([0.0, 1.0]).view_as(ens.cls_merge.weight))
+    meta, base = torch.randn(2, 2, 8, 8), torch.randn(2, 16, 4, 4)
+    out = ens({"logits": meta, "base_logits": base, "scene_difference": torch.rand(2)}, _ctx([0, 1]))
+    up = functools.partial(torch.nn.functional.interpolate, size=(8, 8), mode="bilinear", align_corners=True)
+    if base_resize == "map":
+        want = up(base.softmax(dim=1)[:, 1:].sum(dim=1, keepdim=True))
+    else:
+        want = up(base).softmax(dim=1)[:, 1:].sum(dim=1, keepdim=True)
+    torch.testing.assert_close(out["logits"][:, :1], want)
+    with pytest.raises(ConfigError, match="base_resize"):
+        BAMEnsemble(None, base_resize="features")
 
 
 def test_ensemble_nll_at_initial_weights_equals_ce_of_the_meta_logits():

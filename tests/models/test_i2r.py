@@ -69,7 +69,7 @@ def hand_cam(method: str, a: np.ndarray, w: np.ndarray, b: np.ndarray, c: int) -
                 for x in range(wd):
                     gg = g[k, y, x]
                     if gg != 0:
-                        alpha[y, x] = gg**2 / (2 * gg**2 + a[k].sum() * gg**3)
+                        alpha[y, x] = gg**2 / (2 * gg**2 + a[k].sum() * gg**3 + 1e-6)  # the reference's epsilon
             cam += (np.maximum(g[k], 0) * alpha).sum() * a[k]
         return np.maximum(cam, 0)
     if method == "hirescam":
@@ -85,10 +85,13 @@ def hand_cam(method: str, a: np.ndarray, w: np.ndarray, b: np.ndarray, c: int) -
 
 
 @pytest.mark.parametrize("method", CAM_METHODS)
-def test_each_cam_method_equals_the_hand_computation(method):
+@pytest.mark.parametrize("gradient_scale", [1.0, 1e-4])  # 1e-4: the size of an ImageNet head's gradients at the tap
+def test_each_cam_method_equals_the_hand_computation(method, gradient_scale):
     net = SquarePoolClassifier()
     a = torch.rand(2, 3, 4, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64) + 0.1
     net = net.double()
+    with torch.no_grad():
+        net.fc.weight.mul_(gradient_scale)
     classes = torch.tensor([1, 3])
     got = class_activation_maps(net, a, classes, method)
     w, b = net.fc.weight.detach().numpy(), net.fc.bias.detach().numpy()
@@ -284,6 +287,22 @@ def test_pmgm_head_outputs_and_prior_range():
     assert out["support_mask_tokens"].dtype == torch.bool
     assert head.needs_autograd_at_eval
     assert "encoder" not in dict(head.named_modules())  # the encoder is the segmenter's, registered once
+
+
+def test_pmgm_prototypes_pool_with_i2rs_epsilon():
+    """I2R's Weighted_GAP divides by area + 1e-5 (BAM's and PFENet's: + 5e-4): a one-cell support region shows it."""
+    head = PMGMHead({"mid": 6, "high": 6, "low": 6, "cam": 6}, encoder=TinyEncoder(), reduce_dim=16, dropout=0.0, pmgm=False)
+    assert head.map_eps == 1e-5
+    q, s = _taps(1, 1)
+    masks = torch.zeros(1, 1, 32, 32)
+    masks[..., :4, :4] = 1  # one cell of the 8 x 8 feature grid
+    out = head.eval()(q, s, masks)
+    f, m = out["support_feat"][0, 0], out["support_mask_feat"][0, 0]
+    want = (f * m).sum(dim=(1, 2)) / (m.sum() + 1e-5)
+    torch.testing.assert_close(out["support_prototype"].flatten(), want)
+    torch.testing.assert_close(out["prototype"].flatten(), want)
+    with pytest.raises(ConfigError, match="map_eps"):
+        PMGMHead({"mid": 6, "high": 6, "low": 6, "cam": 6}, encoder=None, pmgm=False, map_eps=0.0)
 
 
 def test_pmgm_config_errors_are_named():

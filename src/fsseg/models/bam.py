@@ -287,6 +287,10 @@ class BAMEnsemble(nn.Module):
         base_tap: encoder tap the base learner reads (the deepest feature: ResNet layer4).
         exclude_episode_class: in training, leave the episode's class out of the base map (the reference; its
             class is a base class then and the base learner would call the target "base").
+        base_resize: where the base learner's output meets the meta grid when their sizes differ: ``logits`` =
+            resize the base logits, then the softmax (BAM, HDMNet and SCCAN-Plus, whose grids agree or whose
+            reference classifies resized features) | ``map`` = the softmax and base map at the base learner's size,
+            then resize the map (I2R's code: 15 x 15 vs 30 x 30 with its non-dilated encoder).
 
     Outputs: ``logits`` = [merged background, meta foreground] (softmax probabilities passed through two 1x1
     convs: what the reference feeds CrossEntropy as logits, see `fsseg.models.losses.EnsembleNLL` for the
@@ -294,9 +298,16 @@ class BAMEnsemble(nn.Module):
     """
 
     def __init__(
-        self, base_learner: nn.Module | None, base_tap: str = "base", exclude_episode_class: bool = True
+        self,
+        base_learner: nn.Module | None,
+        base_tap: str = "base",
+        exclude_episode_class: bool = True,
+        base_resize: str = "logits",
     ) -> None:
         super().__init__()
+        if base_resize not in ("logits", "map"):
+            raise ConfigError(f"ensemble.base_resize must be 'logits' or 'map'; got {base_resize!r}")
+        self.base_resize = base_resize
         self.base_learner = None if base_learner is None else FrozenSubModel(base_learner)
         self.base_tap = base_tap
         self.exclude_episode_class = bool(exclude_episode_class)
@@ -310,21 +321,27 @@ class BAMEnsemble(nn.Module):
             taps = out["query_taps"]
             if self.base_tap not in taps:
                 raise ConfigError(f"BAMEnsemble reads encoder tap {self.base_tap!r}; the encoder has {sorted(taps)}")
-            base = extra["base_logits"] = resize(self.base_learner(taps[self.base_tap]), meta.shape[-2:])
+            base = self.base_learner(taps[self.base_tap])
+            extra["base_logits"] = resize(base, meta.shape[-2:])
         elif "base_logits" in out:  # computed by an earlier part (a head reading the base learner's feature 5)
-            base = resize(out["base_logits"], meta.shape[-2:])
+            base = out["base_logits"]
         else:
             raise ConfigError("BAMEnsemble has no base learner: give model.ensemble.base_learner")
+        if self.base_resize == "logits":
+            base = resize(base, meta.shape[-2:])
         return {"meta_logits": meta, **extra, "logits": self.combine(meta, base, out["scene_difference"], context)}
 
     def combine(
         self, meta: torch.Tensor, base: torch.Tensor, scene_difference: torch.Tensor, context: Any
     ) -> torch.Tensor:
+        """The merged output; a base of another size than meta gives its base map at its own size first, then
+        resized (bilinear, align_corners) to meta's grid (``base_resize: map``)."""
         meta_p, base_p = meta.softmax(dim=1), base.softmax(dim=1)
         base_map = base_p[:, 1:].sum(dim=1, keepdim=True)  # P(any base class)
         if self.training and self.exclude_episode_class:  # minus the episode's own class (channel idx + 1)
             own = (context.class_idx + 1).view(-1, 1, 1, 1).expand(-1, 1, *base_p.shape[-2:])
             base_map = base_map - base_p.gather(1, own)
+        base_map = resize(base_map, meta.shape[-2:])
         est = scene_difference.view(-1, 1, 1, 1).expand_as(meta_p[:, :1])
         bg = self.gram_merge(torch.cat([meta_p[:, :1], est], dim=1))
         fg = self.gram_merge(torch.cat([meta_p[:, 1:], est], dim=1))

@@ -10,7 +10,8 @@ Each method maps the tap's activations A (N, C, h, w) and the gradients g = dy/d
 
 - ``gradcam``   w_c = GAP(g_c);                            cam = ReLU(sum_c w_c A_c)
 - ``xgradcam``  w_c = sum_xy(g_c A_c) / (sum_xy A_c + 1e-7); cam = ReLU(sum_c w_c A_c)      (I2R's default)
-- ``gradcampp`` alpha = g^2 / (2 g^2 + sum_xy(A) g^3), 0 where g = 0; w_c = sum_xy ReLU(g_c) alpha_c
+- ``gradcampp`` alpha = g^2 / (2 g^2 + sum_xy(A) g^3 + 1e-6), 0 where g = 0; w_c = sum_xy ReLU(g_c) alpha_c
+  (the reference's 1e-6 matters: an ImageNet head's gradients at the CAM tap are ~1e-4, so g^2 ~ 1e-8 << 1e-6)
 - ``hirescam``  cam = ReLU(sum_c g_c A_c)
 - ``bagcam``    the target is the class *probability* (softmax); t = g A; cam = sum_c ReLU(GAP(t_c + 1) t_c)
 """
@@ -27,6 +28,7 @@ from fsseg.errors import ConfigError
 __all__ = ["CAM_METHODS", "adaptive_thresholds", "cam_from_gradients", "class_activation_maps", "normalise_cams"]
 
 CAM_METHODS = ("xgradcam", "gradcam", "gradcampp", "hirescam", "bagcam")
+GRADCAMPP_EPS = 1e-6  # the reference's (CAM_Generator/attribution/grad_cam_plusplus.py)
 ADAPTIVE_STEPS = 50  # the reference's sweep t in {0, 0.02, ..., 1}
 
 
@@ -45,7 +47,7 @@ def cam_from_gradients(method: str, a: torch.Tensor, g: torch.Tensor) -> torch.T
         return F.relu((w * a).sum(1))
     if method == "gradcampp":
         g2, g3 = g.pow(2), g.pow(3)
-        den = 2 * g2 + a.sum(dim=(2, 3), keepdim=True) * g3
+        den = 2 * g2 + a.sum(dim=(2, 3), keepdim=True) * g3 + GRADCAMPP_EPS
         alpha = torch.where(g != 0, g2 / torch.where(den != 0, den, torch.ones_like(den)), torch.zeros_like(g))
         w = (F.relu(g) * alpha).sum(dim=(2, 3), keepdim=True)
         return F.relu((w * a).sum(1))

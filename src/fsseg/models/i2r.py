@@ -97,6 +97,8 @@ class PMGMHead(PriorPrototypeHead):
         classifier: None = the encoder's ImageNet head (I2R) | a frozen linear classifier on GAP of the ``cam_tap``
             features (the "domain-specific classification head" of I2R's limitation section, trained on the base
             classes in stage 1: `fsseg.models.base_learner.load_domain_classifier`); the encoder then needs no head.
+        map_eps: masked average pooling's area epsilon, for the support prototype and the region prototypes:
+            1e-5 = I2R's ``Weighted_GAP`` (BAM's and PFENet's is 5e-4).
     """
 
     provides = (
@@ -120,8 +122,9 @@ class PMGMHead(PriorPrototypeHead):
         prior_offsets: str = "fixed",
         classifier: nn.Module | None = None,
         prior_tap: str = "high",
+        map_eps: float = 1e-5,
     ) -> None:
-        super().__init__(tap_channels, reduce_dim, dropout, shared_reduction, True, shot_weighting)
+        super().__init__(tap_channels, reduce_dim, dropout, shared_reduction, True, shot_weighting, map_eps)
         self.pmgm = bool(pmgm)
         self.cam_method = check_cam_method(cam_method)
         if cam_threshold != "adaptive" and not (isinstance(cam_threshold, (int, float)) and 0 < cam_threshold < 1):
@@ -184,7 +187,7 @@ class PMGMHead(PriorPrototypeHead):
         size = out["query_feat"].shape[-2:]
         s_feat = out["support_feat"].flatten(0, 1)  # BK, D, h, w
         m_feat = out["support_mask_feat"].flatten(0, 1)
-        out["support_prototype"] = masked_average_pool(s_feat, m_feat).view(b, k, -1, 1, 1)
+        out["support_prototype"] = masked_average_pool(s_feat, m_feat, self.map_eps).view(b, k, -1, 1, 1)
         tokens = resize(support_mask.flatten(0, 1)[:, None], size, mode="nearest") > 0.5
         out["support_mask_tokens"] = tokens.view(b, k, *size)
         if not self.pmgm:
@@ -223,8 +226,8 @@ class PMGMHead(PriorPrototypeHead):
         sh, qh = support[self.prior_tap].flatten(0, 1).float(), query[self.prior_tap].float().repeat_interleave(k, dim=0)
         hsize = sh.shape[-2:]
         offsets = self.offsets.to(sh.dtype)
-        p1h = masked_average_pool(sh, mask_to_feature(a1[:, 0], hsize)) + offsets[0]
-        p2h = masked_average_pool(sh, mask_to_feature(a2[:, 0], hsize)) + offsets[1]
+        p1h = masked_average_pool(sh, mask_to_feature(a1[:, 0], hsize), self.map_eps) + offsets[0]
+        p2h = masked_average_pool(sh, mask_to_feature(a2[:, 0], hsize), self.map_eps) + offsets[1]
 
         def refined_prior(feat: torch.Tensor, cam_pos: torch.Tensor) -> torch.Tensor:
             region = resize(cam_pos.float()[:, None], hsize, mode="nearest")
@@ -240,8 +243,8 @@ class PMGMHead(PriorPrototypeHead):
         }
         # Eq. 10: region prototypes of the reduced support features, laid on the CAM regions
         s_feat = out["support_feat"].flatten(0, 1)
-        p1 = masked_average_pool(s_feat, mask_to_feature(a1[:, 0], size))[:, :, None, None]
-        p2 = masked_average_pool(s_feat, mask_to_feature(a2[:, 0], size))[:, :, None, None]
+        p1 = masked_average_pool(s_feat, mask_to_feature(a1[:, 0], size), self.map_eps)[:, :, None, None]
+        p2 = masked_average_pool(s_feat, mask_to_feature(a2[:, 0], size), self.map_eps)[:, :, None, None]
         cq_d, cs_d = resize(cq_pos.float()[:, None], size), resize(cs_pos.float()[:, None], size)
         if self.region_source == "query_cam":
             xq, xs = p1 * cq_d + p2 * (1 - cq_d), p1 * cs_d + p2 * (1 - cs_d)
@@ -357,7 +360,7 @@ class CrossAttentionBlock(nn.Module):
 def _res2(dim: int) -> nn.Sequential:
     return nn.Sequential(
         nn.BatchNorm2d(dim), nn.ReLU(inplace=True), nn.Conv2d(dim, dim, 3, padding=1, bias=False),
-        nn.BatchNorm2d(dim), nn.ReLU(inplace=True), nn.Conv2d(dim, dim, 1, bias=False),
+        nn.BatchNorm2d(dim), nn.ReLU(inplace=True), nn.Conv2d(dim, dim, 1),  # the reference's last 1x1 has a bias
     )  # fmt: skip
 
 

@@ -20,7 +20,14 @@ from torch import nn
 from fsseg.data.batch import QUERY_MASK
 from fsseg.errors import ConfigError
 from fsseg.models.layers import classifier, conv1x1_relu, conv3x3_relu
-from fsseg.models.ops import mask_to_feature, masked_average_pool, max_cosine_prior, resize, shot_priors
+from fsseg.models.ops import (
+    MAP_EPS,
+    mask_to_feature,
+    masked_average_pool,
+    max_cosine_prior,
+    resize,
+    shot_priors,
+)
 
 
 def _reduction(in_ch: int, out_ch: int, dropout: float) -> nn.Sequential:
@@ -43,6 +50,7 @@ class PriorPrototypeHead(nn.Module):
         shared_reduction: bool = False,
         use_prior: bool = True,
         shot_weighting: nn.Module | None = None,
+        map_eps: float = MAP_EPS,
     ) -> None:
         super().__init__()
         if "mid" not in tap_channels or (use_prior and "high" not in tap_channels):
@@ -58,6 +66,9 @@ class PriorPrototypeHead(nn.Module):
         # K-shot fusion: None = average over shots (PFENet); a module giving per-shot weights (B, K) and the
         # scene difference (B,) from the taps = BAM's Gram re-weighting (fsseg.models.bam.GramShotWeighting)
         self.shot_weighting = shot_weighting
+        if not 0.0 < map_eps < 1.0:
+            raise ConfigError(f"head.map_eps (masked average pooling's area epsilon) must be in (0, 1); got {map_eps}")
+        self.map_eps = float(map_eps)  # PFENet/BAM 5e-4; I2R's Weighted_GAP 1e-5
 
     def forward(
         self, query: Mapping[str, torch.Tensor], support: Mapping[str, torch.Tensor], support_mask: torch.Tensor
@@ -67,7 +78,7 @@ class PriorPrototypeHead(nn.Module):
         s = self.down_support(support["mid"].flatten(0, 1))
         size = q.shape[-2:]
         m = mask_to_feature(support_mask, size)  # B, K, 1, h, w
-        protos = masked_average_pool(s, m.flatten(0, 1)).view(b, k, -1)
+        protos = masked_average_pool(s, m.flatten(0, 1), self.map_eps).view(b, k, -1)
         out = {"query_feat": q, "support_feat": s.view(b, k, *s.shape[1:]), "support_mask_feat": m}
         if self.shot_weighting is None:
             proto = protos.mean(dim=1)  # K-shot average

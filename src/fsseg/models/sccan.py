@@ -515,9 +515,14 @@ class SCCANDecoder(nn.Module):
             ]  # fmt: skip
         else:
             blocks = [GlobalCrossBlock(dim, num_heads, mlp_ratio, drop, attn_drop, rates[i]) for i in range(num_blocks)]
-        self.transformer = nn.ModuleDict({"blocks": nn.ModuleList(blocks), "norm": nn.LayerNorm(dim)})
+        # PAHNet's PFEs sit with the blocks (the reference builds one inside each block), so an optimizer group
+        # matching the transformer (SCCAN's AdamW) trains them as the reference's does
+        parts = {"blocks": nn.ModuleList(blocks), "norm": nn.LayerNorm(dim)}
+        if enhancements is not None:
+            parts["enhancements"] = nn.ModuleList(enhancements)
+        self.transformer = nn.ModuleDict(parts)
         self._idle_support_branch = attention == "scca" and final_support_branch
-        self.enhancements = None if enhancements is None else nn.ModuleList(enhancements)
+        self.enhanced = enhancements is not None
         self.calibrated = calibrations is not None
         self.aspp = ASPP(dim, dilations)
         self.res1 = nn.Sequential(nn.Conv2d((2 + len(dilations)) * dim, dim, 1, bias=False), nn.ReLU(inplace=True))
@@ -532,7 +537,7 @@ class SCCANDecoder(nn.Module):
         s = self.init_merge_support(torch.cat([s, proto, m], dim=1))
         q, s, mt = q.permute(0, 2, 3, 1), s.permute(0, 2, 3, 1), m.permute(0, 2, 3, 1)  # token grids (B, H, W, C)
         out: dict[str, Any] = {}
-        if self.enhancements is None and not self.calibrated:
+        if not self.enhanced and not self.calibrated:
             for block in self.transformer["blocks"]:
                 q, s = block(q, s, mt)
         else:
@@ -551,8 +556,8 @@ class SCCANDecoder(nn.Module):
         pt = resize(m_pro.to(q.dtype), (h, w)).permute(0, 2, 3, 1)  # B, H, W, 1 (bilinear, align_corners)
         affs = []
         for i, block in enumerate(self.transformer["blocks"]):
-            if self.enhancements is not None:
-                xq, xs, aff = self.enhancements[i](q.reshape(b, h * w, c), s.reshape(b, h * w, c), mt.reshape(b, -1), pt.reshape(b, -1))
+            if self.enhanced:
+                xq, xs, aff = self.transformer["enhancements"][i](q.reshape(b, h * w, c), s.reshape(b, h * w, c), mt.reshape(b, -1), pt.reshape(b, -1))
                 q, s = xq.view(b, h, w, c), xs.view(b, h, w, c)
                 if aff is not None:
                     affs.append(aff.view(b, 2, h, w))
