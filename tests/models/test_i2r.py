@@ -441,6 +441,35 @@ def test_stage1_domain_targets_are_the_base_classes_present():
     assert {id(p) for p in m.domain.parameters()} <= trained  # trained at the head's rate
 
 
+@pytest.mark.parametrize(("recipe", "ppm_x", "cls_x"), [("i2r_pascal", 1.0, 10.0), ("i2r_coco", 10.0, 10.0),
+                                                           ("bam_pascal", 10.0, 10.0)])  # fmt: skip
+def test_stage1_ppm_and_classifier_rates(recipe, ppm_x, cls_x):
+    """I2R's stage-1 optimizer lists [ppm, cls]; with index_split 0 (PASCAL) only the classifier is x10, with -1
+    (COCO) both; BAM's lists the encoder first, so PPM and classifier are both x10."""
+    from fsseg_testing import compose
+
+    from fsseg.models.base_learner import BaseLearnerModule
+
+    cfg = compose(["task=base", f"method={recipe.split('_')[0]}", f"recipe={recipe}", "encoder.weights=none"])
+
+    class Enc(nn.Module):
+        name = "tiny"
+
+        def __init__(self):
+            super().__init__()
+            self.tap_channels = {"base": 4}
+
+        def forward(self, x):
+            return {"base": x}
+
+    m = BaseLearnerModule(Enc(), [6, 7, 8], 0, "pascal", base_lr=cfg.model.base_lr,
+                          head_lr_multiplier=cfg.model.head_lr_multiplier, ppm_lr_multiplier=cfg.model.ppm_lr_multiplier)  # fmt: skip
+    lr = {id(p): g["lr"] for g in m.configure_optimizers()["optimizer"].param_groups for p in g["params"]}
+    assert [lr[id(p)] for p in m.head.ppm.parameters()] == pytest.approx([2.5e-4 * ppm_x] * len(list(m.head.ppm.parameters())))
+    assert [lr[id(p)] for p in m.head.cls.parameters()] == pytest.approx([2.5e-4 * cls_x] * len(list(m.head.cls.parameters())))
+    assert len(lr) == sum(1 for _ in m.head.parameters())
+
+
 def test_a_stage1_file_without_a_domain_classifier_is_refused(tmp_path):
     from fsseg.models.base_learner import load_domain_classifier, write_artifact
 

@@ -240,6 +240,8 @@ class BaseLearnerModule(L.LightningModule):
         export_path: where the best weights go after testing (stage 2 reads them).
         base_lr, head_lr_multiplier, momentum, weight_decay, poly_power: BAM's stage-1 recipe (2.5e-4, x10, 0.9,
             1e-4, 0.9).
+        ppm_lr_multiplier: the PPM's own multiplier; None = head_lr_multiplier (BAM: PPM and classifier x10).
+            I2R's stage-1 optimizer lists only [ppm, cls] with index_split 0 on PASCAL, so its PPM runs at x1.
     """
 
     def __init__(
@@ -252,6 +254,7 @@ class BaseLearnerModule(L.LightningModule):
         export_path: str | None = None,
         base_lr: float = 2.5e-4,
         head_lr_multiplier: float = 10.0,
+        ppm_lr_multiplier: float | None = None,
         momentum: float = 0.9,
         weight_decay: float = 1e-4,
         poly_power: float = 0.9,
@@ -262,6 +265,9 @@ class BaseLearnerModule(L.LightningModule):
         super().__init__()
         if not (np.isfinite(base_lr) and base_lr > 0) or not (np.isfinite(head_lr_multiplier) and head_lr_multiplier > 0):
             raise ConfigError(f"model.base_lr and model.head_lr_multiplier must be finite and > 0; got {base_lr}, {head_lr_multiplier}")
+        if ppm_lr_multiplier is not None and not (np.isfinite(ppm_lr_multiplier) and ppm_lr_multiplier > 0):
+            raise ConfigError(f"base_task.ppm_lr_multiplier must be null or finite and > 0; got {ppm_lr_multiplier}")
+        self.ppm_lr_multiplier = None if ppm_lr_multiplier is None else float(ppm_lr_multiplier)
         channels = dict(getattr(encoder, "tap_channels", {}))
         if tap not in channels:
             raise ConfigError(f"the base learner reads encoder tap {tap!r}; encoder.taps has {sorted(channels)}")
@@ -349,6 +355,10 @@ class BaseLearnerModule(L.LightningModule):
         groups = ([{"params": enc, "lr": self.base_lr}] if enc else []) + [
             {"params": head, "lr": self.base_lr * self.head_lr_multiplier}
         ]
+        if self.ppm_lr_multiplier is not None:  # the PPM apart (I2R's stage 1)
+            ppm = {id(p) for p in self.head.ppm.parameters()}
+            groups[-1]["params"] = [p for p in head if id(p) not in ppm]
+            groups.append({"params": list(self.head.ppm.parameters()), "lr": self.base_lr * self.ppm_lr_multiplier})
         opt = torch.optim.SGD(groups, lr=self.base_lr, momentum=self.momentum, weight_decay=self.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: max(0.0, 1.0 - step / total) ** self.poly_power)
