@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
+import torch
 
 
 @pytest.mark.parametrize("name, ratio", [("apanet", "APANet/PFENet"), ("celp", "CELP/PFENet")])
@@ -109,3 +110,25 @@ def test_affinity_bench_prints_time_and_flop_ratios_and_peak_memory(capsys):
     assert float(peaks["Aff"]) > float(peaks["PFENet"]), out
     with pytest.raises(SystemExit, match="--methods"):
         affinity.main(["--methods", "SCCAN,BAM"])
+
+
+def test_cam_probe_scores_a_classifier_whose_cam_is_the_object():
+    """fsseg-bench cam's measures on a hand-made case: the class-0 logit is the mean of channel 0, which holds the
+    object, so the support's class is 0, the query agrees, and the CAM of class 0 is the object (IoU 1 at every
+    threshold); a random class's CAM is empty or the object, never anything else."""
+    from fsseg.bench.cam import THRESHOLDS, probe
+
+    mask = torch.zeros(2, 8, 8, dtype=torch.bool)
+    mask[0, 2:5, 1:6] = True
+    mask[1, 4:8, 3:7] = True
+    feats = torch.stack([mask.float(), torch.zeros(2, 8, 8)], dim=1)  # (B, 2, h, w)
+
+    def classify(x):
+        return x.mean(dim=(2, 3))
+
+    out = probe(classify, feats, feats, mask, mask, "xgradcam", torch.Generator().manual_seed(0))
+    assert out["agree"].tolist() == [1.0, 1.0]
+    for t in THRESHOLDS:
+        assert out[f"q_iou@{t}"].tolist() == [1.0, 1.0] and out[f"s_iou@{t}"].tolist() == [1.0, 1.0]
+        assert set(out[f"q_iou_random@{t}"].tolist()) <= {0.0, 1.0}
+    torch.testing.assert_close(out["object_area"], mask.flatten(1).float().mean(1))

@@ -3,8 +3,10 @@ the encoder's ImageNet head (I2R) and the stage-1 domain classifier (base classe
 
     fsseg-bench cam                                   # fold 0, the i2r_synth recipe, outputs/base_learners/synth_effl0
     fsseg-bench cam --fold 1 --episodes 500 --stage1 outputs/base_learners/synth_effl0/fold1.pt
+    fsseg-bench cam --classes base                    # base-class episodes: what PMGM sees in training
 
-Per classifier, on 1-shot evaluation episodes (novel classes; the query and support hold the same class):
+Per classifier, on 1-shot evaluation episodes (novel classes, or base classes with ``--classes base``: the domain
+head was trained on those, so its CAMs there are what training sees; the query and support hold the same class):
 - class agreement: the class inferred from the masked support's CAM-tap features (Eq. 1) equals the one inferred
   from the masked query's; beside it the same for queries of *another* episode of a different class (chance);
 - CAM+ IoU with the query's object at delta 0.3 / 0.5 / 0.7, the CAM taken for the support's class (what PMGM
@@ -56,6 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--fold", type=int, default=0)
     ap.add_argument("--episodes", type=int, default=300)
     ap.add_argument("--stage1", default=None, help="stage-1 file with a domain classifier (default: the recipe's)")
+    ap.add_argument("--classes", choices=("novel", "base"), default="novel", help="episodes of the novel or the base classes")
     ap.add_argument("--method", default="xgradcam")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
@@ -67,7 +70,8 @@ def main(argv: list[str] | None = None) -> None:
     from fsseg.models.base_learner import load_domain_classifier
     from fsseg.models.ops import binary_mask
 
-    over = ["experiment=i2r_effl0_synth", f"data.fold={args.fold}", f"data.eval_episodes={args.episodes}", "data.shots=1"]
+    over = ["experiment=i2r_effl0_synth", f"data.fold={args.fold}", f"data.eval_episodes={args.episodes}", "data.shots=1",
+            f"data.eval_classes={args.classes}", "encoder.keep_head=true"]  # fmt: skip  # the ImageNet head too
     if args.stage1:
         over.append(f"base_learner_path={args.stage1}")
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
@@ -97,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
                 for k, v in probe(classify, qt, st, qm, sm, args.method, g).items():
                     sums[name][k] = sums[name].get(k, 0.0) + float(v.sum())
             n += qt.shape[0]
-    print(f"fsseg-bench cam: fold {args.fold}, {n} episodes (1-shot, novel classes), {args.method}, CAM tap index {index}")
+    print(f"fsseg-bench cam: fold {args.fold}, {n} episodes (1-shot, {args.classes} classes), {args.method}, CAM tap index {index}")
     cols = ["agree", "agree_other"] + [f"{p}@{t}" for p in ("q_iou", "q_iou_random", "s_iou") for t in THRESHOLDS]
     print("  classifier  " + "  ".join(f"{c:>16s}" for c in cols))
     for name, s in sums.items():
