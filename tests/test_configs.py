@@ -168,6 +168,17 @@ def test_paper_recipes_default_to_the_reference_behaviours(overrides, masking, b
     assert (cfg.model.support_masking, cfg.encoder.bn) == (masking, bn)
 
 
+@pytest.mark.parametrize("method", ["hpa", "rare"])
+def test_hpa_and_rare_recipes_read_bams_pipeline_or_pfenets(method):
+    """Their READMEs send training to BAM's repository (default); PFENet's recipe is the other reading."""
+    bam = compose([f"method={method}", "encoder=resnet50", f"recipe={method}_pascal", "encoder.weights=none"])
+    pfe = compose([f"method={method}", "encoder=resnet50", f"recipe={method}_pfenet_pascal", "encoder.weights=none"])
+    assert (bam.optim.base_lr, bam.optim.lr_multiplier, bam.data.batch_size * bam.trainer.devices) == (0.005, 10.0, 8)
+    assert (bam.encoder.bn, bam.data.train_filter) == ("frozen", "drop")
+    assert (pfe.optim.base_lr, pfe.data.batch_size, pfe.encoder.bn, pfe.data.train_filter) == (0.0025, 4, "train", "keep")
+    instantiate(pfe.model, num_eval_classes=5)
+
+
 @pytest.mark.parametrize(
     ("recipe", "expected"),
     [  # forypipi/I2R config/{pascal,coco}/resnet50{,_base}.yaml and main.py (batch_size per process, bf16)
