@@ -58,6 +58,14 @@ bench-methods: $(STAMP) ## APANet/CELP step time ratio beside FLOP ratio vs PFEN
 bench-cache: synth ## PFENet training step at the embedded size: full / truncated encoder / cached features, data side included
 	$(VENV)/bin/fsseg-bench cache --data $(SYNTH) --views 2
 
+RESULTS ?= results/sweeps
+.PHONY: record restore
+record: $(STAMP) ## Keep the finished runs of outputs/sweeps in results/sweeps, without weights (commit them)
+	$(VENV)/bin/fsseg-record save outputs/sweeps $(RESULTS)
+
+restore: $(STAMP) ## Bring results/sweeps back into outputs/sweeps as finished runs (sweeps skip them, tables read them)
+	$(VENV)/bin/fsseg-record restore $(RESULTS) outputs/sweeps
+
 clean: ## Remove caches and outputs (keeps the venv and data)
 	rm -rf outputs .pytest_cache
 

@@ -209,7 +209,9 @@ def config_digest(cfg: Mapping) -> str:
 
 
 def same_config(recorded: Mapping, expected: Mapping) -> bool:
-    return without_defaults(_without(recorded, _NOT_COMPARED)) == without_defaults(_without(expected, _NOT_COMPARED))
+    """Equal but for keys not compared, options at their defaults and where each run lives: paths inside a run's
+    own directory (its checkpoints) compare relative to it, so a copied, moved or restored run stays finished."""
+    return computed_config(recorded, _NOT_COMPARED) == computed_config(expected, _NOT_COMPARED)
 
 
 def computed_config(cfg: Mapping, not_computed: tuple[str, ...] = _NOT_COMPUTED) -> dict:

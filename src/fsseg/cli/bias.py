@@ -131,18 +131,24 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{args.episodes} episodes per manifest")  # fmt: skip
     # (row, point) -> {column: value}
     table: dict[str, dict[tuple, dict[str, float]]] = {label: {} for label in wanted}
+    unscored: list[str] = []
     # seed-major, then the other grid values, then the rows: an interrupted call has compared rows on the same points
     done.sort(key=lambda r: (str(r.run.seed), sorted((str(a), str(b)) for a, b in r.run.point.items())))
     for k, r in enumerate(done, 1):
         eval_split = (recorded_config(r.run.run_dir) or {}).get("data", {}).get("eval_split", "val")
         vals = {"test": float(r.metrics["miou"])}
-        for split, side in (("train", "train"), (eval_split, "eval")):
-            for subset in SUBSETS:
-                vals[f"{side}-{subset}"] = evaluate_run(r.run.run_dir, split, subset, args.episodes, args.eval_seed,
-                                                        cached_only=args.cached_only)  # fmt: skip
-        if args.base_control:
-            vals[BASE_COLUMN] = evaluate_run(r.run.run_dir, eval_split, "all", args.episodes, args.eval_seed,
-                                             cached_only=args.cached_only, classes="base")  # fmt: skip
+        try:
+            for split, side in (("train", "train"), (eval_split, "eval")):
+                for subset in SUBSETS:
+                    vals[f"{side}-{subset}"] = evaluate_run(r.run.run_dir, split, subset, args.episodes,
+                                                            args.eval_seed, cached_only=args.cached_only)  # fmt: skip
+            if args.base_control:
+                vals[BASE_COLUMN] = evaluate_run(r.run.run_dir, eval_split, "all", args.episodes, args.eval_seed,
+                                                 cached_only=args.cached_only, classes="base")  # fmt: skip
+        except ConfigError as exc:  # e.g. a record (fsseg-record) without this evaluation: the others go on
+            unscored.append(f"{r.run.describe()}: {exc}")
+            print(f"fsseg-bias: {unscored[-1]}", file=sys.stderr, flush=True)
+            continue
         if any(v is None for v in vals.values()):
             continue
         vals["bias"] = (vals["train-without_base"] - vals["train-with_base"]) - (
@@ -189,6 +195,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     _write_text_atomic(root / "bias.csv", buf.getvalue())
     print("\n".join(lines))
     print(f"written: {root / 'bias.md'}, {root / 'bias.csv'}")
+    if unscored:
+        print(f"fsseg-bias: {len(unscored)} finished run(s) could not be scored:\n  " + "\n  ".join(unscored),
+              file=sys.stderr)  # fmt: skip
+        return 2
     return 0
 
 

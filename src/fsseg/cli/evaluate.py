@@ -38,6 +38,11 @@ def load_run_config(run_dir: Path, overrides: dict[str, Any] | None = None) -> D
 def resolve_checkpoint(run_dir: Path, which: str) -> Path:
     path = Path(which) if which not in ("best", "last") else run_dir / "checkpoints" / f"{which}.ckpt"
     if not path.is_file():
+        from fsseg.cli.record import RECORD_FILE, is_record
+
+        if which in ("best", "last") and is_record(run_dir):
+            raise ConfigError(f"checkpoint {path} does not exist: {run_dir} is a record ({RECORD_FILE}, fsseg-record "
+                              "restore), which keeps results, not weights; train the run again to evaluate it anew")
         raise ConfigError(f"checkpoint {path} does not exist (checkpoint= best | last | a path)")
     return path
 
