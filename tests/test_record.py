@@ -60,12 +60,12 @@ def test_save_keeps_finished_runs_without_weights_and_restore_brings_them_back(t
     # restore: into an empty root, over an unfinished run (set aside), never over a finished one
     back = tmp_path / "back"
     _run(back / "t1" / "p" / "row" / "fold-0", None)
-    assert restore(rec, back) == {"restored": 1, "kept": 0, "set_aside": 1}
+    assert restore(rec, back) == {"restored": 1, "kept": 0, "set_aside": 1, "unrecorded": 1}
     assert (back / "t1" / "p" / "row" / "fold-0" / "metrics.json").read_bytes() == (done / "metrics.json").read_bytes()
     assert list((back / "t1" / "p" / "row" / "_stale").glob("fold-0.*/checkpoints/best.ckpt"))
     assert (back / "t1" / "p" / "table.md").is_file()
     (back / "t1" / "p" / "row" / "fold-0" / "metrics.json").write_text("{}")
-    assert restore(rec, back) == {"restored": 0, "kept": 1, "set_aside": 0}
+    assert restore(rec, back) == {"restored": 0, "kept": 1, "set_aside": 0, "unrecorded": 1}
     assert (back / "t1" / "p" / "row" / "fold-0" / "metrics.json").read_text() == "{}"
 
 
@@ -79,10 +79,10 @@ def test_bad_arguments_are_named(tmp_path, monkeypatch, capsys, argv, message):
     assert main(argv) == 2 and message in capsys.readouterr().err
 
 
-def test_a_restored_sweep_is_finished_renders_the_same_table_and_reuses_fsseg_bias(synth_root, in_tmp):  # noqa: F811
+def test_a_restored_sweep_is_finished_renders_the_same_table_and_reuses_fsseg_bias(synth_root, in_tmp, capsys):  # noqa: F811
     from fsseg.cli.bias import main as bias_main
     from fsseg.cli.sweep import run_sweep
-    from fsseg.runs import run_status
+    from fsseg.runs import code_version, run_status
 
     path = _tiny_sweep(in_tmp, synth_root, [{"label": "dim 32", "overrides": []}])
     out, rec, back = in_tmp / "out", in_tmp / "results", in_tmp / "back"
@@ -103,6 +103,9 @@ def test_a_restored_sweep_is_finished_renders_the_same_table_and_reuses_fsseg_bi
     assert bias_main([str(path), "--out", str(back), "--episodes", "6"]) == 0  # the record's evaluations
     assert (back / "demo-table1" / "paper" / "bias.md").read_text() == bias_md
     assert bias_main([str(path), "--out", str(back), "--episodes", "7"]) == 2  # a new one needs the weights
+    capsys.readouterr()
+    assert main(["restore", str(rec), str(in_tmp / "third")]) == 0
+    assert f"1 record(s) made with code version {code_version()} (this code)" in capsys.readouterr().out
 
 
 def test_checkpoint_of_a_record_is_named_as_such(tmp_path):

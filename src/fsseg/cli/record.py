@@ -137,8 +137,8 @@ def save(src_root: str | os.PathLike, dst_root: str | os.PathLike, max_kib: int 
 
 def restore(src_root: str | os.PathLike, dst_root: str | os.PathLike) -> dict[str, int]:
     """Copy the records under ``src_root`` into ``dst_root`` as finished runs; a finished run already there is
-    kept, an unfinished one set aside first. Returns counts: restored, kept, set_aside."""
-    from fsseg.runs import set_aside
+    kept, an unfinished one set aside first. Returns counts: restored, kept, set_aside, and runs per code version."""
+    from fsseg.runs import recorded_code_version, set_aside
 
     src_root, dst_root = Path(src_root), Path(dst_root)
     if not src_root.is_dir():
@@ -146,6 +146,8 @@ def restore(src_root: str | os.PathLike, dst_root: str | os.PathLike) -> dict[st
     counts = {"restored": 0, "kept": 0, "set_aside": 0}
     records = [d for d in _runs(src_root) if is_record(d)]
     for rec in records:
+        version = recorded_code_version(rec) or "unrecorded"
+        counts[version] = counts.get(version, 0) + 1
         dst = dst_root / rec.relative_to(src_root)
         if (dst / METRICS).is_file():
             counts["kept"] += 1
@@ -188,9 +190,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"fsseg-record: {c['recorded']} run(s) recorded, {c['unchanged']} unchanged, "
                   f"{c['unfinished']} unfinished left out, {c['files']} files in {a.dst}")  # fmt: skip
         else:
+            from fsseg.runs import code_version
+
             c = restore(a.src, a.dst)
-            print(f"fsseg-record: {c['restored']} run(s) restored into {a.dst}, {c['kept']} finished there kept, "
-                  f"{c['set_aside']} unfinished set aside")  # fmt: skip
+            print(f"fsseg-record: {c.pop('restored')} run(s) restored into {a.dst}, {c.pop('kept')} finished there "
+                  f"kept, {c.pop('set_aside')} unfinished set aside")  # fmt: skip
+            other = sorted(v for v in c if v not in (code_version(), "unrecorded"))
+            for v in sorted(c):
+                print(f"  {c[v]} record(s) made with code version {v}" + (" (this code)" if v == code_version() else ""))
+            if other:
+                print(f"  this code is {code_version()}: fsseg-sweep re-trains the others unless vouched for, "
+                      f"after checking what changed since: FSSEG_ACCEPT_CODE={','.join(other)} (or --accept-code)")  # fmt: skip
         return 0
     except ConfigError as exc:
         print(f"fsseg-record: {exc}", file=sys.stderr)
