@@ -201,6 +201,18 @@ def test_i2r_recipes_hold_the_reference_configs(recipe, expected):
     assert got == expected
 
 
+@pytest.mark.parametrize("method, recipe", [("bam", "bam_pascal"), ("bam", "bam_coco"), ("hdmnet", "hdmnet_pascal"),
+                                            ("hdmnet", "hdmnet_coco"), ("sccan_plus", "sccan_plus_pascal"),
+                                            ("sccan_plus", "sccan_plus_coco")])  # fmt: skip
+def test_bam_stage1_global_batch_is_12_with_batch_statistics_over_all_of_it(method, recipe):
+    """BAM's *_base.yaml: batch 3 per GPU on 4 GPUs with SyncBN ("bs12 for 1GPU"): 12 images per step and per BN
+    statistic, whatever the recipe's device count (a per-process 12 on 4 GPUs was 48)."""
+    cfg = compose(["task=base", f"method={method}", "encoder=resnet50", f"recipe={recipe}", "encoder.weights=none"])
+    devices = cfg.trainer.devices if cfg.trainer.devices != -1 else 1
+    assert cfg.data.batch_size * devices == 12
+    assert cfg.trainer.sync_batchnorm == (devices > 1)
+
+
 README_RUNS = [line.split("fsseg-train", 1)[1].split("#")[0].replace("\\", "").split()
                for line in (CONF.parent / "README.md").read_text().splitlines() if "/bin/fsseg-train " in line]  # fmt: skip
 

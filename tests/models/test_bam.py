@@ -302,6 +302,33 @@ def test_frozen_sub_model_stays_in_eval_and_out_of_autograd():
     assert not y.requires_grad and torch.equal(y, sub(x))  # no dropout, no batch statistics
 
 
+def test_frozen_sub_model_with_train_dropout_drops_in_training_only_with_bn_frozen():
+    """BAM's code: model.train() then fix_bn, so the frozen learner's Dropout trains and its BatchNorm does not."""
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(2)
+    bn.running_mean.fill_(0.5)
+    sub = FrozenSubModel(nn.Sequential(nn.Conv2d(2, 2, 1), bn, nn.Dropout2d(0.5)), train_dropout=True)
+    x = torch.randn(4, 2, 3, 3)
+    sub.eval()
+    ref = sub(x)
+    sub.train()
+    assert sub.module[2].training and not sub.module[1].training
+    y = sub(x)
+    dropped = (y == 0).all(dim=(2, 3))
+    assert dropped.any() and not dropped.all()  # whole channels zeroed, the others scaled by 1 / (1 - p)
+    assert torch.allclose(y[~dropped], 2 * ref[~dropped]) and torch.equal(bn.running_mean, torch.full((2,), 0.5))
+    sub.eval()
+    assert torch.equal(sub(x), ref)
+
+
+def test_bam_recipes_train_the_base_learners_dropout_as_the_reference():
+    from fsseg_testing import compose
+
+    for recipe, expected in (("bam_pascal", True), ("bam_coco", True), ("bam_synth", False)):
+        cfg = compose(["method=bam", "encoder=resnet50", f"recipe={recipe}", "encoder.weights=none"])
+        assert cfg.ensemble.base_dropout is expected, recipe
+
+
 class GradHead(PriorPrototypeHead):
     """A head that needs autograd at evaluation: the gradient of its prior's sum w.r.t. the detached query tap."""
 

@@ -126,15 +126,22 @@ class BaseLearner(nn.Module):
 class FrozenSubModel(nn.Module):
     """A sub-model with its own weights, used but never trained: no parameter requires grad (so it is out of
     the optimizer and of the trainable-parameter count), it stays in eval mode whatever ``train()`` Lightning
-    calls, and its forward runs without autograd."""
+    calls, and its forward runs without autograd. With ``train_dropout`` its Dropout layers (only they) follow
+    the host's mode: BAM's code calls ``model.train()`` and freezes only BatchNorm (``fix_bn``), so the frozen
+    base learner's Dropout2d(0.1) stays active in stage-2 training."""
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, train_dropout: bool = False) -> None:
         super().__init__()
         self.module = module.requires_grad_(False).eval()
+        self.train_dropout = bool(train_dropout)
 
     def train(self, mode: bool = True) -> FrozenSubModel:
         super().train(mode)
         self.module.eval()
+        if mode and self.train_dropout:
+            for m in self.module.modules():
+                if isinstance(m, nn.modules.dropout._DropoutNd):
+                    m.train()
         return self
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -147,9 +154,9 @@ class BaseLearnerFeatures(nn.Module):
     encoder tap ``tap``, and the query's base logits: for heads whose prior reads feature 5 (HDMNet, SCCAN-Plus).
     The head then provides ``base_logits`` and the `BAMEnsemble` (built without a learner) uses them."""
 
-    def __init__(self, base_learner: nn.Module, tap: str = "base") -> None:
+    def __init__(self, base_learner: nn.Module, tap: str = "base", train_dropout: bool = False) -> None:
         super().__init__()
-        self.learner = FrozenSubModel(base_learner)
+        self.learner = FrozenSubModel(base_learner, train_dropout)
         self.tap = tap
 
     def forward(
@@ -291,6 +298,8 @@ class BAMEnsemble(nn.Module):
             resize the base logits, then the softmax (BAM, HDMNet and SCCAN-Plus, whose grids agree or whose
             reference classifies resized features) | ``map`` = the softmax and base map at the base learner's size,
             then resize the map (I2R's code: 15 x 15 vs 30 x 30 with its non-dilated encoder).
+        base_dropout: the frozen base learner's Dropout active in training (BAM's code: ``fix_bn`` freezes only
+            BatchNorm); False: the whole learner in eval mode (the paper's "frozen").
 
     Outputs: ``logits`` = [merged background, meta foreground] (softmax probabilities passed through two 1x1
     convs: what the reference feeds CrossEntropy as logits, see `fsseg.models.losses.EnsembleNLL` for the
@@ -303,12 +312,13 @@ class BAMEnsemble(nn.Module):
         base_tap: str = "base",
         exclude_episode_class: bool = True,
         base_resize: str = "logits",
+        base_dropout: bool = False,
     ) -> None:
         super().__init__()
         if base_resize not in ("logits", "map"):
             raise ConfigError(f"ensemble.base_resize must be 'logits' or 'map'; got {base_resize!r}")
         self.base_resize = base_resize
-        self.base_learner = None if base_learner is None else FrozenSubModel(base_learner)
+        self.base_learner = None if base_learner is None else FrozenSubModel(base_learner, base_dropout)
         self.base_tap = base_tap
         self.exclude_episode_class = bool(exclude_episode_class)
         self.gram_merge = _merge_conv()
