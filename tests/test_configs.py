@@ -213,6 +213,22 @@ def test_bam_stage1_global_batch_is_12_with_batch_statistics_over_all_of_it(meth
     assert cfg.trainer.sync_batchnorm == (devices > 1)
 
 
+@pytest.mark.parametrize("method, recipe", [(m, f"{r}_{d}") for m, r in (("hdmnet", "hdmnet"), ("hdmnet_pahnet", "hdmnet_pahnet"),
+                                            ("sccan_plus", "sccan_plus"), ("sccan_plus_pahnet", "sccan_plus_pahnet"))
+                                            for d in ("pascal", "coco", "synth")])  # fmt: skip
+def test_bam_based_hosts_follow_their_code_on_paper_recipes(method, recipe):
+    """HDMNet's, AENet's and PAHNet's train.py: model.train() then fix_bn, which freezes every *BatchNorm* (HDMNet's
+    transformer's too) and nothing else (the frozen learner's Dropout2d trains); SCCANPlus classifies feature 5
+    resized to the grid. Paper recipes take the code's behaviour, the embedded ones the constructors' defaults."""
+    cfg = compose([f"method={method}", "encoder=resnet50", f"recipe={recipe}", "encoder.weights=none"])
+    paper = not recipe.endswith("synth")
+    assert cfg.head.base_dropout is paper
+    if "hdmnet" in method:
+        assert cfg.decoder.bn_eval is paper
+    else:
+        assert cfg.head.base_logits_at == ("grid" if paper else "feature")
+
+
 README_RUNS = [line.split("fsseg-train", 1)[1].split("#")[0].replace("\\", "").split()
                for line in (CONF.parent / "README.md").read_text().splitlines() if "/bin/fsseg-train " in line]  # fmt: skip
 

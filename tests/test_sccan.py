@@ -3,6 +3,7 @@ the prior, the reference's parameter count, bad configs, and every composition e
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 from pathlib import Path
@@ -258,7 +259,12 @@ def test_sccan_checkpoint_layout_converts_to_the_same_forward(tmp_path):
     body.conv1, body.bn1, body.conv2, body.bn2, body.conv3, body.bn3 = m.conv1[0], m.conv1[1], m.conv1[3], m.conv1[4], m.conv1[6], m.bn1
     for i in range(1, 5):
         setattr(body, f"layer{i}", getattr(m, f"layer{i}"))
-    ref.down_query, ref.down_supp = original.head.down_query, original.head.down_support
+    ref.down_query, ref.down_supp = copy.deepcopy(original.head.down_query), copy.deepcopy(original.head.down_support)
+    c3 = m.layer3[-1].bn2.num_features  # ResNet-18: 256 (layer2 128)
+    with torch.no_grad():  # SCCAN concatenates [layer2, layer3]; fsseg's mid tap is [layer3, layer2]
+        for conv in (ref.down_query[0], ref.down_supp[0]):
+            assert conv.weight.shape[1] == c3 + m.layer2[-1].bn2.num_features
+            conv.weight.copy_(torch.cat([conv.weight[:, c3:], conv.weight[:, :c3]], dim=1))
     ref.init_merge_query, ref.init_merge_supp = nn.Sequential(dec.init_merge_query), nn.Sequential(dec.init_merge_support)
     ref.transformer = nn.Module()
     layer = nn.Module()

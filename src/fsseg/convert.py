@@ -260,6 +260,18 @@ LAYOUTS: dict[str, Callable[[bool], Callable[[str], object]]] = {
 }
 
 
+def _sccan_values(key: str, value: Tensor, vgg: bool) -> Tensor:
+    """SCCAN concatenates [layer2, layer3] before its reductions (model/SCCAN.py); fsseg's ``mid`` tap is
+    [layer3, layer2] (PFENet's order, also BAM's and AENet's): the reductions' input columns swap blocks."""
+    if key in ("head.down_query.0.weight", "head.down_support.0.weight"):
+        c2 = value.shape[1] // 3  # layer2's channels: layer3 has twice as many in ResNets and VGG (512/1024, 256/512)
+        return torch.cat([value[:, c2:], value[:, :c2]], dim=1)
+    return value
+
+
+VALUE_MAPS: dict[str, Callable[[str, Tensor, bool], Tensor]] = {"sccan": _sccan_values}
+
+
 # ---- conversion -------------------------------------------------------------------------------------------
 def read_reference(path: str | Path) -> dict[str, Tensor]:
     """The state dict inside a reference checkpoint (``{"state_dict": ...}`` or a plain state dict)."""
@@ -300,7 +312,7 @@ def convert_state_dict(
         elif tuple(value.shape) != tuple(target[new].shape):
             bad_shape.append(f"{key} {tuple(value.shape)} -> {new} {tuple(target[new].shape)}")
         else:
-            out[new] = value.to(target[new].dtype)
+            out[new] = VALUE_MAPS.get(layout, lambda k, v, vgg: v)(new, value, vgg).to(target[new].dtype)
     for k, v in target.items():  # what fsseg records beside the weights (a base learner's class ids)
         if k.endswith(_OWN) and k not in out:
             out[k] = v.clone()

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from fsseg.data import batch as B
 from fsseg.errors import ConfigError
@@ -319,6 +320,27 @@ def test_frozen_sub_model_with_train_dropout_drops_in_training_only_with_bn_froz
     assert torch.allclose(y[~dropped], 2 * ref[~dropped]) and torch.equal(bn.running_mean, torch.full((2,), 0.5))
     sub.eval()
     assert torch.equal(sub(x), ref)
+
+
+def test_base_learner_features_classify_at_feature_size_or_resized_to_a_grid():
+    """SCCANPlus (AENet, PAHNet): base_out = learner(resize(feature 5, grid)); fsseg's default classifies at feature
+    size. By hand: relu -> 1x1 conv of the resized feature 5; and the two differ (the ReLU does not commute)."""
+    from fsseg.models.bam import BaseLearnerFeatures
+    from fsseg.models.ops import resize
+
+    torch.manual_seed(0)
+    learner = BaseLearner(6, 3, base_class_ids=[1, 2, 3], bins=(1,), hidden=4)
+    with torch.no_grad():
+        for p in learner.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    feats = BaseLearnerFeatures(learner, "base").eval()
+    q, s = {"base": torch.randn(2, 6, 5, 5)}, {"base": torch.randn(2, 1, 6, 5, 5)}
+    qf5, _, at_feature = feats(q, s)
+    _, _, at_grid = feats(q, s, (8, 8))
+    conv = learner.cls[4]
+    by_hand = F.conv2d(F.relu(resize(qf5, (8, 8))), conv.weight, conv.bias)
+    assert at_feature.shape[-2:] == (5, 5) and torch.allclose(at_grid, by_hand, atol=1e-6)
+    assert not torch.allclose(resize(at_feature, (8, 8)), at_grid, atol=1e-3)
 
 
 def test_bam_recipes_train_the_base_learners_dropout_as_the_reference():

@@ -160,9 +160,10 @@ class BaseLearnerFeatures(nn.Module):
         self.tap = tap
 
     def forward(
-        self, query: Mapping[str, torch.Tensor], support: Mapping[str, torch.Tensor]
+        self, query: Mapping[str, torch.Tensor], support: Mapping[str, torch.Tensor], logits_size: tuple[int, int] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """-> query feature 5 (B, F, h, w), support feature 5 (B, K, F, h, w), query base logits (B, 1 + C, h, w)."""
+        """-> query feature 5 (B, F, h, w), support feature 5 (B, K, F, h, w), query base logits (B, 1 + C, h, w),
+        or with ``logits_size`` classified from feature 5 resized to that size (AENet's SCCANPlus)."""
         if self.tap not in query:
             raise ConfigError(f"the base learner reads encoder tap {self.tap!r}; the encoder has {sorted(query)}")
         b, k = support[self.tap].shape[:2]
@@ -170,7 +171,7 @@ class BaseLearnerFeatures(nn.Module):
         with torch.no_grad():  # one pass over query and supports (frozen BN: batch-independent)
             feats = learner.features(torch.cat([query[self.tap], support[self.tap].flatten(0, 1)]))
             q, s = feats[:b], feats[b:].unflatten(0, (b, k))
-            return q, s, learner.classify(q)
+            return q, s, learner.classify(q if logits_size is None else resize(q, logits_size))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -84,6 +84,8 @@ class HDMNetHead(nn.Module):
     SCCAN-Plus, on the reduced features' grid). ``prior_minmax``: false = the reference (raw max cosine, which HDMNet scales x10 in query_merge); true = PFENet's
     min-max normalisation. ``train_shot_weighting``: false = the reference (its ``kshot_rw`` is not in HDMNet's
     optimizer, so the 5-shot re-weighting stays at its initialisation); true = trained (PAHNet's HDMNetPlus).
+    ``base_dropout``: the frozen base learner's Dropout2d active in training (the reference: ``model.train()``,
+    then ``fix_bn`` freezes only BatchNorm); false: the learner wholly in eval.
 
     Output keys: query_feat (B, D, h, w), support_feat (B, K, D, h, w), support_prototypes (B, K, D), prototype
     (B, D, 1, 1), prior (B, 2, h, w) = [feature 5, layer4], support_mask (B, K, H, W), base_logits,
@@ -106,6 +108,7 @@ class HDMNetHead(nn.Module):
         prior_minmax: bool = False,
         train_shot_weighting: bool = False,
         prior: str = "hdmnet",
+        base_dropout: bool = False,
     ) -> None:
         super().__init__()
         if prior not in ("hdmnet", "aenet"):
@@ -118,7 +121,7 @@ class HDMNetHead(nn.Module):
             raise ConfigError(f"head.reduce_dim must be >= 1 and head.dropout in [0, 1); got {reduce_dim}, {dropout}")
         self.down_query = _reduction(tap_channels["mid"], reduce_dim, dropout)
         self.down_support = _reduction(tap_channels["mid"], reduce_dim, dropout)
-        self.base = BaseLearnerFeatures(base_learner, base_tap)
+        self.base = BaseLearnerFeatures(base_learner, base_tap, train_dropout=base_dropout)
         self.shot_weighting = shot_weighting
         if not train_shot_weighting:
             shot_weighting.requires_grad_(False)

@@ -381,6 +381,9 @@ class SCCANPlusHead(MaskAggregationHead):
     shot and separately for each channel, layer4 (``high``) or the base learner's feature 5 is used, whichever
     has the larger maximum; BAM's Gram scene difference (``shot_weighting``: its weights only weigh the scene
     difference, prototypes and priors are averaged as the reference) and the base learner's query logits.
+    ``base_logits_at``: ``feature`` = classified at feature 5's size (the ensemble resizes the logits) | ``grid``
+    = feature 5 resized to the grid, then classified (AENet's and PAHNet's code; a ReLU apart, so not equal when
+    the sizes differ). ``base_dropout``: the frozen learner's Dropout2d active in training (their ``fix_bn``).
 
     Extra output keys: base_logits, scene_difference, shot_weights.
     """
@@ -397,17 +400,22 @@ class SCCANPlusHead(MaskAggregationHead):
         dropout: float = 0.5,
         grid_size: int = 64,
         mask_support: bool = False,
+        base_dropout: bool = False,
+        base_logits_at: str = "feature",
     ) -> None:
         super().__init__(tap_channels, reduce_dim, dropout, grid_size, mask_support)
         if base_tap not in tap_channels:
             raise ConfigError(f"head.base_tap {base_tap!r} is not an encoder tap; the encoder has {sorted(tap_channels)}")
-        self.base = BaseLearnerFeatures(base_learner, base_tap)
+        if base_logits_at not in ("feature", "grid"):
+            raise ConfigError(f"head.base_logits_at must be 'feature' or 'grid'; got {base_logits_at!r}")
+        self.base = BaseLearnerFeatures(base_learner, base_tap, train_dropout=base_dropout)
+        self.base_logits_at = base_logits_at
         self.shot_weighting = shot_weighting
 
     def forward(self, query, support, support_mask) -> dict[str, torch.Tensor]:
         q, s, m, protos = self.reduce(query, support, support_mask)
         out = self.fuse(q, s, m, protos)
-        qf5, sf5, out["base_logits"] = self.base(query, support)
+        qf5, sf5, out["base_logits"] = self.base(query, support, self.grid if self.base_logits_at == "grid" else None)
         out["prior"] = self.fg_bg_prior(query, support, qf5, sf5, m)
         out["shot_weights"], out["scene_difference"] = self.shot_weighting(query, support)
         return out
