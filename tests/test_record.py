@@ -95,6 +95,11 @@ def test_a_restored_sweep_is_finished_renders_the_same_table_and_reuses_fsseg_bi
 
     run_dir = back / "demo-table1" / "paper" / "dim-32" / "data.fold-0_seed-0"
     assert run_status(run_dir, yaml.safe_load((run_dir / "config.yaml").read_text())) == "finished"
+    prov = json.loads((run_dir / "provenance.json").read_text())
+    (run_dir / "provenance.json").write_text(json.dumps({**prov, "code_version": "sha256:0123456789abcdef"}))
+    message = run_sweep(sweep, out=back, dry_run=True, render=False).planned[0].message
+    assert message == f"re-run: code changed (sha256:0123456789abcdef -> {code_version()})"  # not its directory
+    (run_dir / "provenance.json").write_text(json.dumps(prov))
     outcome = run_sweep(sweep, out=back, render=True)
     assert [p.status for p in outcome.planned] == ["skipped"]
     table = (back / "demo-table1" / "paper" / "table.md").read_text()

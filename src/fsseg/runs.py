@@ -289,7 +289,9 @@ def run_status(run_dir: str | os.PathLike, expected: Mapping | None = None) -> s
 
 def why_stale(run_dir: str | os.PathLike, expected: Mapping) -> str:
     """What differs between a finished run and the run asked for: config keys, else the code version."""
-    diff = config_diff(without_defaults(recorded_config(run_dir) or {}), without_defaults(dict(expected)))
+    # as same_config compares: paths inside each run's own directory relative to it
+    diff = config_diff(computed_config(recorded_config(run_dir) or {}, _NOT_COMPARED),
+                       computed_config(dict(expected), _NOT_COMPARED))  # fmt: skip
     if diff:
         return "config changed (" + "; ".join(diff[:3]) + ("; ..." if len(diff) > 3 else "") + ")"
     return f"code changed ({recorded_code_version(run_dir)} -> {code_version()})"
