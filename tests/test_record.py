@@ -36,6 +36,9 @@ def test_save_keeps_finished_runs_without_weights_and_restore_brings_them_back(t
     out, rec = tmp_path / "out", tmp_path / "results"
     done = _run(out / "t1" / "p" / "row" / "fold-0", 0.5, {"big.json": b"0" * 2048, "fig.png": b"png"})
     _run(out / "t1" / "p" / "row" / "fold-1", None)  # started, not finished
+    for name in ("sweep.json", ".hydra/overrides.yaml"):  # launched and interrupted before fsseg-train wrote anything
+        (out / "t1" / "p" / "row" / "fold-2" / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / "t1" / "p" / "row" / "fold-2" / name).write_text("{}")
     _run(out / "t1" / "p" / "_stale" / "row" / "fold-0.old", 0.1)  # set aside
     (out / "t1" / "p" / "table.md").write_text("| row | 50.0 |\n")
     (out / "t1" / "p" / "row" / "multirun-x.log").write_text("log\n")
@@ -48,7 +51,7 @@ def test_save_keeps_finished_runs_without_weights_and_restore_brings_them_back(t
     meta = json.loads((run / RECORD_FILE).read_text())
     assert {x["path"] for x in meta["left_out"]} == {"big.json", "fig.png", "train.log", "checkpoints/", "wandb/"}
     assert set(meta["files"]) == {f for f in _tree(done) if f in _tree(run)}
-    assert save(out, rec, max_kib=1) == {"recorded": 0, "unchanged": 1, "unfinished": 1, "files": 9}
+    assert save(out, rec, max_kib=1) == {"recorded": 0, "unchanged": 1, "unfinished": 2, "files": 9}
 
     # the run finished again, differently: its record is replaced as a whole (no evaluation of the old weights)
     (done / "bias" / "train-with_base" / "metrics.json").unlink()

@@ -41,9 +41,13 @@ SKIP_NAMES = frozenset({"hydra.yaml", "hparams.yaml"})  # Hydra's own settings; 
 MAX_KIB = 512
 
 
+RUN_MARKERS = ("config.yaml", "provenance.json", "sweep.json", ".hydra", "FAILED")
+
+
 def is_run_dir(d: Path) -> bool:
-    """A training run's directory (fsseg-train writes config.yaml and provenance.json at its start)."""
-    return (d / "config.yaml").is_file() and (d / "provenance.json").is_file()
+    """A training run's directory, finished or not: fsseg-sweep writes sweep.json when it launches it, Hydra its
+    .hydra folder, fsseg-train config.yaml and provenance.json at its start, FAILED when it raises."""
+    return any((d / name).exists() for name in RUN_MARKERS)
 
 
 def is_record(run_dir: str | os.PathLike) -> bool:
