@@ -309,3 +309,30 @@ def test_pick_leaves_out_pairs_that_collapsed_to_all_background(tmp_path):
     _collapse(k0, 0.01), _collapse(d0, 0.01)
     c = pick(read_runs([runs]))["candidates"][0]
     assert (c["points"], c["collapsed"]) == (1, 1) and c["gap"] == pytest.approx(0.0)
+
+
+def test_stage3_pfenet_rows_are_stage2_runs_reused():
+    """Stage 3's PFENet rows (APANet's baseline, CELP's and BAM's PFENet rows) compose, at the picked point, to the
+    same computation as stage 2's keep / drop runs, so fsseg-sweep --reuse-from copies them instead of re-training;
+    the method rows (APANet n = 3, CELP, BAM) are runs of their own."""
+    from fsseg_testing import CONF
+
+    from fsseg.sweeps import compose_run_configs, find_sweep, load_sweep, merge_overrides, run_identity
+
+    choice = {"length": 7000, "per_epoch": 7000, "epochs": 1, "dial": "synth_latent60"}
+    over = point_overrides(choice)
+    point = {"data.fold": 2, "seed": 1}
+
+    def identities(name: str, profile: str) -> dict[str, str]:
+        runs = [r for r in load_sweep(find_sweep(name, REPO / "sweeps")).expand(profile, "out") if dict(r.point) == point]
+        items = [(merge_overrides(r.overrides, over, ["resume=auto"]), f"out/{r.row.label}") for r in runs]
+        configs = compose_run_configs(items, CONF)
+        assert not any(isinstance(c, Exception) for c in configs), configs
+        return {r.row.label: run_identity(c) for r, c in zip(runs, configs)}
+
+    stage2 = identities("bias-stage2", "paper")
+    apanet, celp, bam = (identities(n, "bias") for n in ("apanet-table4", "celp-table1", "bam-compare"))
+    assert apanet["n = 0 (baseline)"] == stage2["keep"] != apanet["n = 3"]
+    assert celp["PFENet ResNet-50 1-shot"] == stage2["keep"] != celp["Ours+PFENet ResNet-50 1-shot"]
+    assert bam["PFENet"] == stage2["keep"] and bam["PFENet drop"] == stage2["drop"] != stage2["keep"]
+    assert bam["BAM"] not in stage2.values()
