@@ -336,3 +336,45 @@ def test_stage3_pfenet_rows_are_stage2_runs_reused():
     assert celp["PFENet ResNet-50 1-shot"] == stage2["keep"] != celp["Ours+PFENet ResNet-50 1-shot"]
     assert bam["PFENet"] == stage2["keep"] and bam["PFENet drop"] == stage2["drop"] != stage2["keep"]
     assert bam["BAM"] not in stage2.values()
+
+
+def test_stage3_runs_under_a_profile_called_bias_are_read_and_their_effects_tabled(tmp_path):
+    """Stage 3's sweeps write <sweep>/bias/<row>/<point>/ (profile `bias`) and fsseg-bias writes <run>/bias/<eval>/:
+    the runs are read, their evaluation folders are not. `method_effects` on hand-chosen numbers: 3 (fold, seed)
+    points with PFENet keep / drop and APANet, a fourth APANet run without its pair left out."""
+    from fsseg.cli.bias_study import method_effects, write_method_effects
+
+    ds = _dataset(tmp_path / "data" / "synth_latent40", (400, 1000))
+    stage2, stage3 = tmp_path / "bias-stage2" / "paper", tmp_path / "apanet-table4" / "bias" / "n-3"
+    novel = {"keep": (0.40, 0.44, 0.42), "drop": (0.52, 0.54, 0.50), "apanet": (0.46, 0.47, 0.50)}
+    base = {"keep": (0.60, 0.62, 0.61), "drop": (0.61, 0.62, 0.60), "apanet": (0.63, 0.64, 0.62)}
+    bias = {"keep": (1.0, 1.0, 1.0), "drop": (0.0, 0.0, 0.0), "apanet": (2.0, 4.0, 6.0)}
+    for fold in range(3):
+        for name in ("keep", "drop", "apanet"):
+            method, flt = ("apanet", "keep") if name == "apanet" else ("pfenet", name)
+            _run(stage3 if name == "apanet" else stage2, ds, method=method, flt=flt, length=7000, fold=fold,
+                 miou=novel[name][fold], evals=_evals(bias[name][fold]), base=base[name][fold])  # fmt: skip
+    _run(stage3, ds, method="apanet", length=7000, fold=0, seed=1, miou=0.9, evals=_evals(0.0))  # no keep/drop pair
+    points = read_runs([tmp_path])
+    assert sorted((p.series, p.fold, p.seed) for p in points if p.method == "apanet") == [
+        ("apanet keep", 0, 0), ("apanet keep", 0, 1), ("apanet keep", 1, 0), ("apanet keep", 2, 0)]  # fmt: skip
+    assert len(points) == 10  # 9 + the unpaired one; no evaluation folder read as a run
+
+    rows = {r["series"]: r for r in method_effects(points)}
+    assert list(rows) == ["pfenet keep", "pfenet drop", "apanet keep"]
+    a = rows["apanet keep"]
+    t2 = 4.302652729911275  # Student t, 2 degrees of freedom, 97.5 %
+    # APANet - keep: 6, 3, 8 points; APANet - drop: -6, -7, 0; drop - keep: 12, 10, 8
+    assert a["points"] == 3 and a["miou"][0] == pytest.approx((46 + 47 + 50) / 3)
+    assert a["d_keep"][0] == pytest.approx(17 / 3) and a["d_keep"][1] == pytest.approx(t2 * (19 / 3) ** 0.5 / 3**0.5)
+    assert a["wins_keep"] == 3 and a["d_drop"][0] == pytest.approx(-13 / 3) and a["wins_drop"] == 0
+    assert a["closed"] == pytest.approx(100 * (17 / 3) / 10)
+    # base classes: APANet - keep 3, 2, 1 points; novel-specific 3, 1, 7
+    assert a["base"] == pytest.approx(63.0) and a["d_base_keep"][0] == pytest.approx(2.0)
+    assert a["specific_keep"][0] == pytest.approx(11 / 3) and a["bias"] == pytest.approx(4.0)
+    assert rows["pfenet drop"]["closed"] == pytest.approx(100.0) and rows["pfenet keep"]["d_keep"][0] == 0.0
+    md, csv_path = write_method_effects(list(rows.values()), tmp_path / "fig")
+    text = md.read_text()
+    assert "| apanet keep | 3 | 47.7 ± " in text and "| +5.7 ± 6.3 (3/3) | -4.3 ± " in text and "| 57 % |" in text
+    flat = {r["series"]: r for r in csv.DictReader(csv_path.open())}
+    assert float(flat["apanet keep"]["specific_keep"]) == pytest.approx(11 / 3)

@@ -159,7 +159,8 @@ def read_runs(paths: Iterable[str | os.PathLike]) -> list[RunPoint]:
             raise ConfigError(f"{p}: no such run directory or folder")
         cands = [p] if (p / "metrics.json").is_file() else sorted(m.parent for m in p.rglob("metrics.json"))
         for d in cands:
-            if "_stale" in d.parts or BIAS_DIR in d.relative_to(p).parts:
+            # fsseg-bias's evaluations are <run>/bias/<split-subset>/ (a sweep *profile* may be called bias too)
+            if "_stale" in d.parts or d.parent.name == BIAS_DIR and (d.parent.parent / "config.yaml").is_file():
                 continue
             r = read_run(d)
             if r is not None:
@@ -258,12 +259,104 @@ def point_overrides(choice: dict) -> list[str]:
             f"data.source.root=${{paths.data_dir}}/{choice['dial']}"]  # fmt: skip
 
 
+# --------------------------------------------------------------------------- stage 3: what a method does to the gap
+def _mean_ci(values: Sequence[float]) -> tuple[float, float | None]:
+    from fsseg.metrics import aggregate_seeds
+
+    agg = aggregate_seeds(values)
+    return agg["mean"], agg["ci95"] if math.isfinite(agg["ci95"]) else None
+
+
+def method_effects(points: Sequence[RunPoint], method: str = "pfenet") -> list[dict]:
+    """Per (length, dial) point and per series there (``"apanet keep"``, ``"bam drop"``, ... and the baseline's
+    own keep / drop): on the (fold, seed) points where the series, ``method`` keep and ``method`` drop all
+    finished and none collapsed, the series' novel mIoU and its paired differences against keep and against
+    drop (mean, 95% CI, wins), the share of keep's gap it closes (mean(series - keep) / mean(drop - keep)), and,
+    where every run has the base-class control, its base-class difference against keep and the novel-specific
+    remainder (novel difference - base difference: what a method recovers beyond raising every class)."""
+    by: dict[tuple[int, str], dict[tuple[str, int, int], RunPoint]] = defaultdict(dict)
+    for r in points:
+        by[r.length, r.dial][r.series, r.fold, r.seed] = r
+    keep_s, drop_s = f"{method} keep", f"{method} drop"
+    out = []
+    for (length, dial), runs in sorted(by.items()):
+        names = sorted({k[0] for k in runs}, key=lambda n: (n not in (keep_s, drop_s), n != keep_s, n))
+        for name in names:
+            triples = [(runs[name, f, s], runs[keep_s, f, s], runs[drop_s, f, s]) for (n, f, s) in runs
+                       if n == name and (keep_s, f, s) in runs and (drop_s, f, s) in runs]  # fmt: skip
+            triples = [t for t in triples if not any(r.collapsed for r in t)]
+            if not triples:
+                continue
+            d_keep = [x.miou - k.miou for x, k, _ in triples]
+            d_drop = [x.miou - d.miou for x, _, d in triples]
+            gap = _mean([d.miou - k.miou for _, k, d in triples])
+            row = {"length": length, "dial": dial, "series": name, "points": len(triples),
+                   "miou": _mean_ci([x.miou for x, _, _ in triples]), "d_keep": _mean_ci(d_keep),
+                   "wins_keep": sum(v > 0 for v in d_keep), "d_drop": _mean_ci(d_drop),
+                   "wins_drop": sum(v > 0 for v in d_drop),
+                   "closed": 100 * _mean(d_keep) / gap if gap > 0 else None,
+                   "base": None, "d_base_keep": None, "specific_keep": None,
+                   "bias": _mean([x.bias for x, _, _ in triples]) if None not in [x.bias for x, _, _ in triples] else None}  # fmt: skip
+            if all(r.base_miou is not None for t in triples for r in t[:2]):
+                d_base = [x.base_miou - k.base_miou for x, k, _ in triples]
+                row.update(base=_mean([x.base_miou for x, _, _ in triples]), d_base_keep=_mean_ci(d_base),
+                           specific_keep=_mean_ci([a - b for a, b in zip(d_keep, d_base)]))  # fmt: skip
+            out.append(row)
+    return out
+
+
+def _pm(v: tuple[float, float | None] | None, signed: bool = True) -> str:
+    if v is None:
+        return "—"
+    mean, ci = v
+    return f"{mean:{'+' if signed else ''}.1f}" + ("" if ci is None else f" ± {ci:.1f}")
+
+
+def write_method_effects(rows: Sequence[dict], out_dir: str | os.PathLike) -> tuple[Path, Path]:
+    """bias_methods.md (a table per point) and bias_methods.csv (means and CI half-widths as columns)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    flat = []
+    for r in rows:
+        f = {k: v for k, v in r.items() if not isinstance(v, tuple)}
+        for k, v in r.items():
+            if isinstance(v, tuple) or v is None and k in ("d_base_keep", "specific_keep"):
+                f[k], f[f"{k}_ci95"] = v if v is not None else (None, None)
+        flat.append(f)
+    csv_path, md_path = out_dir / "bias_methods.csv", out_dir / "bias_methods.md"
+    with csv_path.open("w", newline="") as fh:
+        fields = list(dict.fromkeys(k for f in flat for k in f))
+        w = csv.DictWriter(fh, fieldnames=fields)
+        w.writeheader()
+        w.writerows(flat)
+    lines = ["# What each method does to the base-class bias (fsseg-bias-study figure)", "",
+             ("Novel mIoU (%) at each (length, dial) point; differences paired on the (fold, seed) points where the "
+              "row, PFENet keep and PFENet drop all finished (mean ± 95% CI, wins of n). *Gap closed*: mean(row − "
+              "keep) / mean(drop − keep). *Novel-specific*: the row's novel difference against keep minus its "
+              "base-class difference (fsseg-bias --base-control)."), ""]  # fmt: skip
+    for length, dial in dict.fromkeys((r["length"], r["dial"]) for r in rows):
+        lines += [f"## {length} episodes, {dial}", "",
+                  ("| row | n | novel mIoU | Δ vs keep | Δ vs drop | gap closed | base mIoU | base Δ vs keep | "
+                   "novel-specific Δ vs keep | fsseg-bias |"), "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+        for r in (r for r in rows if (r["length"], r["dial"]) == (length, dial)):
+            n = r["points"]
+            lines.append(f"| {r['series']} | {n} | {_pm(r['miou'], False)} | {_pm(r['d_keep'])} ({r['wins_keep']}/{n}) "
+                         f"| {_pm(r['d_drop'])} ({r['wins_drop']}/{n}) "
+                         f"| {'—' if r['closed'] is None else format(r['closed'], '.0f') + ' %'} "
+                         f"| {'—' if r['base'] is None else format(r['base'], '.1f')} | {_pm(r['d_base_keep'])} "
+                         f"| {_pm(r['specific_keep'])} | {'—' if r['bias'] is None else format(r['bias'], '+.1f')} |")  # fmt: skip
+        lines.append("")
+    md_path.write_text("\n".join(lines))
+    return md_path, csv_path
+
+
 # --------------------------------------------------------------------------- figure
 def figure(points: Sequence[RunPoint], out_dir: str | os.PathLike) -> tuple[Path, Path]:
     """Novel mIoU and fsseg-bias's measure against training length, one line per (method filter, dial), means
     over the (fold, seed) points of each length, and PFENet's drop - keep gap per dial: on novel classes and its
     novel-specific part (novel gap - base gap, the rule's measure; needs the base-class control), with the number
-    of pairs at each point. Writes bias_curves.png, bias_curves.csv and bias_gaps.csv (the plotted values)."""
+    of pairs at each point. Writes bias_curves.png, bias_curves.csv and bias_gaps.csv (the plotted values), and
+    bias_methods.md / .csv (:func:`method_effects`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -293,6 +386,7 @@ def figure(points: Sequence[RunPoint], out_dir: str | os.PathLike) -> tuple[Path
         w = csv.DictWriter(f, fieldnames=list(gap_fields))
         w.writeheader()
         w.writerows(gaps)
+    write_method_effects(method_effects(points), out_dir)
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.4))
     lines = defaultdict(list)
     for row in rows:
