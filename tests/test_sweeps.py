@@ -458,6 +458,10 @@ def test_a_run_another_table_finished_is_reused_not_retrained(synth_root, in_tmp
     assert [p.status for p in planned] == ["reused", "pending"] and planned[0].source.parent.parent.parent.parent == out
 
     src = out / "demo-table1" / "paper" / "dim-32" / "data.fold-0_seed-0"
+    evaluation = src / "bias" / "val-with_base"  # what fsseg-bias caches inside a run: copied with it, complete
+    evaluation.mkdir(parents=True)
+    (evaluation / "metrics.json").write_text('{"metrics": {"miou": 0.25}, "episodes": 300}')
+    (evaluation / "config.yaml").write_text("seed: 0\n")
     outcome = run_sweep(second, out=out, render=True)
     assert [p.status for p in outcome.planned] == ["reused", "done"]
     dst = out / "demo-table2" / "paper" / "other-label" / "data.fold-0_seed-0"
@@ -467,6 +471,9 @@ def test_a_run_another_table_finished_is_reused_not_retrained(synth_root, in_tmp
     assert cfg["run_dir"] == str(dst.resolve()) and cfg["sweep_name"] == "demo-table2"
     assert run_identity(cfg) == run_identity(yaml.safe_load((src / "config.yaml").read_text()))
     assert json.loads((dst / "sweep.json").read_text())["reused_from"] == str(src)
+    copied = dst / "bias" / "val-with_base"
+    assert sorted(f.name for f in copied.iterdir()) == ["config.yaml", "metrics.json"]
+    assert read_metrics(copied) == read_metrics(evaluation)
     assert run_status(dst, cfg) == "finished"
     assert [p.status for p in run_sweep(second, out=out, dry_run=True, render=False).planned] == ["skipped", "skipped"]
     md = (out / "demo-table2" / "paper" / "table.md").read_text()

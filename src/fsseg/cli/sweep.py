@@ -189,8 +189,11 @@ def _reuse(p: Planned, out: Path) -> None:
     src = p.source
     dst = p.run.run_dir
     _set_aside(p.run, out)
-    shutil.copytree(src, dst, symlinks=True, ignore=shutil.ignore_patterns("metrics.json", SPEC_FILE),
-                    copy_function=_link_or_copy)  # fmt: skip
+
+    def later(folder: str, names: list[str]) -> set[str]:  # the run's own metrics.json and spec, not its subfolders'
+        return {"metrics.json", SPEC_FILE} & set(names) if Path(folder) == Path(src) else set()
+
+    shutil.copytree(src, dst, symlinks=True, ignore=later, copy_function=_link_or_copy)
     _write_text_atomic(dst / "config.yaml", yaml.safe_dump(p.expected, sort_keys=False))
     _write_spec(p, [], "reuse", reused_from=str(src))
     tmp = dst / "metrics.json.tmp"
