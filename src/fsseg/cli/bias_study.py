@@ -317,11 +317,10 @@ def write_method_effects(rows: Sequence[dict], out_dir: str | os.PathLike) -> tu
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     flat = []
-    for r in rows:
-        f = {k: v for k, v in r.items() if not isinstance(v, tuple)}
-        for k, v in r.items():
-            if isinstance(v, tuple) or v is None and k in ("d_base_keep", "specific_keep"):
-                f[k], f[f"{k}_ci95"] = v if v is not None else (None, None)
+    for r in rows:  # (mean, ci95) pairs become two columns
+        f = dict(r)
+        for k in ("miou", "d_keep", "d_drop", "d_base_keep", "specific_keep"):
+            f[k], f[f"{k}_ci95"] = r[k] or (None, None)
         flat.append(f)
     csv_path, md_path = out_dir / "bias_methods.csv", out_dir / "bias_methods.md"
     with csv_path.open("w", newline="") as fh:
