@@ -251,12 +251,13 @@ def test_run_stages_confirm_the_pick_on_stage_2_or_go_on(tmp_path, monkeypatch, 
     point_dir = str(out / "bias-points" / "20000-synth")
     assert sweeps[4][:6] == ["bias-stage2", *point, "--out", point_dir]
     later = [c for c in sweeps if c[0] != "bias-stage1"]
-    assert len(later) == 5 and all(c[c.index("--reuse-from") + 1] == str(out) for c in later)  # stage 1's runs re-used
-    assert [c[:3] for c in sweeps[5:]] == [[n, "--profile", "bias"] for n in ("apanet-table4", "celp-table1", "bam-compare")]
+    assert len(later) == 6 and all(c[c.index("--reuse-from") + 1] == str(out) for c in later)  # stage 1's runs re-used
+    stage3 = ("apanet-table4", "celp-table1", "bam-compare", "bias-celp-drop")
+    assert [c[:3] for c in sweeps[5:]] == [[n, "--profile", "bias"] for n in stage3]
     assert all(c[3:8] == [*point, "--out", point_dir] for c in sweeps[5:])
-    assert len(sweeps) == 8  # no 50k column once a point is confirmed
+    assert len(sweeps) == 9  # no 50k column once a point is confirmed
     biases = [c for c in calls if c[0] == "fsseg-bias"]
-    assert len(biases) == 3 + 2 + 3 and all("--base-control" in c for c in biases)
+    assert len(biases) == 3 + 2 + 4 and all("--base-control" in c for c in biases)
     lps = [c for c in calls if c[0] == "fsseg-lps"]
     assert [c[1:3] for c in lps] == [[f"data.fold={f}", point[2]] for f in range(4)]
     pick_json = json.loads((out / "bias-stage1" / "pick.json").read_text())
@@ -312,9 +313,9 @@ def test_pick_leaves_out_pairs_that_collapsed_to_all_background(tmp_path):
 
 
 def test_stage3_pfenet_rows_are_stage2_runs_reused():
-    """Stage 3's PFENet rows (APANet's baseline, CELP's and BAM's PFENet rows) compose, at the picked point, to the
-    same computation as stage 2's keep / drop runs, so fsseg-sweep --reuse-from copies them instead of re-training;
-    the method rows (APANet n = 3, CELP, BAM) are runs of their own."""
+    """Stage 3's PFENet rows (APANet's baseline, CELP's and BAM's PFENet rows, CELP's drop control) compose, at the
+    picked point, to the same computation as stage 2's keep / drop runs, so fsseg-sweep --reuse-from copies them
+    instead of re-training; the method rows (APANet n = 3, CELP, CELP drop, BAM) are runs of their own."""
     from fsseg_testing import CONF
 
     from fsseg.sweeps import compose_run_configs, find_sweep, load_sweep, merge_overrides, run_identity
@@ -336,6 +337,8 @@ def test_stage3_pfenet_rows_are_stage2_runs_reused():
     assert celp["PFENet ResNet-50 1-shot"] == stage2["keep"] != celp["Ours+PFENet ResNet-50 1-shot"]
     assert bam["PFENet"] == stage2["keep"] and bam["PFENet drop"] == stage2["drop"] != stage2["keep"]
     assert bam["BAM"] not in stage2.values()
+    control = identities("bias-celp-drop", "bias")  # CELP's control under drop: its PFENet row is stage 2's drop
+    assert control["PFENet drop"] == stage2["drop"] and control["CELP drop"] not in (*stage2.values(), *celp.values())
 
 
 def test_stage3_runs_under_a_profile_called_bias_are_read_and_their_effects_tabled(tmp_path):

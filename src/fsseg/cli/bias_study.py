@@ -15,8 +15,9 @@ are trained as background; BAM's filter (``drop``) removes those images. Stages:
    judged by the same rule on the means of its 12 pairs. A point that fails there is *rejected* (pick.json
    lists it, with why) and stage 1 goes on: the next qualifying point, else the next column.
 3. profile ``bias`` of apanet-table4 (PFENet vs APANet n = 3), celp-table1 (PFENet vs PFENet+CELP) and
-   bam-compare (PFENet, PFENet drop, BAM) at the confirmed point, with ``fsseg-bias --base-control`` on every run
-   and ``fsseg-lps`` (CELP's pseudo-masks on that dataset, per fold).
+   bam-compare (PFENet, PFENet drop, BAM) at the confirmed point, then bias-celp-drop (PFENet vs PFENet+CELP, both
+   under ``drop``: is CELP's gain specific to the latent novel objects?), with ``fsseg-bias --base-control`` on every
+   run and ``fsseg-lps`` (CELP's pseudo-masks on that dataset, per fold).
 
 Every fsseg-bias call adds the base-class control (``--base-control``): at (2k, share 0.4) keep lost as much on
 the base classes it trained on as on novel ones (docs/notes.md, "Bias study"), a general under-segmentation
@@ -45,7 +46,8 @@ from fsseg.errors import ConfigError
 STAGE1, STAGE2 = "bias-stage1", "bias-stage2"
 COLUMNS = ("len2k", "len7k", "len20k", "len50k")  # stage-1 profiles, cheapest first
 DIALS = {"synth": None, "synth_latent40": 0.4, "synth_latent60": 0.6}  # data directory -> --latent-share
-STAGE3 = (("apanet-table4", ["n = 0 (baseline)", "n = 3"]), ("celp-table1", None), ("bam-compare", None))
+STAGE3 = (("apanet-table4", ["n = 0 (baseline)", "n = 3"]), ("celp-table1", None), ("bam-compare", None),
+          ("bias-celp-drop", None))  # the last: CELP's control under drop (sweeps/bias/celp-drop.yaml)
 # The pick rule (issue 20): novel pixels trained as background cost at least MIN_GAP novel-mIoU points (drop - keep),
 # at least MIN_SPECIFIC of them beyond what keep vs drop does to the base classes (the base-class control).
 # Optional (MIN_BIAS None: reported, not required): fsseg-bias's difference of differences higher for keep than for
