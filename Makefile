@@ -127,7 +127,7 @@ synth-dial: $(STAMP) ## The bias dial's benchmarks: data/synth_latent40 and data
 	$(VENV)/bin/fsseg-synth --out $(DATA)/synth_latent40 --seed 0 --latent-share 0.4
 	$(VENV)/bin/fsseg-synth --out $(DATA)/synth_latent60 --seed 0 --latent-share 0.6
 
-bias-study: $(STAMP) ## Issue 20's staged bias study: stage 1 (keep vs drop x length x dial, fold 0), the picked point on 4 folds x 3 seeds, then APANet/CELP/BAM there (resumable) [BIAS_ARGS="--until 1 --jobs 2"]
+bias-study: $(STAMP) ## Issue 20's staged bias study: stage 1 (keep vs drop x length x dial, fold 0), the picked point on 4 folds x 3 seeds, then APANet/CELP/BAM and CELP under drop there (resumable) [BIAS_ARGS="--until 1 --jobs 2"]
 	$(SWEEP_ENV) FSSEG_DATA=$(DATA) $(PY) -m fsseg.cli.bias_study run $(BIAS_ARGS)
 
 bias-figure: $(STAMP) ## Novel mIoU and fsseg-bias's measure against training length, from the bias study's run directories (PNG + CSV)
